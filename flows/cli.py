@@ -1,0 +1,35 @@
+"""The ``loraline`` console script: the library's commands plus those that run Prefect flows."""
+
+from __future__ import annotations
+
+import click
+
+from loraline.cli import cli, emit, load_settings, quiet_third_parties, run
+from loraline.errors import LoralineError
+
+
+@cli.command()
+@click.option("--adapter", required=True, envvar="LORALINE_ADAPTER", help="Adapter source: dir, hf://ORG/NAME@REV, runs:/, models:/, mlflow-artifacts:/")
+@click.option("--base", required=True, envvar="LORALINE_BASE", help="Base model source: dir or hf://ORG/NAME@REV")
+@click.option("--name", required=True, envvar="LORALINE_MODEL_NAME", help="MLflow registered model name")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the release's lineage).")
+@click.option("-v", "--verbose", is_flag=True, help="Show Prefect's and the libraries' logs on stderr.")
+def release(adapter: str, base: str, name: str, as_json: bool, verbose: bool) -> None:
+    """Release an adapter: fetch, validate, merge, parity-check and register it (a Prefect flow)."""
+    settings = load_settings()
+    quiet_third_parties(settings, verbose)
+    from flows.release import release as release_flow
+
+    try:
+        result = release_flow(adapter=adapter, base=base, name=name)
+    except LoralineError as e:
+        raise click.ClickException(str(e)) from e
+    emit(result, as_json)
+
+
+def main() -> None:
+    run(cli)
+
+
+if __name__ == "__main__":
+    main()

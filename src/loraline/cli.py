@@ -1,0 +1,129 @@
+"""The ``loraline`` command line (commands that need no orchestrator; flows/cli.py adds ``release``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from loraline.errors import LoralineError
+from loraline.settings import Settings
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, as a click error when they are invalid."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as e:
+        msgs = "; ".join(str(err["msg"]).removeprefix("Value error, ") for err in e.errors())
+        raise click.ClickException(f"invalid settings: {msgs}") from e
+
+
+def quiet_third_parties(settings: Settings, verbose: bool = False) -> None:
+    """Defaults for the libraries we drive: state under our home, no telemetry (no traffic off this
+    machine), and — unless ``verbose`` — no progress bars or log chatter on stderr, so a refusal is
+    one line there. Every default can be overridden from the environment."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose:
+        return
+    # Prefect still sends every log to its API (the UI shows them); only the console copy goes.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    for name in ("mlflow", "alembic", "transformers", "peft", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def emit(data: dict[str, Any], as_json: bool) -> None:
+    """Print a result: one JSON object on stdout, or a short human summary."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    for key in ("model_name", "model_version", "model_uri", "mlflow_run_id", "tracking_uri"):
+        if key in data:
+            table.add_row(key, str(data[key]))
+    for part in ("adapter", "base", "merged"):
+        if isinstance(data.get(part), dict):
+            d = data[part]
+            table.add_row(f"{part}.sha256", str(d.get("sha256")))
+            table.add_row(f"{part}.source" if "source" in d else f"{part}.path", str(d.get("source", d.get("path"))))
+    if isinstance(data.get("parity"), dict):
+        p = data["parity"]
+        table.add_row("parity", f"{p['identical']} identical, {p['close']} close, {p['failed']} failed of {p['prompts']}")
+    Console().print(table)
+
+
+@click.group()
+@click.version_option(package_name="loraline")
+def cli() -> None:
+    """Release LoRA adapters to vLLM serving containers, with every step traced."""
+
+
+@cli.group()
+def demo() -> None:
+    """Demo assets built locally (no download)."""
+
+
+@demo.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--steps", default=100, show_default=True, help="LoRA training steps (the checkpoint is checkpoint-STEPS).")
+def demo_init(directory: Path, steps: int) -> None:
+    """Write DIRECTORY/base (a tiny Llama) and DIRECTORY/checkpoint-STEPS (a real LoRA fine-tune of it)."""
+    from loraline.demo import init_demo
+
+    assets = init_demo(directory, steps=steps, progress=True)
+    click.echo(f"base:       {assets.base}")
+    click.echo(f"checkpoint: {assets.checkpoint}")
+    click.echo(f"loss:       {assets.losses[0]:.3f} -> {assets.losses[-1]:.3f}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def trace(ref: str, as_json: bool) -> None:
+    """Print the release chain of REF: an adapter dir or digest, models:/NAME/VERSION or models:/NAME@ALIAS."""
+    settings = load_settings()
+    quiet_third_parties(settings)
+    from loraline.lineage import trace as trace_ref
+
+    try:
+        emit(trace_ref(ref, settings), as_json)
+    except LoralineError as e:
+        raise click.ClickException(str(e)) from e
+
+
+def run(group: click.Group) -> None:
+    """Run a click group with loraline's exit convention: a refused release exits 1 with one line on stderr."""
+    try:
+        group.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"Error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except LoralineError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)

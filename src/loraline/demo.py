@@ -1,0 +1,478 @@
+"""Build demo assets locally: a tokenizer, a tiny Llama base, and LoRA adapters.
+
+Nothing is downloaded. The tokenizer is a byte-level BPE trained on the Text-to-SQL
+corpus (:mod:`loraline.text2sql`), the base is a randomly initialised ``LlamaForCausalLM``
+(which :func:`init_demo` pretrains for a few seconds), and adapters are either random
+(:func:`build_lora`, fast, for tests and benchmarks) or really fine-tuned with
+``transformers.Trainer`` + peft (:func:`train_adapter`), which leaves a genuine Trainer
+checkpoint directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from loraline import text2sql
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "DemoAssets",
+    "build_llama",
+    "build_lora",
+    "build_tokenizer",
+    "init_demo",
+    "train_adapter",
+]
+
+# ChatML as used by SmolLM2, minus its default system prompt: prompts always carry our own.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+# Trained first, so they get ids 0, 1, 2: build_llama relies on this when given no tokenizer.
+_SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+
+# The projections of a Llama block; LoRA on all of them is the usual "full" recipe.
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False).print(f"[dim]loraline demo:[/dim] {message}")
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Hide transformers' per-file load/save bars (a dozen per demo build), then restore them."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _make_readable(root: Path) -> None:
+    """chmod files 0644 and folders 0755: the artefacts are copied into containers run as other users."""
+    root.chmod(0o755)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            Path(dirpath, name).chmod(0o755)
+        for name in filenames:
+            Path(dirpath, name).chmod(0o644)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _tokenizer_corpus() -> list[str]:
+    """The texts the tokenizer is trained on: everything a demo prompt or answer contains."""
+    examples = text2sql.load_examples("all")
+    corpus = [m["content"] for e in examples for m in text2sql.chat_messages(e.question)]
+    corpus += [e.sql for e in examples]
+    # The seed rows add names, titles and dates the model may have to spell out.
+    corpus.append(text2sql._schema_sql())  # same package: the full schema.sql text
+    corpus.append("system\nuser\nassistant\n")  # the role words of the chat template
+    return corpus
+
+
+def build_tokenizer(out_dir: Path, *, vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on the Text-to-SQL corpus and save it to ``out_dir``.
+
+    Special tokens: ``<|endoftext|>`` (id 0, pad), ``<|im_start|>`` (1), ``<|im_end|>``
+    (2, eos); no bos. The corpus is small, so BPE stops short of ``vocab_size``; the
+    rest is filled with reserved special tokens (as Llama 3 does) so that
+    ``len(tokenizer) == vocab_size`` exactly. Deterministic: same input, same files.
+    """
+    if vocab_size < 512:  # 256 byte symbols + specials + a useful number of merges
+        raise ValueError(f"vocab_size must be at least 512, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(), trainer)
+    reserved = vocab_size - tok.get_vocab_size()
+    tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(reserved)])
+
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        bos_token=None,
+        unk_token=None,  # byte-level: every string is representable
+        model_max_length=2048,
+        padding_side="right",
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out_dir)
+    _make_readable(out_dir)
+    return hf
+
+
+# --------------------------------------------------------------------------- base model
+
+
+def build_llama(
+    out_dir: Path,
+    *,
+    tokenizer: Any = None,
+    vocab_size: int | None = None,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
+    intermediate_size: int = 256,
+    max_position_embeddings: int = 2048,
+    tie_word_embeddings: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised (seeded) ``LlamaForCausalLM`` to ``out_dir`` and return it.
+
+    Weights are safetensors in ``dtype`` (and config.json says so), plus
+    generation_config.json and, if given, the tokenizer. ``vocab_size`` defaults to
+    ``len(tokenizer)``. Without a tokenizer, special ids follow :func:`build_tokenizer`
+    (pad 0, eos 2). Defaults give head_dim 64, which vLLM's CPU attention requires.
+    """
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+
+    if vocab_size is None:
+        if tokenizer is None:
+            raise ValueError("build_llama needs a tokenizer or an explicit vocab_size")
+        vocab_size = len(tokenizer)
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(
+            f"hidden_size ({hidden_size}) must divide by num_heads ({num_heads}), "
+            f"and num_heads by num_kv_heads ({num_kv_heads})"
+        )
+    if tokenizer is not None:
+        pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    else:
+        pad_id, eos_id = 0, 2
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        rms_norm_eps=1e-5,
+        # No bos in the tokenizer; <|endoftext|> stands in where a bos id is demanded.
+        bos_token_id=pad_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        dtype=dtype,
+    )
+    torch.manual_seed(seed)
+    # Built directly in `dtype` (from_config sets the default dtype while constructing):
+    # half the memory and no cast pass, which matters for the ~100M benchmark model.
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config = GenerationConfig(
+        bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    _make_readable(out_dir)
+    return out_dir
+
+
+def _copy_tokenizer(base_dir: Path, out_dir: Path) -> None:
+    """Save the base's tokenizer next to an adapter, if the base has one."""
+    from transformers import AutoTokenizer
+
+    if (Path(base_dir) / "tokenizer_config.json").is_file():
+        AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
+
+
+# --------------------------------------------------------------------------- random LoRA
+
+
+def build_lora(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    r: int = 8,
+    alpha: int = 16,
+    target_modules: list[str] | str = "all-linear",
+    seed: int = 0,
+    init_scale: float = 0.02,
+) -> Path:
+    """Save a peft LoRA adapter for ``base_dir`` with random, non-zero A and B; return ``out_dir``.
+
+    peft's default init has lora_B = 0 (the adapter is a no-op); here both factors are
+    drawn from N(0, init_scale) so that merging really changes the weights. No training.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    # The base's own dtype: cheap for the ~100M benchmark model; peft keeps adapters in fp32.
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+    config = LoraConfig(
+        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0
+    )
+    model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # module order: deterministic
+            if "lora_A" in name or "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * init_scale)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    _copy_tokenizer(base_dir, out_dir)
+    _make_readable(out_dir)
+    return out_dir
+
+
+# --------------------------------------------------------------------------- real training
+
+
+class _ChatSqlDataset(torch.utils.data.Dataset):
+    """Train pairs as chat token ids; labels mask the prompt so loss is on the SQL only."""
+
+    def __init__(self, tokenizer: Any, examples: Sequence[text2sql.Example]) -> None:
+        self.items: list[dict[str, list[int]]] = []
+        for ex in examples:
+            prompt = tokenizer(text2sql.render_prompt(tokenizer, ex.question), add_special_tokens=False)
+            # The answer ends with <|im_end|> so the model learns to stop.
+            answer = tokenizer(ex.sql + tokenizer.eos_token, add_special_tokens=False)
+            ids = prompt["input_ids"] + answer["input_ids"]
+            labels = [-100] * len(prompt["input_ids"]) + answer["input_ids"]
+            self.items.append({"input_ids": ids, "labels": labels})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.items[i]
+
+
+def _collate(pad_id: int) -> Callable[[list[dict[str, list[int]]]], dict[str, torch.Tensor]]:
+    """Right-pad a batch; padded positions are masked out of attention and loss."""
+
+    def collate(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(b["input_ids"]) for b in batch)
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for b in batch:
+            n = len(b["input_ids"])
+            out["input_ids"].append(b["input_ids"] + [pad_id] * (width - n))
+            out["attention_mask"].append([1] * n + [0] * (width - n))
+            out["labels"].append(b["labels"] + [-100] * (width - n))
+        return {k: torch.tensor(v) for k, v in out.items()}
+
+    return collate
+
+
+def _pretrain_base(
+    base_dir: Path, *, steps: int = 40, lr: float = 3e-3, batch_size: int = 16, seq_len: int = 128, seed: int = 0
+) -> None:
+    """Briefly train all weights of the base, in place, on SQL, questions and schema as plain text.
+
+    The base thereby knows SQL and the questions as a language, but has never seen a
+    question answered in chat form: the adapter adds that skill, so its loss falls
+    clearly and its answers look like SQL. Only the train split is used, so the eval
+    pairs stay unseen. A plain torch loop: no checkpoint is wanted, and it is cheaper.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = Path(base_dir)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    train = text2sql.load_examples("train")
+    docs = [e.sql for e in train] + [e.question for e in train] + [text2sql.schema_ddl()]
+    # Packed into fixed-length rows, as in LM pretraining: no padding, every token trains.
+    ids: list[int] = []
+    for i in torch.randperm(len(docs), generator=generator).tolist():
+        ids += tokenizer(docs[i] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    rows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+
+    saved_dtype = json.loads((base_dir / "config.json").read_text()).get("dtype", "bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)  # fp32 master weights
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        batch = rows[torch.randint(len(rows), (batch_size,), generator=generator)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.to(getattr(torch, saved_dtype)).save_pretrained(base_dir)
+    _make_readable(base_dir)
+
+
+def train_adapter(
+    base_dir: Path,
+    run_dir: Path,
+    *,
+    steps: int = 100,
+    r: int = 8,
+    alpha: int = 16,
+    lr: float = 5e-3,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[Path, tuple[float, ...]]:
+    """Fine-tune a LoRA adapter on the Text-to-SQL train split with ``transformers.Trainer``.
+
+    Writes ``run_dir/checkpoint-<steps>/`` as a Trainer does (adapter files,
+    trainer_state.json, optimizer.pt, scheduler.pt, rng_state.pth, training_args.bin,
+    tokenizer). Returns that path and the training losses logged every 5 steps.
+    ``lr`` is high for LoRA because the tiny demo base learns little per step at 1e-4.
+    With ``progress``, the logged losses are printed to stderr.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
+
+    base_dir, run_dir = Path(base_dir), Path(run_dir)
+    set_seed(seed)  # before get_peft_model: lora_A's init draws from the global RNG
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    # fp32 for training: CPU bf16 matmuls are slow and lossy; the adapter is dtype-agnostic.
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LLAMA_PROJECTIONS
+        ),
+    )
+    dataset = _ChatSqlDataset(tokenizer, text2sql.load_examples("train"))
+
+    class _Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            # About five lines per run: enough to see the loss fall.
+            every = max(args.logging_steps, state.max_steps // 5)
+            if logs and "loss" in logs and (state.global_step % every == 0 or state.global_step == args.logging_steps):
+                _log(progress, f"step {state.global_step:>4}/{state.max_steps}  loss {logs['loss']:.3f}")
+
+    args = TrainingArguments(
+        output_dir=str(run_dir),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        weight_decay=0.0,
+        optim="adamw_torch",  # the fused default is for accelerators
+        logging_steps=5,
+        save_strategy="steps",
+        save_steps=steps,
+        use_cpu=True,
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,  # our dataset yields exactly the model's inputs
+        disable_tqdm=True,  # _Progress prints shorter lines, and only when asked
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=_collate(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[_Progress()],
+    )
+    # With tqdm off, Trainer prints every log dict to stdout; _Progress covers that.
+    trainer.remove_callback(PrinterCallback)
+    with warnings.catch_warnings():
+        # Raised inside transformers' own Trainer setup; nothing for a caller to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        trainer.train()
+    checkpoint = run_dir / f"checkpoint-{steps}"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    losses = tuple(float(entry["loss"]) for entry in state["log_history"] if "loss" in entry)
+    _make_readable(checkpoint)
+    return checkpoint, losses
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    """What :func:`init_demo` made: the base model folder, the Trainer checkpoint, the losses."""
+
+    base: Path
+    checkpoint: Path
+    losses: tuple[float, ...]
+
+
+def init_demo(out_dir: Path, *, steps: int = 100, progress: bool = True) -> DemoAssets:
+    """Write ``out_dir/base`` (tokenizer + tiny Llama) and ``out_dir/checkpoint-<steps>``.
+
+    The base is random, then pretrained for a few seconds on SQL and questions; the adapter is
+    a real LoRA fine-tune (:func:`train_adapter`) whose checkpoint is moved out of a
+    temporary run folder, which is then removed. Takes well under a minute on 2 CPU cores.
+    """
+    started = time.perf_counter()
+    # Absolute, because the adapter's config records the base path it was trained on.
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / "base"
+    with _no_progress_bars():
+        _log(progress, "training the tokenizer")
+        tokenizer = build_tokenizer(base)
+        _log(progress, f"building the base model ({len(tokenizer)} tokens)")
+        build_llama(base, tokenizer=tokenizer)
+        _log(progress, "pretraining the base on SQL and questions (full weights)")
+        _pretrain_base(base)
+
+        _log(progress, f"fine-tuning a LoRA adapter for {steps} steps")
+        run_dir = Path(tempfile.mkdtemp(prefix=".train-", dir=out_dir))
+        try:
+            checkpoint, losses = train_adapter(base, run_dir, steps=steps, progress=progress)
+            target = out_dir / checkpoint.name
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(checkpoint, target)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    _log(progress, f"done in {time.perf_counter() - started:.1f}s: {base}, {target}")
+    return DemoAssets(base=base, checkpoint=target, losses=losses)
+
+
+if __name__ == "__main__":  # python -m loraline.demo OUT_DIR
+    init_demo(Path(sys.argv[1] if len(sys.argv) > 1 else "demo"))

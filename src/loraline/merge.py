@@ -1,0 +1,106 @@
+"""Merge a LoRA adapter into its base with peft, keeping the base's dtype.
+
+Output is content-addressed: ``<home>/merged/<adapter sha[:16]>-<base sha[:16]>/``, written to a
+staging directory and renamed into place only when whole, so a crashed merge leaves nothing a
+later step could mistake for a merged model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from loraline.digest import digest_dir, dir_bytes
+from loraline.errors import MergeError
+from loraline.models import base_dtype_name, load_peft, load_tokenizer
+from loraline.settings import Settings
+from loraline.sources import FetchedAdapter, FetchedBase
+
+
+@dataclass(frozen=True)
+class MergedModel:
+    """A merged model directory (plain transformers layout, vLLM-loadable)."""
+
+    path: Path
+    sha256: str
+    dtype: str
+    bytes: int
+    parameters: int
+    tied_embeddings: bool
+    seconds: float  # time of the merge that produced it (0 when it was already on disk)
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def merged_path(adapter: FetchedAdapter, base: FetchedBase, settings: Settings) -> Path:
+    return settings.merged_dir / f"{adapter.sha256[:16]}-{base.sha256[:16]}"
+
+
+def _record(path: Path) -> Path:
+    # Kept beside (not inside) the merged dir so the directory digest covers the model only.
+    return path.with_name(path.name + ".json")
+
+
+def merge_adapter(adapter: FetchedAdapter, base: FetchedBase, settings: Settings) -> MergedModel:
+    """Merge ``adapter`` into ``base`` with ``merge_and_unload(safe_merge=True)`` and save it.
+
+    Keeps the base's dtype (a bf16 base gives a bf16 model of about the base's size), carries
+    the tokenizer, chat template and generation config, and keeps tied embeddings tied unless
+    the adapter changed the output head. Returns the existing result when this adapter and base
+    were merged before.
+    """
+    import torch
+
+    out = merged_path(adapter, base, settings)
+    if out.is_dir() and _record(out).is_file():
+        data = json.loads(_record(out).read_text())
+        return MergedModel(**{**data, "path": out, "seconds": 0.0})
+
+    dtype = base_dtype_name(base.path) if settings.merge_dtype == "auto" else settings.merge_dtype
+    t0 = time.perf_counter()
+    settings.merged_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.merged_dir, prefix=".merge-") as tmp:
+        stage = Path(tmp) / "model"
+        try:
+            peft_model = load_peft(base.path, adapter.path, settings, dtype)
+            merged = peft_model.merge_and_unload(safe_merge=True)
+        except ValueError as e:  # peft raises ValueError when safe_merge finds NaNs
+            raise MergeError(f"merging {adapter.path} into {base.path} failed: {e}; the adapter's weights are unusable") from e
+        tied = bool(getattr(merged.config, "tie_word_embeddings", False))
+        if tied:
+            head, emb = merged.get_output_embeddings(), merged.get_input_embeddings()
+            if head is not None and head.weight.data_ptr() != emb.weight.data_ptr():
+                # The adapter changed lm_head (or the embeddings) on its own: saving them tied would
+                # silently drop that change, so untie.
+                merged.config.tie_word_embeddings = False
+                tied = False
+        merged = merged.to(getattr(torch, dtype))
+        merged.save_pretrained(str(stage), safe_serialization=True)
+        load_tokenizer(adapter.path, base.path, settings).save_pretrained(str(stage))
+        gen = base.path / "generation_config.json"
+        if gen.is_file():
+            shutil.copyfile(gen, stage / "generation_config.json")
+        for f in stage.rglob("*"):
+            if f.is_file():
+                f.chmod(0o644)  # transformers writes 0600; serving containers run as non-root
+        n_params = sum(p.numel() for p in merged.parameters())
+        del merged, peft_model
+        sha = digest_dir(stage)
+        size = dir_bytes(stage)
+        if out.exists():
+            shutil.rmtree(out)
+        stage.rename(out)
+    seconds = time.perf_counter() - t0
+    result = MergedModel(out, sha, dtype, size, n_params, tied, seconds)
+    record = result.to_dict()
+    record.pop("path")
+    record.pop("seconds")
+    _record(out).write_text(json.dumps(record, indent=2))
+    return result

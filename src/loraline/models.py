@@ -1,0 +1,64 @@
+"""Loading models for merge and parity: one place that decides dtype, safetensors-only and remote code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from loraline.settings import Settings
+
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def base_dtype_name(model_dir: Path) -> str:
+    """The dtype a model directory's config.json declares (``dtype`` or legacy ``torch_dtype``)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in _DTYPES else "float32"
+
+
+def load_causal_lm(model_dir: Path, settings: Settings, dtype_name: str | None = None) -> Any:
+    """A transformers causal LM from safetensors only, in the given (or declared) dtype, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, dtype_name or base_dtype_name(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir),
+        dtype=dtype,
+        use_safetensors=True,  # never fall back to a pickled pytorch_model.bin
+        trust_remote_code=settings.trust_remote_code,
+    )
+    return model.eval()
+
+
+def load_peft(model_dir: Path, adapter_dir: Path, settings: Settings, dtype_name: str | None = None) -> Any:
+    """Base + adapter, unmerged (peft runtime), for parity and as the merge input."""
+    from peft import PeftModel
+
+    base = load_causal_lm(model_dir, settings, dtype_name)
+    _resize_for_adapter(base, adapter_dir)
+    # PeftModel reads adapter_model.safetensors; validation refused pickled adapters earlier.
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
+
+
+def load_tokenizer(adapter_dir: Path, base_dir: Path, settings: Settings) -> Any:
+    """The adapter's tokenizer when it ships one (it may carry the fine-tune's chat template), else the base's."""
+    from transformers import AutoTokenizer
+
+    src = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_dir
+    return AutoTokenizer.from_pretrained(str(src), trust_remote_code=settings.trust_remote_code)
+
+
+def _resize_for_adapter(model: Any, adapter_dir: Path) -> None:
+    """Resize the base's embeddings when the adapter was trained with added tokens (saved embeddings)."""
+    from safetensors import safe_open
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    with safe_open(str(weights), framework="pt") as st:
+        rows = [st.get_slice(k).get_shape()[0] for k in st.keys() if k.endswith("embed_tokens.weight")]
+    if rows and rows[0] != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows[0])

@@ -1,0 +1,182 @@
+"""Parity: does the merged model generate what base + adapter (unmerged) generates?
+
+Bit-identical tokens are not guaranteed (the merged weight W + BA is rounded to the base's
+dtype), so prompts are judged the way vLLM's own tests do (``check_logprobs_close``): a prompt
+passes if the greedy tokens are identical, or if at the first divergence each side's token is
+in the other's top-k logprobs there (both sides were conditioned on the same prefix). The same
+rule judges vLLM's outputs against HF's in later steps: :func:`judge` is engine-agnostic.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+from loraline.settings import Settings
+
+Verdict = Literal["identical", "close", "failed"]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One greedy generation: token ids, each token's logprob, and the top-k logprobs at each step."""
+
+    tokens: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    top: tuple[dict[int, float], ...]
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class PromptParity:
+    prompt: str
+    verdict: Verdict
+    first_divergence: int | None  # index into the generated tokens, None when identical
+    max_abs_logprob_diff: float  # over the shared prefix (chosen-token logprobs)
+    a_text: str
+    b_text: str
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    a: str  # what was compared, e.g. "peft-unmerged"
+    b: str  # e.g. "merged"
+    prompts: int
+    identical: int
+    close: int
+    failed: int
+    max_abs_logprob_diff: float
+    top_k: int
+    max_new_tokens: int
+    seconds: float
+    results: tuple[PromptParity, ...] = field(default=())
+
+    @property
+    def passed(self) -> bool:
+        return self.failed == 0
+
+    def summary(self) -> dict[str, object]:
+        return {k: v for k, v in asdict(self).items() if k != "results"}
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def judge(a: Generation, b: Generation, top_k: int) -> tuple[Verdict, int | None, float]:
+    """Compare two greedy generations of the same prompt: (verdict, first divergence, max |Δlogprob|)."""
+    n = min(len(a.tokens), len(b.tokens))
+    first = next((i for i in range(n) if a.tokens[i] != b.tokens[i]), None)
+    if first is None and len(a.tokens) != len(b.tokens):
+        first = n  # one stopped early: diverges where the shorter ended
+    shared = n if first is None else first
+    diff = max((abs(a.logprobs[i] - b.logprobs[i]) for i in range(shared)), default=0.0)
+    if first is None:
+        return "identical", None, diff
+    if first >= len(a.tokens) or first >= len(b.tokens):
+        return "failed", first, diff
+    a_tok, b_tok = a.tokens[first], b.tokens[first]
+    a_top = set(sorted(a.top[first], key=a.top[first].__getitem__, reverse=True)[:top_k])
+    b_top = set(sorted(b.top[first], key=b.top[first].__getitem__, reverse=True)[:top_k])
+    ok = b_tok in a_top and a_tok in b_top
+    return ("close" if ok else "failed"), first, diff
+
+
+def report(a_name: str, b_name: str, prompts: Sequence[str], a: Sequence[Generation], b: Sequence[Generation], *,
+           top_k: int, max_new_tokens: int, seconds: float) -> ParityReport:
+    """Judge each prompt and count the verdicts."""
+    results = []
+    for prompt, ga, gb in zip(prompts, a, b, strict=True):
+        verdict, first, diff = judge(ga, gb, top_k)
+        results.append(PromptParity(prompt, verdict, first, diff, ga.text, gb.text))
+    return ParityReport(
+        a=a_name,
+        b=b_name,
+        prompts=len(results),
+        identical=sum(r.verdict == "identical" for r in results),
+        close=sum(r.verdict == "close" for r in results),
+        failed=sum(r.verdict == "failed" for r in results),
+        max_abs_logprob_diff=max((r.max_abs_logprob_diff for r in results), default=0.0),
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        seconds=seconds,
+        results=tuple(results),
+    )
+
+
+def generate_greedy(model: object, tokenizer: object, prompts: Sequence[str], *, max_new_tokens: int, top_k: int) -> list[Generation]:
+    """Greedy generation with transformers, one prompt at a time (no padding effects)."""
+    import torch
+
+    outs: list[Generation] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # type: ignore[attr-defined]
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids  # type: ignore[operator]
+        with torch.no_grad():
+            out = model.generate(  # type: ignore[attr-defined]
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        gen = out.sequences[0, ids.shape[1]:].tolist()
+        tokens, lps, tops = [], [], []
+        for tok, logits in zip(gen, out.logits):
+            lp = torch.log_softmax(logits[0].float(), dim=-1)
+            vals, idx = lp.topk(top_k)
+            tokens.append(int(tok))
+            lps.append(float(lp[tok]))
+            tops.append({int(i): float(v) for i, v in zip(idx, vals)})
+        text = tokenizer.decode(gen, skip_special_tokens=True)  # type: ignore[attr-defined]
+        outs.append(Generation(tuple(tokens), tuple(lps), tuple(tops), text))
+    return outs
+
+
+def check_parity(adapter_dir: Path, base_dir: Path, merged_dir: Path, prompts: Sequence[str], settings: Settings) -> ParityReport:
+    """Greedy outputs of base + adapter (peft, unmerged) vs the merged model reloaded from disk."""
+    import gc
+
+    from loraline.models import base_dtype_name, load_causal_lm, load_peft, load_tokenizer
+
+    t0 = time.perf_counter()
+    kw = dict(max_new_tokens=settings.parity_max_new_tokens, top_k=settings.parity_top_k)
+    tok = load_tokenizer(merged_dir, merged_dir, settings)
+    dtype = base_dtype_name(merged_dir)
+    # One model in memory at a time: the runtime side first, then the merged one from disk.
+    runtime = load_peft(base_dir, adapter_dir, settings, dtype)
+    a = generate_greedy(runtime, tok, prompts, **kw)
+    del runtime
+    gc.collect()
+    merged = load_causal_lm(merged_dir, settings, dtype)
+    b = generate_greedy(merged, tok, prompts, **kw)
+    del merged
+    gc.collect()
+    return report("peft-unmerged", "merged", prompts, a, b, seconds=time.perf_counter() - t0, **kw)
+
+
+def require_parity(report: ParityReport) -> ParityReport:
+    """Fail the release when any prompt failed the logprobs-close rule."""
+    from loraline.errors import ParityError
+
+    if report.passed:
+        return report
+    bad = next(r for r in report.results if r.verdict == "failed")
+    raise ParityError(
+        f"parity {report.a} vs {report.b} failed on {report.failed} of {report.prompts} prompts (first: diverged at token "
+        f"{bad.first_divergence}, {bad.a_text[:40]!r} vs {bad.b_text[:40]!r}); the merged model does not reproduce the adapter — "
+        "check the base matches the one the adapter was trained on, or merge in float32 (LORALINE_MERGE_DTYPE=float32)"
+    )
+
+
+def parity_prompts(tokenizer_dir: Path, settings: Settings) -> list[str]:
+    """The fixed parity prompt set: the first eval questions, rendered with the model's chat template."""
+    from loraline.models import load_tokenizer
+    from loraline.text2sql import load_examples, render_prompt
+
+    tok = load_tokenizer(tokenizer_dir, tokenizer_dir, settings)
+    questions = [e.question for e in load_examples("eval")[: settings.parity_prompts]]
+    return [render_prompt(tok, q) for q in questions]

@@ -1,0 +1,284 @@
+"""MLflow: the one seam for tracking runs and the Model Registry.
+
+A release is one MLflow run (params, metrics, artifacts, the logged model) and one version of
+the registered model, created with its lineage tags in the same call. If anything fails after
+the run starts, the version (and a registered model this release created) is deleted and the run
+is marked FAILED: a failed release leaves no model version, alias or RUNNING run behind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from loraline import __version__
+from loraline.errors import RegistryError
+from loraline.merge import MergedModel
+from loraline.parity import ParityReport
+from loraline.settings import Settings, redact
+from loraline.sources import FetchedAdapter, FetchedBase
+from loraline.validation import ValidationReport
+
+TAG = "loraline."
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+LINEAGE_FILE = "lineage.json"
+
+
+def check_model_name(name: str) -> str:
+    """Refuse names MLflow, URIs and image repositories cannot all carry."""
+    if not _NAME.match(name):
+        raise RegistryError(
+            f"model name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit (e.g. smol-sql)"
+        )
+    return name
+
+
+def use_mlflow(settings: Settings) -> Any:
+    """Point MLflow (fluent API included) at the configured tracking and registry URIs; return a client."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    settings.ensure_dirs()
+    mlflow.set_tracking_uri(settings.resolved_tracking_uri)
+    mlflow.set_registry_uri(settings.resolved_registry_uri)
+    return MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
+
+
+def _is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+
+
+def experiment_id(client: Any, name: str, settings: Settings) -> str:
+    """One experiment per registered model, named after it; artifacts under ``<home>/mlartifacts`` for local stores."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    location = (settings.artifact_root / name).as_uri() if _is_local_store(settings.resolved_tracking_uri) else None
+    try:
+        return str(client.create_experiment(name, artifact_location=location, tags={f"{TAG}model": name}))
+    except Exception:
+        exp = client.get_experiment_by_name(name)  # created concurrently by another release
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
+def find_versions(client: Any, *, adapter_sha: str | None = None, base_sha: str | None = None, name: str | None = None,
+                  merged_sha: str | None = None) -> list[Any]:
+    """Model versions carrying the given lineage digests, oldest first."""
+    clauses = []
+    if name:
+        clauses.append(f"name = '{name}'")
+    for key, val in (("adapter", adapter_sha), ("base", base_sha), ("merged", merged_sha)):
+        if val:
+            if not re.fullmatch(r"[0-9a-f]{64}", val):
+                raise RegistryError(f"{key} digest {val!r} is not a sha256 hex digest (64 characters 0-9a-f)")
+            clauses.append(f"tags.`{TAG}{key}.sha256` = '{val}'")
+    versions = client.search_model_versions(" and ".join(clauses), max_results=1000)
+    return sorted(versions, key=lambda v: (v.name, int(v.version)))
+
+
+def read_lineage(client: Any, run_id: str) -> dict[str, Any]:
+    """The ``lineage.json`` artifact of a release run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, LINEAGE_FILE, tmp)
+        except Exception as e:
+            raise RegistryError(f"MLflow run {run_id} has no {LINEAGE_FILE}: it was not made by a loraline release ({e})") from e
+        return json.loads(Path(local).read_text())
+
+
+def find_release(name: str, adapter: FetchedAdapter, base: FetchedBase, settings: Settings) -> dict[str, Any] | None:
+    """The lineage of the existing release of this adapter digest onto this base digest as ``name``, if any."""
+    client = use_mlflow(settings)
+    found = find_versions(client, name=name, adapter_sha=adapter.sha256, base_sha=base.sha256)
+    return {**read_lineage(client, found[0].run_id), "existing": True} if found else None
+
+
+def _tags(adapter: FetchedAdapter, base: FetchedBase, merged: MergedModel, validation: ValidationReport,
+          parity: ParityReport) -> dict[str, str]:
+    t = {
+        "adapter.sha256": adapter.sha256,
+        "adapter.source": adapter.source,
+        "adapter.resolved": adapter.resolved,
+        "adapter.path": str(adapter.path),
+        "base.sha256": base.sha256,
+        "base.source": base.source,
+        "base.resolved": base.resolved,
+        "merged.sha256": merged.sha256,
+        "merged.dtype": merged.dtype,
+        "merged.path": str(merged.path),
+        "lora.r": str(validation.r),
+        "lora.runtime_servable": str(validation.runtime_lora_servable).lower(),
+        "parity": f"{parity.identical} identical, {parity.close} close, {parity.failed} failed of {parity.prompts}",
+        "status": "registered",
+        "version": __version__,
+    }
+    if adapter.revision:
+        t["adapter.revision"] = adapter.revision
+    if base.revision:
+        t["base.revision"] = base.revision
+    return {TAG + k: redact(v) for k, v in t.items()}
+
+
+def _params(adapter: FetchedAdapter, base: FetchedBase, validation: ValidationReport, settings: Settings) -> dict[str, str]:
+    return {k: redact(v) for k, v in {
+        "adapter.source": adapter.source,
+        "adapter.sha256": adapter.sha256,
+        "adapter.revision": adapter.revision or "",
+        "base.source": base.source,
+        "base.sha256": base.sha256,
+        "base.revision": base.revision or "",
+        "lora.r": str(validation.r),
+        "lora.alpha": str(validation.lora_alpha),
+        "lora.target_modules": ",".join(validation.target_modules),
+        "lora.use_dora": str(validation.use_dora).lower(),
+        "lora.modules_to_save": ",".join(validation.modules_to_save),
+        "lora.serving_max_lora_rank": str(validation.serving_max_lora_rank),
+        "merge.dtype": settings.merge_dtype,
+        "parity.prompts": str(settings.parity_prompts),
+        "parity.max_new_tokens": str(settings.parity_max_new_tokens),
+        "parity.top_k": str(settings.parity_top_k),
+    }.items()}
+
+
+def _metrics(adapter: FetchedAdapter, merged: MergedModel, validation: ValidationReport, parity: ParityReport) -> dict[str, float]:
+    m = {
+        "merge_seconds": merged.seconds,
+        "parity_seconds": parity.seconds,
+        "adapter_bytes": float(sum((adapter.path / f).stat().st_size for f in adapter.files)),
+        "merged_bytes": float(merged.bytes),
+        "merged_parameters": float(merged.parameters),
+        "lora_parameters": float(validation.lora_parameters),
+        "parity_identical": float(parity.identical),
+        "parity_close": float(parity.close),
+        "parity_failed": float(parity.failed),
+        "parity_max_abs_logprob_diff": parity.max_abs_logprob_diff,
+    }
+    if adapter.training_step is not None:
+        m["training_step"] = float(adapter.training_step)
+    if adapter.training_loss is not None:
+        m["training_loss"] = adapter.training_loss
+    return m
+
+
+def build_lineage(*, name: str, version: str, run_id: str, settings: Settings, adapter: FetchedAdapter, base: FetchedBase,
+                  merged: MergedModel, validation: ValidationReport, parity: ParityReport) -> dict[str, Any]:
+    """The release record: written as ``lineage.json`` and printed by ``loraline release --json``."""
+    return {
+        "schema": "loraline.lineage/v1",
+        "model_name": name,
+        "model_version": str(version),
+        "model_uri": f"models:/{name}/{version}",
+        "tracking_uri": redact(settings.resolved_tracking_uri),
+        "mlflow_run_id": run_id,
+        "adapter": {
+            "source": redact(adapter.source),
+            "resolved": redact(adapter.resolved),
+            "revision": adapter.revision,
+            "sha256": adapter.sha256,
+            "path": str(adapter.path),
+            "files": list(adapter.files),
+            "training_step": adapter.training_step,
+            "training_loss": adapter.training_loss,
+        },
+        "base": {"source": redact(base.source), "resolved": redact(base.resolved), "revision": base.revision, "name": base.name, "sha256": base.sha256},
+        "merged": {"path": str(merged.path), "sha256": merged.sha256, "dtype": merged.dtype, "bytes": merged.bytes,
+                   "parameters": merged.parameters},
+        "lora": {
+            "r": validation.r,
+            "alpha": validation.lora_alpha,
+            "target_modules": list(validation.target_modules),
+            "runtime_lora_servable": validation.runtime_lora_servable,
+            "serving_max_lora_rank": validation.serving_max_lora_rank,
+            "notes": list(validation.notes),
+        },
+        "parity": parity.summary(),
+        "images": [],
+        "loraline_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _description(lineage: dict[str, Any]) -> str:
+    a, b, m, p = lineage["adapter"], lineage["base"], lineage["merged"], lineage["parity"]
+    return (
+        f"LoRA adapter {a['source']} (sha256 {a['sha256'][:12]}) merged into {b['source']} (sha256 {b['sha256'][:12]}) "
+        f"-> merged sha256 {m['sha256'][:12]}, {m['dtype']}, {m['bytes']} bytes. "
+        f"Parity vs peft unmerged: {p['identical']} identical, {p['close']} close, {p['failed']} failed of {p['prompts']}. "
+        f"Run {lineage['mlflow_run_id']}; trace: loraline trace models:/{lineage['model_name']}/{lineage['model_version']}"
+    )
+
+
+def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, validation: ValidationReport,
+                   merged: MergedModel, parity: ParityReport, settings: Settings) -> dict[str, Any]:
+    """Record a release in MLflow and register the merged model as a version of ``name``.
+
+    Idempotent: when a version of ``name`` already carries this adapter digest on this base
+    digest, its lineage is returned (with ``"existing": true``) and nothing is created.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    check_model_name(name)
+    if not parity.passed:
+        raise RegistryError(f"refusing to register {name}: parity failed on {parity.failed} of {parity.prompts} prompts")
+    existing = find_release(name, adapter, base, settings)
+    if existing is not None:
+        return existing
+    client = use_mlflow(settings)
+    exp = experiment_id(client, name, settings)
+    try:
+        client.get_registered_model(name)
+        created_model = False
+    except MlflowException:
+        client.create_registered_model(name, tags={f"{TAG}managed": "true"}, description=f"LoRA releases served by vLLM ({name}); made by loraline")
+        created_model = True
+
+    tags = _tags(adapter, base, merged, validation, parity)
+    run = mlflow.start_run(experiment_id=exp, run_name=f"release {name} adapter {adapter.sha256[:12]}", tags=tags)
+    run_id = run.info.run_id
+    version = None
+    try:
+        mlflow.log_params(_params(adapter, base, validation, settings))
+        mlflow.log_metrics(_metrics(adapter, merged, validation, parity))
+        mlflow.log_artifact(str(adapter.path / "adapter_config.json"))
+        mlflow.log_dict(parity.to_dict(), "parity.json")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(__file__).with_name("servable.py")),
+            artifacts={"weights": str(merged.path)},
+            pip_requirements=["vllm"],  # the serving environment; the orchestrator never loads it
+            tags=tags,
+        )
+        mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags={**tags, f"{TAG}run_id": run_id},
+                                         model_id=info.model_id)
+        version = mv.version
+        # Two releases of the same digests racing: the oldest version wins, the newer is undone.
+        same = find_versions(client, name=name, adapter_sha=adapter.sha256, base_sha=base.sha256)
+        if same and int(same[0].version) < int(version):
+            client.delete_model_version(name, version)
+            version = None
+            mlflow.set_tag(f"{TAG}status", "duplicate")
+            mlflow.end_run("KILLED")
+            return {**read_lineage(client, same[0].run_id), "existing": True}
+        lineage = build_lineage(name=name, version=str(version), run_id=run_id, settings=settings, adapter=adapter,
+                                base=base, merged=merged, validation=validation, parity=parity)
+        mlflow.log_dict(lineage, LINEAGE_FILE)
+        client.update_model_version(name, version, description=_description(lineage))
+        mlflow.set_tag(f"{TAG}model_version", str(version))
+        mlflow.end_run("FINISHED")
+    except BaseException as e:
+        if version is not None:
+            client.delete_model_version(name, version)
+        if created_model and not client.search_model_versions(f"name = '{name}'"):
+            client.delete_registered_model(name)
+        mlflow.end_run("FAILED")
+        if isinstance(e, MlflowException):
+            raise RegistryError(f"registering {name} in MLflow ({redact(settings.resolved_tracking_uri)}) failed: {e}; nothing was registered") from e
+        raise
+    return {**lineage, "existing": False}

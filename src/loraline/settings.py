@@ -1,0 +1,89 @@
+"""One settings object, read where the CLI or a flow starts and passed down.
+
+Every field reads ``LORALINE_<FIELD>`` from the environment (e.g. ``LORALINE_HOME``).
+Domain code never reads ``os.environ``: it receives a :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The values vLLM accepts for ``--max-lora-rank`` (vllm/config/lora.py, ``MaxLoRARanks``).
+VLLM_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class Settings(BaseSettings):
+    """loraline's configuration. State lives under ``home``."""
+
+    model_config = SettingsConfigDict(env_prefix="LORALINE_", extra="ignore")
+
+    home: Path = Field(default=Path(".loraline"), description="State directory (MLflow DB, artifacts, fetched adapters, merged models).")
+    tracking_uri: str | None = Field(default=None, description="MLflow tracking URI; default sqlite:///<home>/mlflow.db.")
+    registry_uri: str | None = Field(default=None, description="MLflow registry URI; default: the tracking URI.")
+    max_lora_rank: int = Field(default=64, description="Largest LoRA rank a release accepts; one of vLLM's --max-lora-rank values.")
+    trust_remote_code: bool = Field(default=False, description="Allow model code from the base repo to run. Off unless you ask.")
+    hf_token: SecretStr | None = Field(default=None, description="Hugging Face token for private Hub repos (never logged).")
+    hf_cache_dir: Path | None = Field(default=None, description="Hugging Face Hub cache directory; default: huggingface_hub's.")
+    hf_offline: bool = Field(default=False, description="Resolve Hub repos from the local cache only.")
+    parity_prompts: int = Field(default=8, ge=1, description="How many eval questions the parity check generates on.")
+    parity_max_new_tokens: int = Field(default=24, ge=1, description="Greedy tokens generated per parity prompt.")
+    parity_top_k: int = Field(default=5, ge=1, description="At a divergence, each side's token must be in the other's top-k.")
+    merge_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="dtype of the merged model; auto keeps the base's."
+    )
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_in_vllm_set(cls, v: int) -> int:
+        if v not in VLLM_MAX_LORA_RANKS:
+            raise ValueError(
+                f"LORALINE_MAX_LORA_RANK={v} is not a value vLLM accepts for --max-lora-rank; "
+                f"use one of {', '.join(map(str, VLLM_MAX_LORA_RANKS))}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _absolute_home(self) -> "Settings":
+        # Resolve once so every path derived from home is stable across chdir.
+        self.home = self.home.expanduser().resolve()
+        return self
+
+    # Derived locations (computed, never stored, so they follow ``home``).
+    @property
+    def resolved_tracking_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def resolved_registry_uri(self) -> str:
+        return self.registry_uri or self.resolved_tracking_uri
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.home / "mlartifacts"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.home / "merged"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.home / "prefect"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.home, self.artifact_root, self.adapters_dir, self.merged_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def redact(text: str) -> str:
+    """Drop credentials from a URI-like string (``scheme://user:secret@host`` -> ``scheme://***@host``)."""
+    import re
+
+    return re.sub(r"(?<=://)[^/@\s]+@", "***@", text)

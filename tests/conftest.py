@@ -1,0 +1,74 @@
+"""Shared fixtures: demo assets built once per session, a fresh loraline home (real SQLite MLflow) per test,
+and Prefect's test harness (a real temporary Prefect server) for flow tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# No telemetry from the libraries under test: nothing may leave this machine.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from loraline.demo import DemoAssets, init_demo  # noqa: E402
+from loraline.settings import Settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
+    """The demo base + Trainer checkpoint-100, built once (about a minute)."""
+    return init_demo(tmp_path_factory.mktemp("demo"), progress=False)
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh LORALINE_HOME (its own SQLite MLflow store) for one test."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("LORALINE_HOME", str(h))
+    return h
+
+
+@pytest.fixture()
+def settings(home: Path) -> Settings:
+    return Settings()
+
+
+@pytest.fixture()
+def adapter_copy(demo_assets: DemoAssets, tmp_path: Path) -> Path:
+    """A private copy of the demo checkpoint that a test may damage."""
+    dst = tmp_path / "checkpoint-100"
+    shutil.copytree(demo_assets.checkpoint, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
+    """Prefect's test harness: a temporary Prefect server and database for the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def mlflow_state(settings: Settings) -> dict[str, object]:
+    """What a failed release must not leave behind: versions, aliases, RUNNING runs."""
+    from mlflow import MlflowClient
+
+    if not (settings.home / "mlflow.db").exists():
+        return {"versions": [], "aliases": [], "running": []}
+    client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
+    versions = client.search_model_versions("")
+    aliases = [a for m in client.search_registered_models() for a in (m.aliases or {})]
+    exps = [e.experiment_id for e in client.search_experiments()]
+    running = [r.info.run_id for r in client.search_runs(exps, "attributes.status = 'RUNNING'")] if exps else []
+    return {"versions": [(v.name, v.version) for v in versions], "aliases": aliases, "running": running}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

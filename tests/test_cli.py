@@ -1,0 +1,81 @@
+"""The CLI end to end, as a user runs it: a real `loraline` process, Prefect in ephemeral mode, SQLite MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import mlflow_state
+from loraline.settings import Settings
+from test_digest import coreutils_digest
+
+LORALINE = str(Path(sys.executable).with_name("loraline"))
+
+
+def loraline(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LORALINE_HOME": str(home)}
+    for k in [k for k in env if k.startswith("PREFECT_")]:
+        env.pop(k)  # a user's shell: no harness server, Prefect runs ephemeral
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    return subprocess.run([LORALINE, *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def cli_release(demo_assets, tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("cli") / "home"
+    proc = loraline("release", "--adapter", str(demo_assets.checkpoint), "--base", str(demo_assets.base), "--name", "smol-sql", "--json", home=home)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return home, json.loads(proc.stdout)
+
+
+def test_release_prints_the_lineage_contract(cli_release, demo_assets) -> None:
+    home, out = cli_release
+    assert out["model_name"] == "smol-sql" and out["model_version"] == "1"
+    assert out["model_uri"] == "models:/smol-sql/1"
+    assert out["tracking_uri"] == f"sqlite:///{home.resolve() / 'mlflow.db'}"
+    assert len(out["mlflow_run_id"]) == 32
+    assert out["adapter"]["source"] == str(demo_assets.checkpoint)
+    assert out["adapter"]["sha256"] == coreutils_digest(Path(out["adapter"]["path"]))
+    assert out["base"]["sha256"] == coreutils_digest(demo_assets.base)
+    assert out["merged"]["sha256"] == coreutils_digest(Path(out["merged"]["path"]))
+    assert out["merged"]["dtype"] == "bfloat16" and out["merged"]["bytes"] > 0
+    p = out["parity"]
+    assert p["prompts"] == 8 and p["identical"] + p["close"] == 8 and p["max_abs_logprob_diff"] >= 0
+
+
+def test_trace_from_every_end(cli_release, demo_assets) -> None:
+    home, out = cli_release
+    client = MlflowClient(f"sqlite:///{home.resolve() / 'mlflow.db'}")
+    client.set_registered_model_alias("smol-sql", "champion", "1")
+    for ref in (str(demo_assets.checkpoint), out["adapter"]["sha256"], out["merged"]["sha256"], "models:/smol-sql/1", "models:/smol-sql@champion"):
+        proc = loraline("trace", ref, "--json", home=home)
+        assert proc.returncode == 0, (ref, proc.stderr[-2000:])
+        chain = json.loads(proc.stdout)
+        assert chain["model_version"] == "1" and chain["mlflow_run_id"] == out["mlflow_run_id"], ref
+        assert chain["adapter"]["sha256"] == out["adapter"]["sha256"]
+        assert chain["base"]["sha256"] == out["base"]["sha256"]
+        assert chain["merged"]["sha256"] == out["merged"]["sha256"]
+        assert chain["aliases"] == ["champion"]
+    proc = loraline("trace", "models:/smol-sql@nope", "--json", home=home)
+    assert proc.returncode == 1 and "cannot trace 'models:/smol-sql@nope'" in proc.stderr
+
+
+def test_refused_release_exits_nonzero_with_one_line(demo_assets, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(demo_assets.checkpoint, bad)
+    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8,')
+    home = tmp_path / "home"
+    proc = loraline("release", "--adapter", str(bad), "--base", str(demo_assets.base), "--name", "smol-sql", "--json", home=home)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("Error: ") and "adapter_config.json: not valid JSON" in lines[0]
+    assert mlflow_state(Settings(home=home)) == {"versions": [], "aliases": [], "running": []}

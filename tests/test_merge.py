@@ -1,0 +1,98 @@
+"""merge + parity: the merged model keeps the base's dtype and size and generates what base + adapter generates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraline.digest import digest_dir, dir_bytes
+from loraline.errors import ParityError
+from loraline.merge import merge_adapter
+from loraline.parity import Generation, check_parity, judge, parity_prompts, require_parity
+from loraline.settings import Settings
+from loraline.sources import fetch_adapter, fetch_base
+
+
+@pytest.fixture()
+def merged(demo_assets, settings: Settings):
+    a = fetch_adapter(str(demo_assets.checkpoint), settings)
+    b = fetch_base(str(demo_assets.base), settings)
+    return a, b, merge_adapter(a, b, settings)
+
+
+def test_merged_model_keeps_dtype_size_tokenizer_and_ties(merged, demo_assets) -> None:
+    a, b, m = merged
+    cfg = json.loads((m.path / "config.json").read_text())
+    assert m.dtype == "bfloat16" and cfg["dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(str(m.path / "model.safetensors")).values()} == {torch.bfloat16}
+    base_weights = sum(p.stat().st_size for p in demo_assets.base.glob("*.safetensors"))
+    merged_weights = sum(p.stat().st_size for p in m.path.glob("*.safetensors"))
+    assert abs(merged_weights - base_weights) / base_weights < 0.02  # never an fp32 (2x) model
+    assert cfg["tie_word_embeddings"] is True and m.tied_embeddings
+    assert "lm_head.weight" not in load_file(str(m.path / "model.safetensors"))
+    assert "<|im_start|>" in (m.path / "chat_template.jinja").read_text() or "<|im_start|>" in (m.path / "tokenizer_config.json").read_text()
+    assert (m.path / "generation_config.json").is_file()
+    assert not list(m.path.glob("*.bin")) and not list(m.path.glob("adapter_*"))
+    assert m.sha256 == digest_dir(m.path) and m.bytes == dir_bytes(m.path)
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in m.path.iterdir())  # readable by a non-root server
+
+
+def test_merged_weights_are_base_plus_scaled_lora(merged, demo_assets) -> None:
+    a, b, m = merged
+    base = load_file(str(demo_assets.base / "model.safetensors"))
+    lora = load_file(str(a.path / "adapter_model.safetensors"))
+    cfg = json.loads((a.path / "adapter_config.json").read_text())
+    out = load_file(str(m.path / "model.safetensors"))
+    key = "model.layers.1.mlp.down_proj"
+    A = lora[f"base_model.model.{key}.lora_A.weight"].float()
+    B = lora[f"base_model.model.{key}.lora_B.weight"].float()
+    expected = base[f"{key}.weight"].float() + (cfg["lora_alpha"] / cfg["r"]) * (B @ A)
+    got = out[f"{key}.weight"].float()
+    assert not torch.equal(got, base[f"{key}.weight"].float())  # the adapter changed the weights
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=1e-2)  # bf16 rounding of the sum
+
+
+def test_second_merge_reuses_the_result(merged, settings: Settings) -> None:
+    a, b, m = merged
+    mtime = (m.path / "model.safetensors").stat().st_mtime_ns
+    again = merge_adapter(a, b, settings)
+    assert again.sha256 == m.sha256 and again.seconds == 0.0
+    assert (m.path / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_parity_merged_vs_peft_unmerged(merged, settings: Settings) -> None:
+    a, b, m = merged
+    report = require_parity(check_parity(a.path, b.path, m.path, parity_prompts(m.path, settings), settings))
+    assert report.prompts == settings.parity_prompts
+    assert report.identical + report.close == report.prompts and report.failed == 0
+    assert report.max_abs_logprob_diff < 0.5
+    # The trained adapter writes SQL (the prompts are text-to-SQL questions).
+    assert sum("select" in r.a_text.lower() for r in report.results) >= report.prompts // 2
+
+
+def test_parity_catches_a_merge_that_lost_the_adapter(merged, demo_assets, settings: Settings) -> None:
+    a, b, _ = merged
+    # The plain base stands in for a merged model that silently dropped the adapter.
+    report = check_parity(a.path, b.path, demo_assets.base, parity_prompts(demo_assets.base, settings), settings)
+    assert report.failed > 0
+    with pytest.raises(ParityError, match=r"parity peft-unmerged vs merged failed on \d+ of 8 prompts"):
+        require_parity(report)
+
+
+def g(tokens, top):
+    return Generation(tuple(tokens), tuple(0.0 for _ in tokens), tuple(top))
+
+
+def test_judge_rule() -> None:
+    same = g([1, 2, 3], [{1: -0.1}, {2: -0.1}, {3: -0.1}])
+    assert judge(same, same, 5)[:2] == ("identical", None)
+    a = g([1, 2, 3], [{1: -0.1}, {2: -0.5, 7: -0.9}, {3: -0.1}])
+    b = g([1, 7, 4], [{1: -0.1}, {7: -0.4, 2: -0.6}, {4: -0.1}])
+    assert judge(a, b, 5)[:2] == ("close", 1)
+    c = g([1, 9, 4], [{1: -0.1}, {9: -0.4, 8: -0.6}, {4: -0.1}])
+    assert judge(a, c, 5)[:2] == ("failed", 1)
+    assert judge(a, b, 1)[0] == "failed"  # 7 is not A's top-1

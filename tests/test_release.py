@@ -1,0 +1,124 @@
+"""The Prefect release flow against a real (temporary) Prefect server and a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from safetensors.torch import load_file, save_file
+
+from conftest import mlflow_state
+from loraline.digest import digest_dir
+from loraline.errors import InvalidAdapter
+from loraline.settings import Settings
+
+NAME = "smol-sql"
+
+
+def task_states(flow_state) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    # Task run names are "<task name>-<suffix>".
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def test_release_registers_a_traced_version_and_is_idempotent(prefect_harness, demo_assets, settings: Settings) -> None:
+    from flows.release import release
+
+    out = release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME)
+    assert out["model_name"] == NAME and out["model_version"] == "1" and out["existing"] is False
+    client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
+    mv = client.get_model_version(NAME, "1")
+    assert mv.tags["loraline.adapter.sha256"] == out["adapter"]["sha256"] == digest_dir(Path(out["adapter"]["path"]))
+    assert mv.tags["loraline.base.sha256"] == out["base"]["sha256"] == digest_dir(demo_assets.base)
+    assert mv.tags["loraline.merged.sha256"] == out["merged"]["sha256"] == digest_dir(Path(out["merged"]["path"]))
+    assert mv.tags["loraline.adapter.source"] == str(demo_assets.checkpoint)
+    assert mv.tags["loraline.run_id"] == out["mlflow_run_id"] == mv.run_id
+    assert "loraline trace models:/smol-sql/1" in mv.description
+
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == NAME
+    assert run.data.params["lora.r"] == "8" and run.data.params["adapter.sha256"] == out["adapter"]["sha256"]
+    assert run.data.metrics["parity_failed"] == 0 and run.data.metrics["merge_seconds"] > 0
+    assert run.data.metrics["merged_bytes"] == out["merged"]["bytes"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"lineage.json", "parity.json", "adapter_config.json"} <= artifacts
+    lineage = json.loads(Path(client.download_artifacts(run.info.run_id, "lineage.json")).read_text())
+    assert lineage["merged"]["sha256"] == out["merged"]["sha256"] and lineage["model_version"] == "1"
+    # The registered model holds the merged weights, loadable from the registry.
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1"))
+    (weights,) = (local / "artifacts").iterdir()  # the pyfunc's "weights" artifact
+    assert digest_dir(weights) == out["merged"]["sha256"]
+
+    runs_before = len(client.search_runs([run.info.experiment_id]))
+    again = release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME)
+    assert again["existing"] is True and again["model_version"] == "1"
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 1
+    assert len(client.search_runs([run.info.experiment_id])) == runs_before
+
+
+def test_rerun_under_another_name_reuses_the_cached_merge(prefect_harness, demo_assets, settings: Settings) -> None:
+    from flows.release import release
+
+    release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name="first")
+    state = release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name="second", return_state=True)
+    out = state.result()
+    assert out["model_name"] == "second" and out["model_version"] == "1"
+    states = task_states(state)
+    assert states["merge"] == "Cached" and states["parity"] == "Cached", states
+    assert states["fetch-adapter"] == "Completed"
+
+
+def _nan_adapter(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    t = load_file(str(dst / "adapter_model.safetensors"))
+    k = sorted(t)[0]
+    t[k][0, 0] = float("inf")
+    save_file(t, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_refused_release_leaves_nothing_behind(prefect_harness, demo_assets, settings: Settings, tmp_path: Path) -> None:
+    from flows.release import release
+
+    bad = _nan_adapter(demo_assets.checkpoint, tmp_path / "bad")
+    with pytest.raises(InvalidAdapter, match="NaN/Inf"):
+        release(adapter=str(bad), base=str(demo_assets.base), name=NAME)
+    assert mlflow_state(settings) == {"versions": [], "aliases": [], "running": []}
+    assert not settings.merged_dir.exists() or not list(settings.merged_dir.iterdir())  # refused before merging
+
+
+def test_failure_during_registration_rolls_back(prefect_harness, demo_assets, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault injected after the model version exists (lineage.json upload fails): the version is deleted, the run FAILED."""
+    import mlflow
+
+    from flows.release import release
+
+    real = mlflow.log_dict
+
+    def failing_log_dict(d, artifact_file, *a, **k):  # fault injection, not a stand-in: MLflow itself stays real
+        if artifact_file == "lineage.json":
+            raise OSError("disk full (injected)")
+        return real(d, artifact_file, *a, **k)
+
+    monkeypatch.setattr(mlflow, "log_dict", failing_log_dict)
+    with pytest.raises(OSError, match="injected"):
+        release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name="rollback")
+    state = mlflow_state(settings)
+    assert state["versions"] == [] and state["running"] == [] and state["aliases"] == []
+    client = MlflowClient(settings.resolved_tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("rollback").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    monkeypatch.setattr(mlflow, "log_dict", real)
+    out = release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name="rollback")
+    assert out["model_version"] == "1" and out["existing"] is False  # the re-run succeeds; the failed one left no number behind
+    assert client.get_run(out["mlflow_run_id"]).info.status == "FINISHED"
