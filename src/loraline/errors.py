@@ -7,6 +7,7 @@
     ├── MergeError          peft could not merge, or the merged model is not loadable
     ├── ParityError         merged and unmerged outputs disagree beyond tolerance
     ├── RegistryError       MLflow refused or lost a write
+    ├── EngineError         the vLLM engine (runner or OpenAI server) is missing, failed or timed out
     └── TraceError          a REF cannot be resolved to a release
 """
 
@@ -42,4 +43,8 @@ class RegistryError(LoralineError):
 
 
 class TraceError(LoralineError):
+    pass
+
+
+class EngineError(LoralineError):
     pass

@@ -16,6 +16,7 @@ _SHA = re.compile(r"^(?:sha256:)?(?P<sha>[0-9a-f]{64})$")
 
 
 def _chain(client: Any, mv: Any) -> dict[str, Any]:
+    mv = client.get_model_version(mv.name, mv.version)  # search results carry no aliases
     lineage = read_lineage(client, mv.run_id)
     lineage["model_version"] = str(mv.version)
     lineage["aliases"] = list(getattr(mv, "aliases", []) or [])

