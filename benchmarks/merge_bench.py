@@ -44,13 +44,13 @@ def git_sha() -> str:
 def bench_merge(work: Path, repeats: int) -> dict[str, object]:
     import torch
 
-    from loraline.demo import build_llama, build_lora
+    from loraline.demo import build_llama, build_lora, build_tokenizer
     from loraline.merge import merge_adapter
     from loraline.models import load_causal_lm
     from loraline.settings import Settings
     from loraline.sources import fetch_adapter, fetch_base
 
-    base = build_llama(work / "base", **MODEL)
+    base = build_llama(work / "base", tokenizer=build_tokenizer(work / "base"), **MODEL)
     adapter = build_lora(base, work / "adapter", r=16)
     settings = Settings(home=work / "home")
     a, b = fetch_adapter(str(adapter), settings), fetch_base(str(base), settings)

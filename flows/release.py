@@ -31,7 +31,7 @@ def _validate_key(_ctx: Any, p: dict[str, Any]) -> str:
 
 
 def _merge_key(_ctx: Any, p: dict[str, Any]) -> str:
-    return f"merge-{_digests(p)}-{p['settings'].merge_dtype}"
+    return f"merge-{_digests(p)}-{p['settings'].merge_dtype}-{p['settings'].merge_compute_dtype}"
 
 
 def _parity_key(_ctx: Any, p: dict[str, Any]) -> str:

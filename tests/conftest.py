@@ -72,3 +72,33 @@ def mlflow_state(settings: Settings) -> dict[str, object]:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# --------------------------------------------------------------------------- vLLM engine
+
+from collections.abc import Iterator  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Iterator[Path]:
+    """The engine's Python: LORALINE_VLLM_PYTHON, else the repo's .venv-vllm (made by `make setup`).
+
+    Not skipped when missing: the engine tests then fail with the EngineError that says how to make it.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORALINE_VLLM_PYTHON", os.environ.get("LORALINE_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python"))
+        yield Path(os.environ["LORALINE_VLLM_PYTHON"])
+
+
+@pytest.fixture(scope="session")
+def demo_merged(demo_assets: DemoAssets, tmp_path_factory: pytest.TempPathFactory):
+    """The demo checkpoint fetched and merged into the demo base once per session: (adapter, base, merged)."""
+    from loraline.merge import merge_adapter
+    from loraline.sources import fetch_adapter, fetch_base
+
+    s = Settings(home=tmp_path_factory.mktemp("merged-home"))
+    adapter = fetch_adapter(str(demo_assets.checkpoint), s)
+    base = fetch_base(str(demo_assets.base), s)
+    return adapter, base, merge_adapter(adapter, base, s)

@@ -169,3 +169,30 @@ def test_hub_base_name_mismatch(adapter_copy: Path, demo_assets, settings: Setti
     base = replace(fetch_base(str(demo_assets.base), settings), name="HuggingFaceTB/SmolLM2-135M")
     with pytest.raises(InvalidAdapter, match="trained on 'HuggingFaceTB/SmolLM2-360M-Instruct' but the base given is 'HuggingFaceTB/SmolLM2-135M'"):
         validate_adapter(fetch_adapter(str(adapter_copy), settings), base, settings)
+
+
+def test_no_tokenizer_anywhere_is_refused(adapter_copy: Path, demo_assets, settings: Settings, tmp_path: Path) -> None:
+    import shutil
+
+    base = tmp_path / "bare-base"
+    shutil.copytree(demo_assets.base, base)
+    for d in (base, adapter_copy):
+        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+            (d / f).unlink(missing_ok=True)
+    with pytest.raises(InvalidAdapter, match="no tokenizer .* the served model needs one"):
+        check(adapter_copy, base, settings)
+
+
+def test_missing_chat_template_is_reported(adapter_copy: Path, demo_assets, settings: Settings, tmp_path: Path) -> None:
+    import shutil
+
+    base = tmp_path / "plain-base"
+    shutil.copytree(demo_assets.base, base)
+    for d in (base, adapter_copy):
+        (d / "chat_template.jinja").unlink(missing_ok=True)
+        cfg_path = d / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("chat_template", None)
+        cfg_path.write_text(json.dumps(cfg))
+    report = check(adapter_copy, base, settings)
+    assert any("no chat template" in n for n in report.notes)

@@ -18,7 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 from loraline.errors import EngineError
 from loraline.settings import VLLM_MAX_LORA_RANKS, Settings
@@ -33,6 +33,7 @@ _PROBE = (
     "from vllm.platforms import current_platform\n"
     "print('LORALINE_PROBE ' + json.dumps({'version': vllm.__version__, 'device': current_platform.device_type}))\n"
 )
+_PROBE_TIMEOUT_S = 300  # `import vllm` only; independent of engine_timeout_s, which bounds real work
 _probed: dict[tuple[str, int], "Engine"] = {}
 
 
@@ -41,7 +42,7 @@ class Engine:
     """An environment that can run vLLM: its Python, and the device vLLM detected there."""
 
     python: Path
-    device: Literal["cpu", "cuda"] | str
+    device: str  # "cpu" or "cuda" (what vllm.platforms detected; other platforms pass through)
     vllm_version: str = ""
 
 
@@ -65,7 +66,7 @@ def find_engine(settings: Settings) -> Engine:
             [str(python), "-c", _PROBE],
             capture_output=True,
             text=True,
-            timeout=min(settings.engine_timeout_s, 300),
+            timeout=_PROBE_TIMEOUT_S,
             env=engine_env(settings, None),
             stdin=subprocess.DEVNULL,
         )
@@ -156,6 +157,9 @@ def run_generate(
     :mod:`loraline.vllm_runner`): ``outputs`` in prompt order, ``timings``, ``vllm_version``.
     The run is killed (its whole process group) after ``settings.engine_timeout_s``.
     """
+    require_dir(model_dir, "config.json", "model")
+    if lora is not None:
+        require_dir(lora[1], "adapter_config.json", "LoRA adapter")
     engine = find_engine(settings)
     request = {
         "model": str(Path(model_dir).resolve()),
@@ -191,8 +195,10 @@ def run_generate(
     line = next((ln for ln in reversed(out.splitlines()) if ln.startswith(RESULT_MARKER)), None)
     response = json.loads(line.removeprefix(RESULT_MARKER)) if line else None
     if proc.returncode != 0 or response is None or "error" in response:
+        log = "\n".join(ln for ln in out.splitlines() if not ln.startswith(RESULT_MARKER))
         error = response.get("error") if response else f"exit status {proc.returncode}, no result line"
-        raise EngineError(f"{what} failed: {error}\n--- engine log (last lines) ---\n{_tail(out)}")
+        trace = f"\n--- runner traceback ---\n{response['traceback'].rstrip()}" if response and response.get("traceback") else ""
+        raise EngineError(f"{what} failed: {error}\n--- engine log (last lines) ---\n{_tail(log)}{trace}")
     response["timings"]["process_s"] = round(time.perf_counter() - t0, 3)
     if len(response["outputs"]) != len(prompts):
         raise EngineError(f"{what} answered {len(response['outputs'])} outputs for {len(prompts)} prompts")
@@ -219,6 +225,12 @@ def kill_group(proc: subprocess.Popen[Any], *, grace_s: float) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
+
+
+def require_dir(path: Path, marker: str, what: str) -> None:
+    """Refuse a directory the engine could not load, before paying for an engine start."""
+    if not (Path(path) / marker).is_file():
+        raise EngineError(f"{what} directory {path} has no {marker}; pass a saved {what} directory (save_pretrained layout)")
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -39,8 +39,16 @@ class MergedModel:
         return d
 
 
+def _dtypes(base: FetchedBase, settings: Settings) -> tuple[str, str]:
+    """(output dtype, compute dtype) of a merge under ``settings``."""
+    out = base_dtype_name(base.path) if settings.merge_dtype == "auto" else settings.merge_dtype
+    return out, ("float32" if settings.merge_compute_dtype == "float32" else out)
+
+
 def merged_path(adapter: FetchedAdapter, base: FetchedBase, settings: Settings) -> Path:
-    return settings.merged_dir / f"{adapter.sha256[:16]}-{base.sha256[:16]}"
+    """Where the merge of ``adapter`` into ``base`` lives: one directory per inputs and dtypes."""
+    out, compute = _dtypes(base, settings)
+    return settings.merged_dir / f"{adapter.sha256[:16]}-{base.sha256[:16]}-{out}-{compute}"
 
 
 def _record(path: Path) -> Path:
@@ -63,13 +71,13 @@ def merge_adapter(adapter: FetchedAdapter, base: FetchedBase, settings: Settings
         data = json.loads(_record(out).read_text())
         return MergedModel(**{**data, "path": out, "seconds": 0.0})
 
-    dtype = base_dtype_name(base.path) if settings.merge_dtype == "auto" else settings.merge_dtype
+    dtype, compute = _dtypes(base, settings)
     t0 = time.perf_counter()
     settings.merged_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.merged_dir, prefix=".merge-") as tmp:
         stage = Path(tmp) / "model"
         try:
-            peft_model = load_peft(base.path, adapter.path, settings, dtype)
+            peft_model = load_peft(base.path, adapter.path, settings, compute)
             merged = peft_model.merge_and_unload(safe_merge=True)
         except ValueError as e:  # peft raises ValueError when safe_merge finds NaNs
             raise MergeError(f"merging {adapter.path} into {base.path} failed: {e}; the adapter's weights are unusable") from e

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraline.engine import default_engine_args, engine_env, find_engine, kill_group
+from loraline.engine import require_dir, default_engine_args, engine_env, find_engine, kill_group
 from loraline.errors import EngineError
 from loraline.settings import Settings
 
@@ -75,6 +75,9 @@ def serve_openai(
     """
     import httpx
 
+    require_dir(model_dir, "config.json", "model")
+    for path in (lora_modules or {}).values():
+        require_dir(path, "adapter_config.json", "LoRA adapter")
     engine = find_engine(settings)
     port = port or free_port()
     engine_args = default_engine_args(engine, settings)

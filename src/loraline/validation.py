@@ -181,6 +181,17 @@ def validate_adapter(adapter: FetchedAdapter, base: FetchedBase, settings: Setti
         )
     serving_rank = min(v for v in VLLM_MAX_LORA_RANKS if v >= top)
 
+    tok_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any((d / f).is_file() for d in (root, base.path) for f in tok_files):
+        raise InvalidAdapter(
+            f"{root} and base {base.path}: no tokenizer (tokenizer.json / tokenizer_config.json); the served model needs one — "
+            "save the fine-tune's tokenizer next to the adapter (tokenizer.save_pretrained(checkpoint_dir))"
+        )
+    if not any(_has_chat_template(d) for d in (root, base.path)):
+        notes_chat = "no chat template in the adapter or the base: /v1/chat/completions will not work; /v1/completions will"
+    else:
+        notes_chat = ""
+
     _check_names(cfg, base, cfg_path)
     base_shapes = base_weight_shapes(base.path)
     tied = bool(base_cfg.get("tie_word_embeddings", False))
@@ -226,6 +237,7 @@ def validate_adapter(adapter: FetchedAdapter, base: FetchedBase, settings: Setti
         resized = [k for k in full_tensors if "embed_tokens" in k or "lm_head" in k]
         what = "resized embeddings" if resized else "full (non-LoRA) tensors"
         notes.append(f"{what} in the adapter ({', '.join(sorted(full_tensors)[:4])}): vLLM runtime LoRA cannot load them; serve the merged model")
+    warnings = [notes_chat] if notes_chat else []
     if cfg.get("bias", "none") != "none":
         notes.append(f"bias={cfg.get('bias')!r}: vLLM runtime LoRA ignores trained biases; serve the merged model")
 
@@ -241,8 +253,18 @@ def validate_adapter(adapter: FetchedAdapter, base: FetchedBase, settings: Setti
         modules_to_save=to_save,
         runtime_lora_servable=not notes,
         serving_max_lora_rank=serving_rank,
-        notes=tuple(notes),
+        notes=tuple(notes + warnings),
     )
+
+
+def _has_chat_template(d: Path) -> bool:
+    if (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file():
+        return True
+    cfg = d / "tokenizer_config.json"
+    try:
+        return cfg.is_file() and bool(json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"))
+    except ValueError:
+        return False
 
 
 def _numel(shape: tuple[int, ...]) -> int:
