@@ -62,6 +62,9 @@ def bench_merge(work: Path, repeats: int) -> dict[str, object]:
     def merge(i: int) -> None:
         merge_adapter(a, b, Settings(home=work / f"home-{i}"))
 
+    # Warm-up, untimed: the first merge in a process pays ~10 s of importing peft/transformers modules.
+    floor(-1)
+    merge(-1)
     floors, merges = [], []
     for i in range(repeats):  # interleaved so drift in machine load hits both alike
         floors.append(timed(lambda: floor(i)))
@@ -83,12 +86,16 @@ def bench_release(work: Path) -> dict[str, object]:
 
     demo = init_demo(work / "demo", progress=False)
     env = {**os.environ, "LORALINE_HOME": str(work / "release-home")}
+    # The release as `make demo` runs it: vLLM parity on, through the repo's engine venv.
+    env.setdefault("LORALINE_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
     cmd = [str(Path(sys.executable).with_name("loraline")), "release", "--adapter", str(demo.checkpoint), "--base", str(demo.base),
            "--name", "bench", "--json"]
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"release failed: {out.stderr.strip()[-2000:]}")
         times.append(time.perf_counter() - t0)
     assert json.loads(out.stdout)["existing"] is True
     return {"cold_release_s": times[0], "cached_rerun_s": times[1]}

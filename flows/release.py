@@ -1,4 +1,4 @@
-"""The release flow: fetch -> validate -> merge -> parity -> register. Wiring only.
+"""The release flow: fetch -> validate -> merge -> parity (HF, then vLLM) -> register. Wiring only.
 
 Retries only on the network-bound fetches; merge and parity are cached on content digests
 (a re-run with unchanged inputs does no merge), and registration is idempotent in MLflow.
@@ -12,7 +12,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from loraline.merge import MergedModel, merge_adapter, merged_path
-from loraline.parity import ParityReport, check_parity, parity_prompts, require_parity
+from loraline.parity import ParityReport, check_parity, check_vllm_parity, parity_prompts, require_parity
 from loraline.registry import check_model_name, find_release, register_model
 from loraline.settings import Settings
 from loraline.sources import FetchedAdapter, FetchedBase, fetch_adapter, fetch_base
@@ -70,10 +70,18 @@ def parity_task(adapter: FetchedAdapter, base: FetchedBase, merged: MergedModel,
     return require_parity(report)
 
 
+@task(name="vllm-parity", cache_key_fn=lambda ctx, p: "vllm-" + _parity_key(ctx, p))
+def vllm_parity_task(adapter: FetchedAdapter, base: FetchedBase, merged: MergedModel, validation: ValidationReport,
+                     settings: Settings) -> tuple[ParityReport, ...]:
+    reports = check_vllm_parity(adapter.path, base.path, merged.path, parity_prompts(merged.path, settings), settings,
+                                runtime_lora=validation.runtime_lora_servable)
+    return tuple(require_parity(r) for r in reports)
+
+
 @task(name="register", cache_policy=NO_CACHE)
 def register_task(name: str, adapter: FetchedAdapter, base: FetchedBase, validation: ValidationReport,
-                  merged: MergedModel, parity: ParityReport, settings: Settings) -> dict[str, Any]:
-    return register_model(name, adapter, base, validation, merged, parity, settings)
+                  merged: MergedModel, parity: ParityReport, vllm_parity: tuple[ParityReport, ...], settings: Settings) -> dict[str, Any]:
+    return register_model(name, adapter, base, validation, merged, parity, settings, vllm_parity)
 
 
 @flow(name="release", flow_run_name="release-{name}", log_prints=True)
@@ -96,4 +104,5 @@ def release(adapter: str, base: str, name: str) -> dict[str, Any]:
     # A cached merge result is only good while its directory is still on disk.
     m = merge_task.with_options(refresh_cache=not merged_path(a, b, settings).is_dir())(a, b, settings)
     p = parity_task(a, b, m, settings)
-    return register_task(name, a, b, v, m, p, settings)
+    vp = vllm_parity_task(a, b, m, v, settings) if settings.vllm_parity else ()
+    return register_task(name, a, b, v, m, p, vp, settings)

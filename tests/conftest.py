@@ -31,6 +31,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh LORALINE_HOME (its own SQLite MLflow store) for one test."""
     h = tmp_path / "home"
     monkeypatch.setenv("LORALINE_HOME", str(h))
+    # vLLM parity costs two engine starts; the CLI end-to-end test and test_engine.py run it.
+    monkeypatch.setenv("LORALINE_VLLM_PARITY", "false")
     return h
 
 
@@ -67,7 +69,7 @@ def mlflow_state(settings: Settings) -> dict[str, object]:
     aliases = [a for m in client.search_registered_models() for a in (m.aliases or {})]
     exps = [e.experiment_id for e in client.search_experiments()]
     running = [r.info.run_id for r in client.search_runs(exps, "attributes.status = 'RUNNING'")] if exps else []
-    return {"versions": [(v.name, v.version) for v in versions], "aliases": aliases, "running": running}
+    return {"versions": [(v.name, str(v.version)) for v in versions], "aliases": aliases, "running": running}
 
 
 def read_json(path: Path) -> dict:

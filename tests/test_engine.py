@@ -48,10 +48,13 @@ def test_missing_or_broken_engine_python_names_the_setting_and_the_fix(tmp_path:
 
 
 @pytest.mark.slow
-def test_runner_returns_the_requested_tokens_and_logprobs(demo_merged, engine_settings: Settings) -> None:
-    _, _, merged = demo_merged
+def test_runner_with_runtime_lora_returns_the_requested_tokens_and_logprobs(demo_merged, engine_settings: Settings) -> None:
+    # One engine start covers the runner's contract; the merged model goes through the same
+    # runner in the parity test below (and must match HF token for token there).
+    adapter, base, merged = demo_merged
     ids = prompt_ids(merged.path, engine_settings, 3)
-    out = run_generate(merged.path, ids, engine_settings, max_tokens=12, logprobs=3, ignore_eos=True)
+    lora = ("sql", adapter.path, vllm_lora_rank(adapter.path))
+    out = run_generate(base.path, ids, engine_settings, lora=lora, max_tokens=12, logprobs=3, ignore_eos=True)
     assert out["vllm_version"] and out["timings"]["engine_start_s"] > 0
     assert len(out["outputs"]) == 3
     for o in out["outputs"]:
@@ -59,17 +62,6 @@ def test_runner_returns_the_requested_tokens_and_logprobs(demo_merged, engine_se
         for tok, step, chosen in zip(o["token_ids"], o["logprobs"], o["chosen_logprobs"]):
             assert len(step) >= 3 and step[str(tok)] == chosen <= 0.0
             assert chosen == max(step.values())  # greedy: the chosen token is the most likely one
-        assert o["text"]
-    print("runner timings (merged):", out["timings"])
-
-
-@pytest.mark.slow
-def test_runner_with_runtime_lora_applies_the_adapter(demo_merged, engine_settings: Settings) -> None:
-    adapter, base, merged = demo_merged
-    ids = prompt_ids(merged.path, engine_settings, 3)
-    lora = ("sql", adapter.path, vllm_lora_rank(adapter.path))
-    out = run_generate(base.path, ids, engine_settings, lora=lora, max_tokens=12, logprobs=2, ignore_eos=True)
-    assert [len(o["token_ids"]) for o in out["outputs"]] == [12, 12, 12]
     # The fine-tune writes SQL; the demo base alone does not (it rambles "NOT NULL NOT NULL ...").
     assert all(o["text"].lstrip().upper().startswith("SELECT") for o in out["outputs"]), [o["text"] for o in out["outputs"]]
     print("runner timings (base + LoRA):", out["timings"])

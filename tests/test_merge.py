@@ -96,3 +96,34 @@ def test_judge_rule() -> None:
     c = g([1, 9, 4], [{1: -0.1}, {9: -0.4, 8: -0.6}, {4: -0.1}])
     assert judge(a, c, 5)[:2] == ("failed", 1)
     assert judge(a, b, 1)[0] == "failed"  # 7 is not A's top-1
+
+
+def test_merged_tokenizer_config_is_portable(merged) -> None:
+    _, _, m = merged
+    cfg = json.loads((m.path / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"  # transformers 4.x (older vLLM images) knows this name
+    assert "is_local" not in cfg and "local_files_only" not in cfg
+
+
+def test_dora_adapter_is_not_runtime_servable_but_merges_with_parity(demo_assets, settings: Settings, tmp_path: Path) -> None:
+    """vLLM cannot serve DoRA as runtime LoRA; the merged model is a plain Llama and reproduces it."""
+    from peft import LoraConfig, get_peft_model
+
+    from loraline.models import load_causal_lm
+    from loraline.validation import validate_adapter
+
+    model = get_peft_model(load_causal_lm(demo_assets.base, settings), LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    dora = tmp_path / "dora"
+    model.save_pretrained(str(dora))
+    a, b = fetch_adapter(str(dora), settings), fetch_base(str(demo_assets.base), settings)
+    report = validate_adapter(a, b, settings)
+    assert not report.runtime_lora_servable and any("DoRA" in n for n in report.notes)
+    m = merge_adapter(a, b, settings)
+    assert not any("lora" in k or "magnitude" in k for k in load_file(str(m.path / "model.safetensors")))
+    parity = require_parity(check_parity(a.path, b.path, m.path, parity_prompts(m.path, settings)[:3], settings))
+    assert parity.failed == 0

@@ -122,3 +122,50 @@ def test_failure_during_registration_rolls_back(prefect_harness, demo_assets, se
     out = release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name="rollback")
     assert out["model_version"] == "1" and out["existing"] is False  # the re-run succeeds; the failed one left no number behind
     assert client.get_run(out["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def _break(kind: str, src: Path, dst: Path, tmp: Path) -> tuple[Path, str]:
+    """A broken copy of the demo checkpoint, and the message its refusal must carry."""
+    import pickle
+
+    from loraline.demo import build_llama, build_lora
+
+    if kind == "different-base":
+        other = build_llama(tmp / "other-base", vocab_size=512, hidden_size=256, num_heads=4, num_kv_heads=1, intermediate_size=512)
+        return build_lora(other, dst, r=8, target_modules=["q_proj"]), "trained for a different base"
+    shutil.copytree(src, dst)
+    cfg_path = dst / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if kind == "pickle-only":
+        (dst / "adapter_model.safetensors").unlink()
+        (dst / "adapter_model.bin").write_bytes(pickle.dumps({"weights": [0.0]}))
+        return dst, "pickled weights are refused and were not loaded"
+    if kind == "target-missing":
+        cfg_path.write_text(json.dumps({**cfg, "target_modules": ["q_proj", "query_key_value"]}))
+        return dst, "'query_key_value' do not exist in the base"
+    if kind == "truncated-config":
+        cfg_path.write_text(cfg_path.read_text()[:40])
+        return dst, "adapter_config.json: not valid JSON"
+    if kind == "nan":
+        return _nan_adapter(src, dst.with_name("nan")), "NaN/Inf"
+    if kind == "rank-above-limit":
+        cfg_path.write_text(json.dumps({**cfg, "r": 1024}))
+        return dst, "rank 1024 is above 512"
+    if kind == "missing-files":
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            (dst / f).unlink()
+        return dst, "missing adapter_config.json"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["pickle-only", "different-base", "target-missing", "truncated-config", "nan", "rank-above-limit", "missing-files"])
+def test_each_bad_input_is_refused_by_the_flow_leaving_nothing(kind: str, prefect_harness, demo_assets, settings: Settings, tmp_path: Path) -> None:
+    from flows.release import release
+
+    # A good release first, so "nothing left behind" is checked against a registry that is in use.
+    release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME)
+    before = mlflow_state(settings)
+    bad, message = _break(kind, demo_assets.checkpoint, tmp_path / "bad", tmp_path)
+    with pytest.raises(InvalidAdapter, match=message):
+        release(adapter=str(bad), base=str(demo_assets.base), name=NAME)
+    assert mlflow_state(settings) == before == {"versions": [(NAME, "1")], "aliases": [], "running": []}

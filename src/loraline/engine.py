@@ -2,7 +2,7 @@
 
 vLLM never runs inside loraline's process (DESIGN.md, "Two processes, two environments"): its
 pins conflict with Prefect's, and in production it runs in the serving container anyway.
-:func:`run_generate` runs :mod:`loraline.vllm_runner` as a file with ``settings.vllm_python``;
+:func:`run_generate` and :func:`run_bench` run :mod:`loraline.vllm_runner` as a file with ``settings.vllm_python``;
 :mod:`loraline.server` starts vLLM's OpenAI server the same way. Both use :func:`find_engine`,
 :func:`engine_env` and :func:`default_engine_args`, and stop the engine's whole process group
 (vLLM starts worker processes of its own).
@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from loraline.errors import EngineError
 from loraline.settings import VLLM_MAX_LORA_RANKS, Settings
@@ -56,6 +57,8 @@ def find_engine(settings: Settings) -> Engine:
     if python is None:
         raise EngineError(f"no vLLM engine is configured (LORALINE_VLLM_PYTHON is not set); {_FIX}")
     python = Path(python).expanduser()
+    if len(python.parts) == 1 and shutil.which(str(python)):  # a bare name such as "python3": look it up on PATH
+        python = Path(shutil.which(str(python)) or python)
     if not python.is_file() or not os.access(python, os.X_OK):
         raise EngineError(f"LORALINE_VLLM_PYTHON={python} is not an executable file; {_FIX}")
     key = (str(python.absolute()), python.stat().st_mtime_ns)
@@ -171,6 +174,98 @@ def run_generate(
         "engine": {**default_engine_args(engine, settings), **(engine_args or {})},
     }
     what = f"vLLM on {model_dir}" + (f" with LoRA {lora[1]}" if lora else "")
+    response, _ = _run_runner(engine, request, settings, what)
+    if len(response["outputs"]) != len(prompts):
+        raise EngineError(f"{what} answered {len(response['outputs'])} outputs for {len(prompts)} prompts")
+    return response
+
+
+# vLLM's own reports in its log (vllm/v1/worker, vllm/v1/core/kv_cache_utils.py, vllm/v1/engine/core.py).
+_LOG_FACTS: tuple[tuple[str, re.Pattern[str], tuple[str, ...]], ...] = (
+    ("model_loading", re.compile(r"Model loading took ([\d.]+) ?GiB(?: memory)? and ([\d.]+) ?s"), ("gib", "seconds")),
+    ("kv_cache_memory", re.compile(r"Available KV cache memory: ([\d.]+) ?GiB"), ("gib",)),
+    ("kv_cache_size", re.compile(r"KV cache size: ([\d,]+) tokens"), ("tokens",)),
+    ("max_concurrency", re.compile(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x"), ("tokens", "x")),
+    ("cuda_graphs", re.compile(r"Graph capturing finished in ([\d.]+) secs?, took ([\d.]+) ?GiB"), ("seconds", "gib")),
+    ("torch_compile", re.compile(r"torch\.compile takes ([\d.]+) s in total"), ("seconds",)),
+    ("init_engine", re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"), ("seconds",)),
+)
+
+
+def engine_log_facts(log: str) -> dict[str, dict[str, float]]:
+    """vLLM's own memory and start-up report, read from its log lines (first match of each)."""
+    facts: dict[str, dict[str, float]] = {}
+    for name, pattern, fields in _LOG_FACTS:
+        m = pattern.search(log)
+        if m:
+            facts[name] = {f: float(v.replace(",", "")) for f, v in zip(fields, m.groups())}
+    return facts
+
+
+def run_bench(
+    model_dir: Path,
+    settings: Settings,
+    *,
+    workloads: Sequence[Mapping[str, Any]],
+    single_stream: Mapping[str, Any] | None = None,
+    lora: tuple[str, Path, int] | None = None,
+    engine_args: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Benchmark vLLM's offline engine (one engine start) with :mod:`loraline.vllm_runner`'s bench mode.
+
+    ``workloads``: ``{"name", "prompt_sets": [[ids, ...] per timed repeat], "warmup_prompts":
+    [ids, ...], "output_len"}``; ``single_stream``: ``{"prompts": [ids, ...], "output_len",
+    "warmup_prompts"?}``. ``lora`` and ``engine_args`` as for :func:`run_generate`. Returns the
+    runner's answer plus ``log_facts`` (vLLM's own memory report, :func:`engine_log_facts`),
+    ``log`` (the engine's whole log) and ``timings.process_s``. Raises :class:`EngineError` if any
+    request produced fewer than ``output_len`` tokens (the numbers would not compare).
+    """
+    require_dir(model_dir, "config.json", "model")
+    if lora is not None:
+        require_dir(lora[1], "adapter_config.json", "LoRA adapter")
+    for w in workloads:
+        sets = w["prompt_sets"]
+        if not sets or any(len(ps) != len(sets[0]) or not ps for ps in sets):
+            raise ValueError(f"workload {w['name']!r}: every repeat needs the same, non-zero number of prompts")
+    engine = find_engine(settings)
+    request = {
+        "mode": "bench",
+        "model": str(Path(model_dir).resolve()),
+        "lora": None if lora is None else {"name": lora[0], "path": str(Path(lora[1]).resolve()), "max_lora_rank": int(lora[2])},
+        "engine": {**default_engine_args(engine, settings), **(engine_args or {})},
+        "workloads": [
+            {
+                "name": str(w["name"]),
+                "output_len": int(w["output_len"]),
+                "warmup_prompts": [[int(t) for t in p] for p in w.get("warmup_prompts") or []],
+                "prompt_sets": [[[int(t) for t in p] for p in ps] for ps in w["prompt_sets"]],
+            }
+            for w in workloads
+        ],
+        "single_stream": None if single_stream is None else {
+            "output_len": int(single_stream["output_len"]),
+            "prompts": [[int(t) for t in p] for p in single_stream["prompts"]],
+            "warmup_prompts": [[int(t) for t in p] for p in single_stream.get("warmup_prompts") or []],
+        },
+    }
+    what = f"vLLM bench on {model_dir}" + (f" with LoRA {lora[1]}" if lora else "")
+    response, log = _run_runner(engine, request, settings, what)
+    short = {w["name"]: sum(r["short_outputs"] for r in w["repeats"]) for w in response["workloads"]}
+    if response.get("single_stream"):
+        short["single_stream"] = response["single_stream"]["short_outputs"]
+    if any(short.values()):
+        raise EngineError(f"{what}: requests stopped before output_len tokens (per workload: {short}); the numbers would not compare")
+    response["log_facts"] = engine_log_facts(log)
+    response["log"] = log
+    return response
+
+
+def _run_runner(engine: Engine, request: dict[str, Any], settings: Settings, what: str) -> tuple[dict[str, Any], str]:
+    """Run :mod:`loraline.vllm_runner` on ``request``: ``(its answer, the engine's log)``.
+
+    The run is killed (its whole process group) after ``settings.engine_timeout_s``; a failure,
+    a missing answer or an error answer raises :class:`EngineError` with the log's last lines.
+    """
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [str(engine.python), str(RUNNER)],
@@ -200,9 +295,7 @@ def run_generate(
         trace = f"\n--- runner traceback ---\n{response['traceback'].rstrip()}" if response and response.get("traceback") else ""
         raise EngineError(f"{what} failed: {error}\n--- engine log (last lines) ---\n{_tail(log)}{trace}")
     response["timings"]["process_s"] = round(time.perf_counter() - t0, 3)
-    if len(response["outputs"]) != len(prompts):
-        raise EngineError(f"{what} answered {len(response['outputs'])} outputs for {len(prompts)} prompts")
-    return response
+    return response, "\n".join(ln for ln in out.splitlines() if not ln.startswith(RESULT_MARKER))
 
 
 def kill_group(proc: subprocess.Popen[Any], *, grace_s: float) -> None:

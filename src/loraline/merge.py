@@ -56,6 +56,23 @@ def _record(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def _portable_tokenizer_config(path: Path) -> None:
+    """Make the saved tokenizer loadable by transformers 4.x too (vLLM images may bundle it).
+
+    transformers 5 writes ``"tokenizer_class": "TokenizersBackend"``, a name 4.x does not know;
+    ``PreTrainedTokenizerFast`` is the same class in both. It also writes loader state
+    (``is_local``, ``local_files_only``) that has no business in a released model.
+    """
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("is_local", "local_files_only"):
+        cfg.pop(key, None)
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def merge_adapter(adapter: FetchedAdapter, base: FetchedBase, settings: Settings) -> MergedModel:
     """Merge ``adapter`` into ``base`` with ``merge_and_unload(safe_merge=True)`` and save it.
 
@@ -92,6 +109,7 @@ def merge_adapter(adapter: FetchedAdapter, base: FetchedBase, settings: Settings
         merged = merged.to(getattr(torch, dtype))
         merged.save_pretrained(str(stage), safe_serialization=True)
         load_tokenizer(adapter.path, base.path, settings).save_pretrained(str(stage))
+        _portable_tokenizer_config(stage / "tokenizer_config.json")
         gen = base.path / "generation_config.json"
         if gen.is_file():
             shutil.copyfile(gen, stage / "generation_config.json")

@@ -211,12 +211,12 @@ def vllm_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], setti
 
 
 def check_vllm_parity(adapter_dir: Path, base_dir: Path, merged_dir: Path, prompts: Sequence[str],
-                      settings: Settings) -> tuple[ParityReport, ParityReport]:
+                      settings: Settings, *, runtime_lora: bool = True) -> tuple[ParityReport, ...]:
     """Does vLLM generate what HF peft (base + adapter, unmerged) generates? Merged, and base + runtime LoRA.
 
     Every side gets the same token ids (the prompts tokenized once with the merged model's
     tokenizer), so tokenizer differences between the environments cannot hide or fake a
-    divergence. Returns ``(hf-peft vs vllm-merged, hf-peft vs vllm-lora)``, judged by :func:`judge`;
+    divergence. Returns ``(hf-peft vs vllm-merged, hf-peft vs vllm-lora)`` (the second only with ``runtime_lora``), judged by :func:`judge`;
     pass each to :func:`require_parity`. Two vLLM engine starts (tens of seconds each on CPU).
     """
     from loraline.engine import vllm_lora_rank
@@ -232,6 +232,8 @@ def check_vllm_parity(adapter_dir: Path, base_dir: Path, merged_dir: Path, promp
     merged = vllm_generations(merged_dir, ids, settings)
     merged_report = report("hf-peft", "vllm-merged", prompts, reference, merged, seconds=hf_s + time.perf_counter() - t0, **kw)
 
+    if not runtime_lora:  # DoRA, modules_to_save, ...: vLLM cannot serve it as base + LoRA (validation said why)
+        return (merged_report,)
     t0 = time.perf_counter()
     runtime = vllm_generations(base_dir, ids, settings, lora=("adapter", adapter_dir, vllm_lora_rank(adapter_dir)))
     lora_report = report("hf-peft", "vllm-lora", prompts, reference, runtime, seconds=hf_s + time.perf_counter() - t0, **kw)

@@ -13,7 +13,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from loraline import __version__
 from loraline.errors import RegistryError
@@ -99,8 +99,14 @@ def find_release(name: str, adapter: FetchedAdapter, base: FetchedBase, settings
     return {**read_lineage(client, found[0].run_id), "existing": True} if found else None
 
 
+def _parity_line(p: ParityReport) -> str:
+    firsts = [r.first_divergence for r in p.results if r.first_divergence is not None]
+    line = f"{p.identical} identical, {p.close} close, {p.failed} failed of {p.prompts}"
+    return line + (f"; first divergence at tokens {firsts}" if firsts else "")
+
+
 def _tags(adapter: FetchedAdapter, base: FetchedBase, merged: MergedModel, validation: ValidationReport,
-          parity: ParityReport) -> dict[str, str]:
+          parity: ParityReport, vllm_parity: Sequence[ParityReport] = ()) -> dict[str, str]:
     t = {
         "adapter.sha256": adapter.sha256,
         "adapter.source": adapter.source,
@@ -114,7 +120,8 @@ def _tags(adapter: FetchedAdapter, base: FetchedBase, merged: MergedModel, valid
         "merged.path": str(merged.path),
         "lora.r": str(validation.r),
         "lora.runtime_servable": str(validation.runtime_lora_servable).lower(),
-        "parity": f"{parity.identical} identical, {parity.close} close, {parity.failed} failed of {parity.prompts}",
+        "parity": _parity_line(parity),
+        "vllm_parity": "; ".join(f"{p.b}: {_parity_line(p)}" for p in vllm_parity) or "skipped",
         "status": "registered",
         "version": __version__,
     }
@@ -146,7 +153,8 @@ def _params(adapter: FetchedAdapter, base: FetchedBase, validation: ValidationRe
     }.items()}
 
 
-def _metrics(adapter: FetchedAdapter, merged: MergedModel, validation: ValidationReport, parity: ParityReport) -> dict[str, float]:
+def _metrics(adapter: FetchedAdapter, merged: MergedModel, validation: ValidationReport, parity: ParityReport,
+             vllm_parity: Sequence[ParityReport] = ()) -> dict[str, float]:
     m = {
         "merge_seconds": merged.seconds,
         "parity_seconds": parity.seconds,
@@ -159,6 +167,11 @@ def _metrics(adapter: FetchedAdapter, merged: MergedModel, validation: Validatio
         "parity_failed": float(parity.failed),
         "parity_max_abs_logprob_diff": parity.max_abs_logprob_diff,
     }
+    for p in vllm_parity:  # e.g. vllm_merged_parity_failed, vllm_lora_parity_identical
+        key = p.b.replace("-", "_")
+        m.update({f"{key}_parity_identical": float(p.identical), f"{key}_parity_close": float(p.close),
+                  f"{key}_parity_failed": float(p.failed), f"{key}_parity_max_abs_logprob_diff": p.max_abs_logprob_diff,
+                  f"{key}_parity_seconds": p.seconds})
     if adapter.training_step is not None:
         m["training_step"] = float(adapter.training_step)
     if adapter.training_loss is not None:
@@ -167,7 +180,8 @@ def _metrics(adapter: FetchedAdapter, merged: MergedModel, validation: Validatio
 
 
 def build_lineage(*, name: str, version: str, run_id: str, settings: Settings, adapter: FetchedAdapter, base: FetchedBase,
-                  merged: MergedModel, validation: ValidationReport, parity: ParityReport) -> dict[str, Any]:
+                  merged: MergedModel, validation: ValidationReport, parity: ParityReport,
+                  vllm_parity: Sequence[ParityReport] = ()) -> dict[str, Any]:
     """The release record: written as ``lineage.json`` and printed by ``loraline release --json``."""
     return {
         "schema": "loraline.lineage/v1",
@@ -198,6 +212,7 @@ def build_lineage(*, name: str, version: str, run_id: str, settings: Settings, a
             "notes": list(validation.notes),
         },
         "parity": parity.summary(),
+        "vllm_parity": {p.b: {**p.summary(), "first_divergences": [r.first_divergence for r in p.results]} for p in vllm_parity},
         "images": [],
         "loraline_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -215,7 +230,8 @@ def _description(lineage: dict[str, Any]) -> str:
 
 
 def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, validation: ValidationReport,
-                   merged: MergedModel, parity: ParityReport, settings: Settings) -> dict[str, Any]:
+                   merged: MergedModel, parity: ParityReport, settings: Settings,
+                   vllm_parity: Sequence[ParityReport] = ()) -> dict[str, Any]:
     """Record a release in MLflow and register the merged model as a version of ``name``.
 
     Idempotent: when a version of ``name`` already carries this adapter digest on this base
@@ -225,8 +241,9 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
     from mlflow.exceptions import MlflowException
 
     check_model_name(name)
-    if not parity.passed:
-        raise RegistryError(f"refusing to register {name}: parity failed on {parity.failed} of {parity.prompts} prompts")
+    for p in (parity, *vllm_parity):
+        if not p.passed:
+            raise RegistryError(f"refusing to register {name}: parity {p.a} vs {p.b} failed on {p.failed} of {p.prompts} prompts")
     existing = find_release(name, adapter, base, settings)
     if existing is not None:
         return existing
@@ -239,15 +256,17 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
         client.create_registered_model(name, tags={f"{TAG}managed": "true"}, description=f"LoRA releases served by vLLM ({name}); made by loraline")
         created_model = True
 
-    tags = _tags(adapter, base, merged, validation, parity)
+    tags = _tags(adapter, base, merged, validation, parity, vllm_parity)
     run = mlflow.start_run(experiment_id=exp, run_name=f"release {name} adapter {adapter.sha256[:12]}", tags=tags)
     run_id = run.info.run_id
     version = None
     try:
         mlflow.log_params(_params(adapter, base, validation, settings))
-        mlflow.log_metrics(_metrics(adapter, merged, validation, parity))
+        mlflow.log_metrics(_metrics(adapter, merged, validation, parity, vllm_parity))
         mlflow.log_artifact(str(adapter.path / "adapter_config.json"))
         mlflow.log_dict(parity.to_dict(), "parity.json")
+        for p in vllm_parity:
+            mlflow.log_dict(p.to_dict(), f"parity-{p.b}.json")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(__file__).with_name("servable.py")),
@@ -267,7 +286,7 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
             mlflow.end_run("KILLED")
             return {**read_lineage(client, same[0].run_id), "existing": True}
         lineage = build_lineage(name=name, version=str(version), run_id=run_id, settings=settings, adapter=adapter,
-                                base=base, merged=merged, validation=validation, parity=parity)
+                                base=base, merged=merged, validation=validation, parity=parity, vllm_parity=vllm_parity)
         mlflow.log_dict(lineage, LINEAGE_FILE)
         client.update_model_version(name, version, description=_description(lineage))
         mlflow.set_tag(f"{TAG}model_version", str(version))

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     engine_timeout_s: float = Field(default=600, gt=0, description="Hard limit on one engine run or server start, in seconds.")
     vllm_cpu_kvcache_gib: int = Field(default=1, ge=1, description="KV cache vLLM reserves on CPU engines (VLLM_CPU_KVCACHE_SPACE), GiB.")
 
+    vllm_parity: bool = Field(
+        default=True,
+        description="Check vLLM's greedy outputs (merged, and base + runtime LoRA) against HF peft during a release; "
+        "needs the engine (LORALINE_VLLM_PYTHON).",
+    )
+
     @field_validator("max_lora_rank")
     @classmethod
     def _rank_in_vllm_set(cls, v: int) -> int:

