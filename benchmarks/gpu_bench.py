@@ -245,8 +245,11 @@ def phase_vllm(work: Path, state: dict[str, Any], args: argparse.Namespace, mode
     log(f"vllm-{mode}: engine start, then workloads {args.vllm_prompts} x {args.vllm_repeats} repeats, "
         f"{args.single_stream} single-stream pairs")
     t0 = time.perf_counter()
-    r = run_bench(model, settings, workloads=workloads, single_stream=single, lora=lora)
+    sampling = None if args.detokenize else {"detokenize": False}
+    r = run_bench(model, settings, workloads=workloads, single_stream=single, lora=lora, sampling=sampling,
+                  engine_args=args.engine_args)
     engine_log = r.pop("log")
+    mode = mode + args.tag  # result keys: vllm-merged<tag>/256, ...
     (out / f"vllm-{mode}.log").write_text(engine_log)
     (work / f"vllm-{mode}.log").write_text(engine_log)
     state["vllm_version"] = r["vllm_version"]
@@ -255,7 +258,7 @@ def phase_vllm(work: Path, state: dict[str, Any], args: argparse.Namespace, mode
         state.setdefault("results", {})[f"vllm-{mode}/{w['name']}"] = {
             "path": f"vllm-{mode}",
             "engine": "vllm",
-            "mode": "merged" if mode == "merged" else "lora",
+            "mode": "lora" if "lora" in mode else "merged",
             "requests": w["requests"],
             "output_len": w["output_len"],
             "input_len": n_in,
@@ -265,13 +268,15 @@ def phase_vllm(work: Path, state: dict[str, Any], args: argparse.Namespace, mode
             "requests_s": statistics.median(x["requests_s"] for x in w["repeats"]),
             "elapsed_s_repeats": [x["elapsed_s"] for x in w["repeats"]],
             "warmup_s": w["warmup_s"],
+            "detokenize": args.detokenize,
+            "engine_args": args.engine_args,
         }
     ss = r["single_stream"]
     ttft, tpot, e2e = (statistics.median(ss[k]) for k in ("ttft_ms", "tpot_ms", "e2e_ms"))
     state["results"][f"vllm-{mode}/1-stream"] = {
         "path": f"vllm-{mode}",
         "engine": "vllm",
-        "mode": "merged" if mode == "merged" else "lora",
+        "mode": "lora" if "lora" in mode else "merged",
         "requests": 1,
         "pairs": len(ss["ttft_ms"]),
         "output_len": ss["output_len"],
@@ -284,6 +289,7 @@ def phase_vllm(work: Path, state: dict[str, Any], args: argparse.Namespace, mode
         "ttft_ms": ss["ttft_ms"],
         "tpot_ms": ss["tpot_ms"],
         "e2e_ms": ss["e2e_ms"],
+        "detokenize": args.detokenize,
     }
     state.setdefault("engines", {})[f"vllm-{mode}"] = {
         "engine_start_s": r["timings"]["engine_start_s"],
@@ -321,6 +327,15 @@ def floor_report(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def args_tag(key: str) -> str:
+    """The ``--tag`` part of a result key (``vllm-merged-nodetok/256`` -> ``-nodetok``)."""
+    head = key.split("/")[0]
+    for base in ("vllm-merged", "vllm-lora"):
+        if head.startswith(base):
+            return head.removeprefix(base)
+    return ""
+
+
 def table(state: dict[str, Any]) -> str:
     res = state.get("results") or {}
     rows = ["| path | requests | out tok/s (median) | repeats (min–max) | req/s | TTFT p50 | TPOT p50 | reference (H200) |",
@@ -329,10 +344,10 @@ def table(state: dict[str, Any]) -> str:
         if key.endswith("1-stream"):
             rows.append(f"| {key} | 1 × {r['pairs']} | {r['decode_tok_s']:.0f} decode ({r['output_tok_s']:.0f} incl. TTFT) | "
                         f"TPOT {min(r['tpot_ms']):.2f}–{max(r['tpot_ms']):.2f} ms | – | {r['ttft_ms_p50']:.1f} ms | "
-                        f"{r['tpot_ms_p50']:.2f} ms | {REFERENCE.get(key, '')} |")
+                        f"{r['tpot_ms_p50']:.2f} ms | {REFERENCE.get(key.replace(args_tag(key), ''), '')} |")
             continue
         reps = r["output_tok_s_repeats"]
-        ref_key = key if "/" in key else f"{key}/256"
+        ref_key = (key if "/" in key else f"{key}/256").replace(args_tag(key), "")
         ref = REFERENCE.get(ref_key)
         ref_s = f"{ref:,} ({100 * r['output_tok_s'] / ref:.0f}%)" if isinstance(ref, int) else ""
         extra = ""
@@ -367,6 +382,11 @@ def main() -> int:
     p.add_argument("--vllm-repeats", type=int, default=3)
     p.add_argument("--single-stream", type=int, default=10, help="TTFT/e2e pairs of single requests")
     p.add_argument("--engine-timeout-s", type=float, default=560)
+    p.add_argument("--no-detokenize", dest="detokenize", action="store_false",
+                   help="vLLM: SamplingParams(detokenize=False) (token ids only; no text)")
+    p.add_argument("--engine-args", type=json.loads, default=None,
+                   help='extra LLM(...) arguments as JSON, e.g. \'{"max_num_seqs": 512}\' (use with --tag)')
+    p.add_argument("--tag", default="", help="suffix for vLLM result keys, e.g. -nodetok")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model: a smoke test of this script (CPU is fine)")
     args = p.parse_args()
 

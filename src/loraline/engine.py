@@ -187,7 +187,7 @@ _LOG_FACTS: tuple[tuple[str, re.Pattern[str], tuple[str, ...]], ...] = (
     ("kv_cache_size", re.compile(r"KV cache size: ([\d,]+) tokens"), ("tokens",)),
     ("max_concurrency", re.compile(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x"), ("tokens", "x")),
     ("cuda_graphs", re.compile(r"Graph capturing finished in ([\d.]+) secs?, took ([\d.]+) ?GiB"), ("seconds", "gib")),
-    ("torch_compile", re.compile(r"torch\.compile takes ([\d.]+) s in total"), ("seconds",)),
+    ("torch_compile", re.compile(r"torch\.compile (?:takes|took) ([\d.]+) ?s in total"), ("seconds",)),
     ("init_engine", re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"), ("seconds",)),
 )
 
@@ -210,12 +210,14 @@ def run_bench(
     single_stream: Mapping[str, Any] | None = None,
     lora: tuple[str, Path, int] | None = None,
     engine_args: Mapping[str, Any] | None = None,
+    sampling: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Benchmark vLLM's offline engine (one engine start) with :mod:`loraline.vllm_runner`'s bench mode.
 
     ``workloads``: ``{"name", "prompt_sets": [[ids, ...] per timed repeat], "warmup_prompts":
     [ids, ...], "output_len"}``; ``single_stream``: ``{"prompts": [ids, ...], "output_len",
-    "warmup_prompts"?}``. ``lora`` and ``engine_args`` as for :func:`run_generate`. Returns the
+    "warmup_prompts"?}``. ``lora`` and ``engine_args`` as for :func:`run_generate`; ``sampling``: more
+    ``SamplingParams`` fields for every request (e.g. ``{"detokenize": False}``). Returns the
     runner's answer plus ``log_facts`` (vLLM's own memory report, :func:`engine_log_facts`),
     ``log`` (the engine's whole log) and ``timings.process_s``. Raises :class:`EngineError` if any
     request produced fewer than ``output_len`` tokens (the numbers would not compare).
@@ -233,6 +235,7 @@ def run_bench(
         "model": str(Path(model_dir).resolve()),
         "lora": None if lora is None else {"name": lora[0], "path": str(Path(lora[1]).resolve()), "max_lora_rank": int(lora[2])},
         "engine": {**default_engine_args(engine, settings), **(engine_args or {})},
+        "sampling": dict(sampling or {}),
         "workloads": [
             {
                 "name": str(w["name"]),

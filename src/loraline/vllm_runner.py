@@ -24,6 +24,7 @@ the top ``logprobs`` at each step plus the chosen token.
 with one engine for every measurement (the protocol is :mod:`loraline.bench`'s)::
 
     {"mode": "bench", "model": DIR, "lora": {...} | null, "engine": {...},
+     "sampling": {more SamplingParams fields, e.g. "detokenize": false} | null,
      "workloads": [{"name": "256", "output_len": 128,
                     "warmup_prompts": [[ids], ...],            # untimed, first
                     "prompt_sets": [[[ids], ...], ...]}],      # one fresh set per timed repeat
@@ -126,12 +127,15 @@ def generate(request: dict) -> dict:
     }
 
 
-def _exact(output_len: int, max_tokens: int | None = None):
-    """Greedy sampling that produces exactly ``max_tokens`` (default ``output_len``) tokens."""
+def _exact(output_len: int, max_tokens: int | None = None, extra: dict | None = None):
+    """Greedy sampling that produces exactly ``max_tokens`` (default ``output_len``) tokens.
+
+    ``extra``: more ``SamplingParams`` fields (the request's ``"sampling"``, e.g. ``{"detokenize": false}``).
+    """
     from vllm import SamplingParams
 
     n = int(max_tokens or output_len)
-    return SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)
+    return SamplingParams(**{**(extra or {}), "temperature": 0.0, "max_tokens": n, "min_tokens": n, "ignore_eos": True})
 
 
 def _timed_generate(llm, prompts: list, params, lora_request) -> tuple:
@@ -198,7 +202,7 @@ def bench(request: dict) -> dict:
     workloads = []
     for w in request.get("workloads") or []:
         out_len = int(w["output_len"])
-        params = _exact(out_len)
+        params = _exact(out_len, extra=request.get("sampling"))
         warmup_s = 0.0
         if w.get("warmup_prompts"):
             warmup_s, _ = _timed_generate(llm, w["warmup_prompts"], params, lora_request)
@@ -231,7 +235,7 @@ def bench(request: dict) -> dict:
         prompts = ss["prompts"]
         if len(prompts) < 2 or out_len < 2:
             raise ValueError("single_stream needs at least 2 prompts and output_len >= 2")
-        first, full = _exact(out_len, 1), _exact(out_len)
+        first, full = _exact(out_len, 1, request.get("sampling")), _exact(out_len, extra=request.get("sampling"))
         for ids in ss.get("warmup_prompts") or []:
             _timed_generate(llm, [ids], first, lora_request)
             _timed_generate(llm, [ids[::-1]], full, lora_request)
