@@ -105,11 +105,6 @@ def report(a_name: str, b_name: str, prompts: Sequence[str], a: Sequence[Generat
     )
 
 
-def generate_greedy(model: object, tokenizer: object, prompts: Sequence[str], *, max_new_tokens: int, top_k: int) -> list[Generation]:
-    """Greedy generation with transformers, one prompt at a time (no padding effects)."""
-    return generate_greedy_ids(model, tokenizer, encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens, top_k=top_k)
-
-
 def encode_prompts(tokenizer: object, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of rendered prompts, without added special tokens (the chat template already has them)."""
     return [list(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]  # type: ignore[operator]
@@ -152,19 +147,16 @@ def check_parity(adapter_dir: Path, base_dir: Path, merged_dir: Path, prompts: S
     """Greedy outputs of base + adapter (peft, unmerged) vs the merged model reloaded from disk."""
     import gc
 
-    from loraline.models import base_dtype_name, load_causal_lm, load_peft, load_tokenizer
+    from loraline.models import base_dtype_name, load_causal_lm, load_tokenizer
 
     t0 = time.perf_counter()
     kw = dict(max_new_tokens=settings.parity_max_new_tokens, top_k=settings.parity_top_k)
     tok = load_tokenizer(merged_dir, merged_dir, settings)
-    dtype = base_dtype_name(merged_dir)
+    ids = encode_prompts(tok, prompts)
     # One model in memory at a time: the runtime side first, then the merged one from disk.
-    runtime = load_peft(base_dir, adapter_dir, settings, dtype)
-    a = generate_greedy(runtime, tok, prompts, **kw)
-    del runtime
-    gc.collect()
-    merged = load_causal_lm(merged_dir, settings, dtype)
-    b = generate_greedy(merged, tok, prompts, **kw)
+    a = hf_peft_generations(adapter_dir, base_dir, merged_dir, ids, settings)
+    merged = load_causal_lm(merged_dir, settings, base_dtype_name(merged_dir))
+    b = generate_greedy_ids(merged, tok, ids, **kw)
     del merged
     gc.collect()
     return report("peft-unmerged", "merged", prompts, a, b, seconds=time.perf_counter() - t0, **kw)
