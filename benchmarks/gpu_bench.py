@@ -10,7 +10,10 @@ Paths (protocol: :mod:`loraline.bench`; fresh random prompts for every warm-up a
 prefix-cache hits; median over repeats with the spread kept):
 - ``hf-merged`` / ``hf-peft``: HF ``generate``, batches of 32 (:func:`loraline.bench.bench_hf`);
 - ``vllm-merged`` / ``vllm-lora``: vLLM's offline engine, all prompts at once, 256 and 1024
-  prompts, and a single stream (TTFT, TPOT) (:func:`loraline.engine.run_bench`).
+  prompts, and a single stream (TTFT, TPOT) (:func:`loraline.engine.run_bench`);
+- ``vllm-server-merged`` / ``vllm-server-lora``: vLLM's OpenAI server, streaming, at concurrency
+  1/8/32/128 (:func:`loraline.benchmark.load_server`), and vLLM's own ``vllm bench serve`` on the
+  merged server at the same levels (:func:`loraline.benchmark.run_crosscheck`).
 
 Runs in phases, so each fits in one device call; state is kept under ``--work`` between calls::
 
@@ -18,6 +21,8 @@ Runs in phases, so each fits in one device call; state is kept under ``--work`` 
     python3 benchmarks/gpu_bench.py --phases build,hf          # then, on the same machine:
     python3 benchmarks/gpu_bench.py --phases vllm-merged
     python3 benchmarks/gpu_bench.py --phases vllm-lora
+    python3 benchmarks/gpu_bench.py --phases server-merged     # OpenAI server + vllm bench serve
+    python3 benchmarks/gpu_bench.py --phases server-lora
 
 Every invocation writes the results so far to ``--out`` (default ``$OUT``, else
 benchmarks/results): ``gpu-<device-slug>.json`` plus the engines' logs, and prints the table.
@@ -72,6 +77,13 @@ REFERENCE = {
     "vllm-lora/1024": 13000,
     "vllm-merged/1-stream": "520-570 tok/s, TTFT 10-12 ms",
     "vllm-lora/1-stream": "~330 tok/s, TTFT 14-18 ms",
+}
+
+
+# The same README, OpenAI server on the merged model measured with `vllm bench serve` (out tok/s, TTFT, TPOT).
+SERVER_REFERENCE = {
+    "vllm-server-merged/c1": "489 tok/s, TTFT 16 ms, TPOT 1.9 ms",
+    "vllm-server-merged/c32": "11.6k tok/s, TTFT 63 ms",
 }
 
 
@@ -304,6 +316,56 @@ def phase_vllm(work: Path, state: dict[str, Any], args: argparse.Namespace, mode
         + f"; 1 stream: TTFT {ttft:.1f} ms, TPOT {tpot:.2f} ms; engine start {r['timings']['engine_start_s']:.0f} s")
 
 
+def phase_server(work: Path, state: dict[str, Any], args: argparse.Namespace, mode: str, out: Path) -> None:
+    """vLLM's OpenAI server, streaming (loraline's load generator) at each concurrency; on the merged
+    server also vLLM's own ``vllm bench serve`` on the same levels and lengths (the cross-check)."""
+    from loraline.bench import Workload
+    from loraline.benchmark import compare, load_server, run_crosscheck, server_results, vllm_memory_bytes
+    from loraline.engine import engine_log_facts, vllm_lora_rank
+    from loraline.server import serve_openai
+    from loraline.settings import Settings
+
+    b = state["build"]
+    settings = Settings(home=work / "home", engine_timeout_s=args.engine_timeout_s)
+    vocab = b["config"]["vocab_size"]
+    w = Workload(input_len=args.input_len, output_len=args.output_len, repeats=args.server_repeats,
+                 concurrency=tuple(args.server_concurrency), server_min_requests=args.server_min_requests, seed=3000)
+    kwargs: dict[str, Any] = {}
+    if mode == "merged":
+        model, name = Path(b["merged_dir"]), "smol"
+    else:
+        adapter = Path(b["adapter_dir"])
+        model, name = Path(b["base_dir"]), "smol-lora"
+        kwargs = {"lora_modules": {name: adapter}, "max_lora_rank": vllm_lora_rank(adapter)}
+    log(f"server-{mode}: start, concurrency {list(w.concurrency)} x {w.repeats} repeats")
+    t0 = time.perf_counter()
+    with serve_openai(model, settings, served_model_name="smol", **kwargs) as server:
+        log(f"server-{mode}: healthy after {server.ready_s:.0f} s")
+        levels = load_server(server.url, name, w, vocab, w.seed + (2 if mode == "lora" else 1) * 100_000,
+                             settings.engine_timeout_s, log)
+        cross = None
+        if mode == "merged" and args.crosscheck:
+            log("server-merged: vllm bench serve on the same levels")
+            cross = run_crosscheck(server.url, "smol", Path(b["merged_dir"]), w, settings)
+        server_log = server.log_path.read_text(errors="replace")
+    (out / f"vllm-server-{mode}.log").write_text(server_log)
+    facts = engine_log_facts(server_log)
+    results = server_results(levels, f"vllm-server-{mode}", mode, w, start_s=server.ready_s, memory=vllm_memory_bytes(facts))
+    for r in results:
+        d = r.to_dict()
+        d.update(input_len=w.input_len, output_len=w.output_len)
+        state.setdefault("results", {})[f"vllm-server-{mode}/c{r.concurrency}"] = d
+    state.setdefault("engines", {})[f"vllm-server-{mode}"] = {"engine_start_s": server.ready_s, "vllm_memory_report": facts,
+                                                              "phase_s": round(time.perf_counter() - t0, 1)}
+    if cross:
+        state["crosscheck"] = {"harness": cross["harness"], "levels": {
+            c: compare(next(r for r in results if r.concurrency == int(c)), res) for c, res in cross["levels"].items()}}
+        for c, x in state["crosscheck"]["levels"].items():
+            log(f"  c={c}: loraline {x['loraline']['output_tok_s']:,.0f} tok/s, TTFT {x['loraline']['ttft_p50_ms']:.1f} ms, "
+                f"TPOT {x['loraline']['tpot_p50_ms']:.2f} ms | vllm bench serve {x['vllm']['output_tok_s']:,.0f} tok/s, "
+                f"TTFT {x['vllm']['ttft_p50_ms']:.1f} ms, TPOT {x['vllm']['tpot_p50_ms']:.2f} ms")
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -341,6 +403,12 @@ def table(state: dict[str, Any]) -> str:
     rows = ["| path | requests | out tok/s (median) | repeats (min–max) | req/s | TTFT p50 | TPOT p50 | reference (H200) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, r in res.items():  # in the order measured: HF, then each vLLM engine
+        if key.startswith("vllm-server-"):
+            reps = r["output_tok_s_repeats"]
+            ref = SERVER_REFERENCE.get(key, "")
+            rows.append(f"| {key} | {r['requests']} × {len(reps)} | {r['output_tok_s']:,.0f} | {min(reps):,.0f}–{max(reps):,.0f} | "
+                        f"{r['requests_s']:.1f} | {r['ttft_ms']['p50']:.1f} ms | {r['tpot_ms']['p50']:.2f} ms | {ref} |")
+            continue
         if key.endswith("1-stream"):
             rows.append(f"| {key} | 1 × {r['pairs']} | {r['decode_tok_s']:.0f} decode ({r['output_tok_s']:.0f} incl. TTFT) | "
                         f"TPOT {min(r['tpot_ms']):.2f}–{max(r['tpot_ms']):.2f} ms | – | {r['ttft_ms_p50']:.1f} ms | "
@@ -387,6 +455,10 @@ def main() -> int:
     p.add_argument("--engine-args", type=json.loads, default=None,
                    help='extra LLM(...) arguments as JSON, e.g. \'{"max_num_seqs": 512}\' (use with --tag)')
     p.add_argument("--tag", default="", help="suffix for vLLM result keys, e.g. -nodetok")
+    p.add_argument("--server-concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 128])
+    p.add_argument("--server-repeats", type=int, default=3)
+    p.add_argument("--server-min-requests", type=int, default=32, help="requests per level: max(this, 2 x concurrency)")
+    p.add_argument("--no-crosscheck", dest="crosscheck", action="store_false", help="skip vllm bench serve on the merged server")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model: a smoke test of this script (CPU is fine)")
     args = p.parse_args()
 
@@ -432,6 +504,8 @@ def main() -> int:
                 phase_build(args.work, state, TINY if args.tiny else MODEL)
             elif phase == "hf":
                 phase_hf(args.work, state, args)
+            elif phase in ("server-merged", "server-lora"):
+                phase_server(args.work, state, args, phase.removeprefix("server-"), args.out)
             elif phase in ("vllm-merged", "vllm-lora"):
                 phase_vllm(args.work, state, args, phase.removeprefix("vllm-"), args.out)
             else:

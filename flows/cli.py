@@ -27,6 +27,26 @@ def release(adapter: str, base: str, name: str, as_json: bool, verbose: bool) ->
     emit(result, as_json)
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the release's lineage with the benchmark summary).")
+@click.option("-v", "--verbose", is_flag=True, help="Show Prefect's and the libraries' logs on stderr.")
+def bench(model: str, as_json: bool, verbose: bool) -> None:
+    """Benchmark a released MODEL (models:/NAME/VERSION or models:/NAME@ALIAS) again: HF vs vLLM offline and
+    OpenAI server, merged vs runtime LoRA; numbers, plots and the recommendation go to its MLflow run.
+
+    The workload comes from LORALINE_BENCH_* (input/output length, prompts, repeats, concurrency levels)."""
+    settings = load_settings()
+    quiet_third_parties(settings, verbose)
+    from flows.benchmark import benchmark as benchmark_flow
+
+    try:
+        result = benchmark_flow(model=model)
+    except LoralineError as e:
+        raise click.ClickException(str(e)) from e
+    emit(result, as_json)
+
+
 def main() -> None:
     run(cli)
 

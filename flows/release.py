@@ -1,4 +1,4 @@
-"""The release flow: fetch -> validate -> merge -> parity (HF, then vLLM) -> register. Wiring only.
+"""The release flow: fetch -> validate -> merge -> parity (HF, then vLLM) -> register -> benchmark. Wiring only.
 
 Retries only on the network-bound fetches; merge and parity are cached on content digests
 (a re-run with unchanged inputs does no merge), and registration is idempotent in MLflow.
@@ -11,6 +11,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.benchmark import bench_release
 from loraline.merge import MergedModel, merge_adapter, merged_path
 from loraline.parity import ParityReport, check_parity, check_vllm_parity, parity_prompts, require_parity
 from loraline.registry import check_model_name, find_release, register_model
@@ -86,7 +87,7 @@ def register_task(name: str, adapter: FetchedAdapter, base: FetchedBase, validat
 
 @flow(name="release", flow_run_name="release-{name}", log_prints=True)
 def release(adapter: str, base: str, name: str) -> dict[str, Any]:
-    """Release a LoRA adapter: fetch, validate, merge, check parity, register in MLflow.
+    """Release a LoRA adapter: fetch, validate, merge, check parity, register in MLflow, benchmark.
 
     Args:
         adapter: adapter source: a local dir (a Trainer checkpoint-N/ too), hf://ORG/NAME@REV, or an MLflow artifact URI.
@@ -99,10 +100,16 @@ def release(adapter: str, base: str, name: str) -> dict[str, Any]:
     b = fetch_base_task(base, settings)
     v = validate_task(a, b, settings)
     existing = find_release_task(name, a, b, settings)
-    if existing is not None:
+    if existing is not None and (existing.get("benchmark") or not settings.bench):
         return existing
-    # A cached merge result is only good while its directory is still on disk.
-    m = merge_task.with_options(refresh_cache=not merged_path(a, b, settings).is_dir())(a, b, settings)
-    p = parity_task(a, b, m, settings)
-    vp = vllm_parity_task(a, b, m, v, settings) if settings.vllm_parity else ()
-    return register_task(name, a, b, v, m, p, vp, settings)
+    if existing is None:
+        # A cached merge result is only good while its directory is still on disk.
+        m = merge_task.with_options(refresh_cache=not merged_path(a, b, settings).is_dir())(a, b, settings)
+        p = parity_task(a, b, m, settings)
+        vp = vllm_parity_task(a, b, m, v, settings) if settings.vllm_parity else ()
+        registered = register_task(name, a, b, v, m, p, vp, settings)
+    else:  # released before, but its benchmark did not finish: benchmark it now
+        registered = existing
+    if not settings.bench:
+        return registered
+    return {**bench_release(registered, settings, base_dir=b.path), "existing": registered.get("existing", False)}

@@ -33,6 +33,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("LORALINE_HOME", str(h))
     # vLLM parity costs two engine starts; the CLI end-to-end test and test_engine.py run it.
     monkeypatch.setenv("LORALINE_VLLM_PARITY", "false")
+    # The benchmark costs four engine starts; tests/test_benchmark.py and the CLI test run it.
+    monkeypatch.setenv("LORALINE_BENCH", "false")
     return h
 
 
@@ -104,3 +106,14 @@ def demo_merged(demo_assets: DemoAssets, tmp_path_factory: pytest.TempPathFactor
     adapter = fetch_adapter(str(demo_assets.checkpoint), s)
     base = fetch_base(str(demo_assets.base), s)
     return adapter, base, merge_adapter(adapter, base, s)
+
+
+# A benchmark workload small enough for CI on 2 cores (every path, two server levels, two repeats).
+SMALL_BENCH = {
+    "LORALINE_BENCH_INPUT_LEN": "16",
+    "LORALINE_BENCH_OUTPUT_LEN": "8",
+    "LORALINE_BENCH_PROMPTS": "4",
+    "LORALINE_BENCH_REPEATS": "2",
+    "LORALINE_BENCH_CONCURRENCY": "[1,4]",
+    "LORALINE_BENCH_SERVER_MIN_REQUESTS": "4",
+}

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import mlflow_state
+from conftest import SMALL_BENCH, mlflow_state
 from loraline.settings import Settings
 from test_digest import coreutils_digest
 
 LORALINE = str(Path(sys.executable).with_name("loraline"))
 
 
-def loraline(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "LORALINE_HOME": str(home)}
+def loraline(*args: str, home: Path, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LORALINE_HOME": str(home), "LORALINE_BENCH": "false", **extra_env}
     for k in [k for k in env if k.startswith("PREFECT_")]:
         env.pop(k)  # a user's shell: no harness server, Prefect runs ephemeral
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -85,3 +85,21 @@ def test_refused_release_exits_nonzero_with_one_line(demo_assets, tmp_path: Path
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("Error: ") and "adapter_config.json: not valid JSON" in lines[0]
     assert mlflow_state(Settings(home=home)) == {"versions": [], "aliases": [], "running": []}
+
+
+def test_bench_command_benchmarks_a_released_version(cli_release) -> None:
+    """`loraline bench models:/NAME/VERSION` on its own (the release above ran with LORALINE_BENCH=false)."""
+    home, out = cli_release
+    proc = loraline("bench", "models:/smol-sql/1", "--json", home=home, **SMALL_BENCH, LORALINE_BENCH_CROSSCHECK="false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert res["model_version"] == "1" and res["mlflow_run_id"] == out["mlflow_run_id"]
+    b = res["benchmark"]
+    assert set(b["output_tok_s"]) == {"hf-merged", "hf-peft", "vllm-offline-merged", "vllm-offline-lora", "vllm-server-merged@c1",
+                                      "vllm-server-merged@c4", "vllm-server-lora@c1", "vllm-server-lora@c4"}
+    assert all(v > 0 for v in b["output_tok_s"].values()) and b["crosscheck_within_10pct"] == {}
+    mv = MlflowClient(f"sqlite:///{home.resolve() / 'mlflow.db'}").get_model_version("smol-sql", "1")
+    assert mv.tags["loraline.bench.recommendation"] == b["recommendation"] and mv.tags["loraline.status"] == "benchmarked"
+    # A reference to nothing: one line, exit 1.
+    proc = loraline("bench", "models:/smol-sql/9", home=home)
+    assert proc.returncode == 1 and proc.stderr.startswith("Error: 'models:/smol-sql/9'"), proc.stderr

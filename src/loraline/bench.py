@@ -35,6 +35,27 @@ class Workload:
     warmup: int = 1
     seed: int = 0
     concurrency: tuple[int, ...] = (1, 8, 32, 128)  # OpenAI-server levels
+    server_min_requests: int = 16  # per server level and repeat: max(this, 2 x concurrency)
+    single_stream_pairs: int = 4  # vLLM offline: (TTFT request, full request) pairs on one stream
+
+    def server_requests(self, concurrency: int) -> int:
+        """Requests per timed repeat at one concurrency: enough that the level is held, not just reached."""
+        return max(self.server_min_requests, 2 * concurrency)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Workload":
+        return cls(
+            prompts=settings.bench_prompts,
+            input_len=settings.bench_input_len,
+            output_len=settings.bench_output_len,
+            batch_size=min(settings.bench_prompts, 32),
+            repeats=settings.bench_repeats,
+            concurrency=tuple(settings.bench_concurrency),
+            server_min_requests=settings.bench_server_min_requests,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -74,10 +95,10 @@ class PathResult:
     output_tok_s: float  # median over repeats
     output_tok_s_repeats: tuple[float, ...]
     requests_s: float
-    ttft_ms: Percentiles
-    tpot_ms: Percentiles
-    itl_ms: Percentiles
-    e2e_ms: Percentiles
+    ttft_ms: Percentiles | None  # None: not measured on this path
+    tpot_ms: Percentiles | None
+    itl_ms: Percentiles | None
+    e2e_ms: Percentiles | None
     peak_memory_bytes: int | None  # HF: torch's peak (CUDA) or peak RSS (CPU); vLLM: its own report
     engine_start_s: float | None = None
     concurrency: int | None = None

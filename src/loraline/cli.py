@@ -77,6 +77,12 @@ def emit(data: dict[str, Any], as_json: bool) -> None:
     if isinstance(data.get("parity"), dict):
         p = data["parity"]
         table.add_row("parity", f"{p['identical']} identical, {p['close']} close, {p['failed']} failed of {p['prompts']}")
+    if isinstance(data.get("benchmark"), dict):
+        b = data["benchmark"]
+        table.add_row("benchmark", f"recommended deploy mode: {b['recommendation']} ({b['reason']})")
+        for path, v in b.get("output_tok_s", {}).items():
+            table.add_row(f"  {path}", f"{v:,.0f} out tok/s")
+        table.add_row("  plots", str(b.get("artifacts")))
     Console().print(table)
 
 

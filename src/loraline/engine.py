@@ -188,6 +188,8 @@ _LOG_FACTS: tuple[tuple[str, re.Pattern[str], tuple[str, ...]], ...] = (
     ("max_concurrency", re.compile(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x"), ("tokens", "x")),
     ("cuda_graphs", re.compile(r"Graph capturing finished in ([\d.]+) secs?, took ([\d.]+) ?GiB"), ("seconds", "gib")),
     ("torch_compile", re.compile(r"torch\.compile (?:takes|took) ([\d.]+) ?s in total"), ("seconds",)),
+    ("checkpoint", re.compile(r"Checkpoint size: ([\d.]+) ?GiB"), ("gib",)),  # vLLM's weight loader (CPU too)
+    ("cpu_kv_cache", re.compile(r"Explicitly set \(([\d.]+)/([\d.]+)\) ?GiB for KV cache"), ("gib", "host_gib")),
     ("init_engine", re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"), ("seconds",)),
 )
 
@@ -263,6 +265,19 @@ def run_bench(
     return response
 
 
+def run_serve_bench(runs: Sequence[Mapping[str, Any]], settings: Settings) -> dict[str, Any]:
+    """vLLM's own serving benchmark (``vllm bench serve``) in the engine environment, once per run.
+
+    ``runs``: ``{"name": ..., "argv": [flags of vllm bench serve]}`` against a server that is already
+    up. Returns ``{"vllm_version", "runs": [{"name", "result": {...}}], "log"}``.
+    """
+    engine = find_engine(settings)
+    request = {"mode": "serve-bench", "runs": [{"name": str(r["name"]), "argv": [str(a) for a in r["argv"]]} for r in runs]}
+    response, log = _run_runner(engine, request, settings, "vllm bench serve")
+    response["log"] = log
+    return response
+
+
 def _run_runner(engine: Engine, request: dict[str, Any], settings: Settings, what: str) -> tuple[dict[str, Any], str]:
     """Run :mod:`loraline.vllm_runner` on ``request``: ``(its answer, the engine's log)``.
 
@@ -297,7 +312,7 @@ def _run_runner(engine: Engine, request: dict[str, Any], settings: Settings, wha
         error = response.get("error") if response else f"exit status {proc.returncode}, no result line"
         trace = f"\n--- runner traceback ---\n{response['traceback'].rstrip()}" if response and response.get("traceback") else ""
         raise EngineError(f"{what} failed: {error}\n--- engine log (last lines) ---\n{_tail(log)}{trace}")
-    response["timings"]["process_s"] = round(time.perf_counter() - t0, 3)
+    response.setdefault("timings", {})["process_s"] = round(time.perf_counter() - t0, 3)
     return response, "\n".join(ln for ln in out.splitlines() if not ln.startswith(RESULT_MARKER))
 
 

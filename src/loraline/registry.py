@@ -209,6 +209,7 @@ def build_lineage(*, name: str, version: str, run_id: str, settings: Settings, a
             "target_modules": list(validation.target_modules),
             "runtime_lora_servable": validation.runtime_lora_servable,
             "serving_max_lora_rank": validation.serving_max_lora_rank,
+            "parameters": validation.lora_parameters,
             "notes": list(validation.notes),
         },
         "parity": parity.summary(),
@@ -301,3 +302,82 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
             raise RegistryError(f"registering {name} in MLflow ({redact(settings.resolved_tracking_uri)}) failed: {e}; nothing was registered") from e
         raise
     return {**lineage, "existing": False}
+
+
+# --------------------------------------------------------------------------- after registration
+
+
+def resolve_version(client: Any, ref: str) -> Any:
+    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` -> the MLflow model version (with tags and aliases)."""
+    from mlflow.exceptions import MlflowException
+
+    m = re.match(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$", ref)
+    if not m:
+        raise RegistryError(f"{ref!r} is not a model version reference: use models:/NAME/VERSION or models:/NAME@ALIAS")
+    try:
+        if m["version"]:
+            return client.get_model_version(m["name"], m["version"])
+        return client.get_model_version_by_alias(m["name"], m["alias"])
+    except MlflowException as e:
+        raise RegistryError(f"{ref!r}: {e.message}; list versions in the MLflow UI") from e
+
+
+def release_of(ref: str, settings: Settings) -> dict[str, Any]:
+    """The lineage of the release behind ``models:/NAME/VERSION`` (or ``@ALIAS``), with ``model_version`` set."""
+    client = use_mlflow(settings)
+    mv = resolve_version(client, ref)
+    lineage = read_lineage(client, mv.run_id)
+    lineage["model_version"] = str(mv.version)
+    lineage["status"] = (mv.tags or {}).get(f"{TAG}status", "unknown")
+    return lineage
+
+
+def log_benchmark(name: str, version: str, run_id: str, report: Any, files: Sequence[Path], settings: Settings) -> dict[str, Any]:
+    """Attach a :class:`~loraline.benchmark.BenchReport` to a release: metrics and artifacts on its run,
+    tags and the recommendation on its model version, a ``benchmark`` section in ``lineage.json``.
+
+    Returns the benchmark summary that went into the lineage.
+    """
+    from mlflow.entities import Metric
+
+    client = use_mlflow(settings)
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, 0) for k, v in report.metrics().items()]
+    for i in range(0, len(metrics), 900):  # MLflow's batch limit is 1000
+        client.log_batch(run_id, metrics=metrics[i:i + 900])
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "benchmark.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        (d / "benchmark.md").write_text(report.markdown())
+        for f in [d / "benchmark.json", d / "benchmark.md", *files]:
+            client.log_artifact(run_id, str(f), "benchmark")
+    summary = {
+        "recommendation": report.recommendation.mode,
+        "reason": report.recommendation.reason,
+        "device": report.device_name,
+        "vllm_version": report.vllm_version,
+        "seconds": report.seconds,
+        "output_tok_s": {r.path + (f"@c{r.concurrency}" if r.concurrency is not None else ""): round(r.output_tok_s, 1)
+                         for r in report.results},
+        "crosscheck_within_10pct": {c: v["within"] for c, v in (report.crosscheck.get("levels") or {}).items()},
+        "artifacts": f"runs:/{run_id}/benchmark",
+    }
+    lineage = read_lineage(client, run_id)
+    lineage["benchmark"] = summary
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / LINEAGE_FILE
+        p.write_text(json.dumps(lineage, indent=2))
+        client.log_artifact(run_id, str(p))
+    for k, v in {"bench.recommendation": report.recommendation.mode, "bench.device": report.device_name,
+                 "bench.run_id": run_id, "status": "benchmarked"}.items():
+        client.set_model_version_tag(name, version, TAG + k, v)
+    client.set_tag(run_id, f"{TAG}bench.recommendation", report.recommendation.mode)
+    return summary
+
+
+def mark_failed(name: str, version: str, step: str, reason: str, settings: Settings) -> None:
+    """A step after registration failed: say so on the model version (no alias moves on a failed version)."""
+    client = use_mlflow(settings)
+    client.set_model_version_tag(name, version, f"{TAG}status", "failed")
+    client.set_model_version_tag(name, version, f"{TAG}failed.step", step)
+    client.set_model_version_tag(name, version, f"{TAG}failed.reason", redact(reason)[:4000])

@@ -36,6 +36,7 @@ class Server:
     log_path: Path
     pid: int
     port: int
+    ready_s: float = 0.0  # process start -> /health answered 200
 
 
 def free_port() -> int:
@@ -100,6 +101,7 @@ def serve_openai(
     logs.mkdir(parents=True, exist_ok=True)
     log_path = Path(tempfile.mkstemp(prefix=f"vllm-server-{port}-", suffix=".log", dir=logs)[1])
     url = f"http://{HOST}:{port}"
+    t0 = time.perf_counter()
     with log_path.open("wb") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
@@ -113,7 +115,8 @@ def serve_openai(
         )
     try:
         _wait_healthy(proc, url, log_path, settings.engine_timeout_s, httpx)
-        yield Server(url=url, served_model_name=served_model_name, log_path=log_path, pid=proc.pid, port=port)
+        yield Server(url=url, served_model_name=served_model_name, log_path=log_path, pid=proc.pid, port=port,
+                     ready_s=round(time.perf_counter() - t0, 3))
     finally:
         kill_group(proc, grace_s=STOP_GRACE_S)
 

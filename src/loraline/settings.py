@@ -54,6 +54,30 @@ class Settings(BaseSettings):
         "needs the engine (LORALINE_VLLM_PYTHON).",
     )
 
+    bench: bool = Field(
+        default=True,
+        description="Benchmark every release after registering it: HF generate vs vLLM (offline and OpenAI server), "
+        "merged vs runtime LoRA; numbers, plots and a deploy-mode recommendation go to the MLflow run.",
+    )
+    bench_input_len: int = Field(default=128, ge=1, description="Benchmark prompt length, tokens (random token ids).")
+    bench_output_len: int = Field(default=128, ge=2, description="Benchmark output length, tokens (exactly this many: ignore_eos).")
+    bench_prompts: int = Field(default=32, ge=1, description="Prompts per timed repeat on the HF and vLLM offline paths.")
+    bench_repeats: int = Field(default=3, ge=1, description="Timed repeats per path and level (fresh prompts each).")
+    bench_concurrency: list[int] = Field(
+        default=[1, 8, 32, 128], description='OpenAI-server concurrency levels (env: JSON, e.g. LORALINE_BENCH_CONCURRENCY="[1,8]").'
+    )
+    bench_server_min_requests: int = Field(default=16, ge=1, description="Requests per server level: max(this, 2 x concurrency).")
+    bench_crosscheck: bool = Field(
+        default=True, description="Also run vLLM's own `vllm bench serve` on the merged server, same workload, to cross-check."
+    )
+
+    @field_validator("bench_concurrency")
+    @classmethod
+    def _positive_levels(cls, v: list[int]) -> list[int]:
+        if not v or any(c < 1 for c in v):
+            raise ValueError(f"LORALINE_BENCH_CONCURRENCY={v} must list concurrency levels >= 1, e.g. [1,8,32,128]")
+        return sorted(set(v))
+
     @field_validator("max_lora_rank")
     @classmethod
     def _rank_in_vllm_set(cls, v: int) -> int:

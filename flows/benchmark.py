@@ -1,0 +1,85 @@
+"""The benchmark step (a task of the release flow) and the stand-alone ``benchmark`` flow. Wiring only.
+
+A benchmark that fails after registration marks the model version ``loraline.status=failed``
+(with the step and reason) and fails the flow; a re-run of the release benchmarks it again.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from loraline.benchmark import run_benchmark
+from loraline.errors import EngineError
+from loraline.plots import write_plots
+from loraline.registry import log_benchmark, mark_failed, release_of
+from loraline.settings import Settings
+from loraline.sources import fetch_base
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+@task(name="benchmark", cache_policy=NO_CACHE, task_run_name="benchmark-{name}-v{version}")
+def benchmark_task(name: str, version: str, run_id: str, adapter_dir: Path, base_dir: Path, merged_dir: Path,
+                   runtime_lora: bool, lora_params: int, settings: Settings) -> dict[str, Any]:
+    logger = get_run_logger()
+    try:
+        for d, what in ((merged_dir, "merged model"), (adapter_dir, "adapter")):
+            if not Path(d).is_dir():
+                raise EngineError(f"the {what} of models:/{name}/{version} is gone from {d}; re-run `loraline release` to rebuild it")
+        report = run_benchmark(Path(adapter_dir), Path(base_dir), Path(merged_dir), settings, runtime_lora=runtime_lora,
+                               served_name=name, lora_params=lora_params, progress=logger.info)
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = log_benchmark(name, version, run_id, report, write_plots(report, Path(tmp)), settings)
+    except Exception as e:
+        mark_failed(name, version, "benchmark", str(e), settings)
+        raise
+    links = (f"\nMLflow run `{run_id}` (plots under `benchmark/`), model version `models:/{name}/{version}`; "
+             f"trace: `loraline trace models:/{name}/{version}`.\n")
+    create_markdown_artifact(key=artifact_key("benchmark", name), markdown=report.markdown() + links,
+                             description=f"Benchmark of models:/{name}/{version}")
+    create_table_artifact(
+        key=artifact_key("benchmark-table", name),
+        table=[{"path": r.path, "concurrency": r.concurrency if r.concurrency is not None else "all",
+                "output_tok_s": round(r.output_tok_s, 1), "requests_s": round(r.requests_s, 3),
+                "ttft_p50_ms": None if r.ttft_ms is None else round(r.ttft_ms.p50, 2),
+                "tpot_p50_ms": None if r.tpot_ms is None else round(r.tpot_ms.p50, 3)} for r in report.results],
+        description=f"Benchmark of models:/{name}/{version}: output tokens/s and latency by path",
+    )
+    logger.info("recommended deploy mode: %s (%s)", report.recommendation.mode, report.recommendation.reason)
+    return summary
+
+
+def bench_release(lineage: dict[str, Any], settings: Settings, base_dir: Path | None = None) -> dict[str, Any]:
+    """Benchmark the release ``lineage`` describes; the base is fetched again from its source if no dir is given."""
+    if base_dir is None:
+        base = fetch_base(lineage["base"]["resolved"] or lineage["base"]["source"], settings)
+        if base.sha256 != lineage["base"]["sha256"]:
+            raise EngineError(f"base {lineage['base']['source']} changed since the release (sha256 {base.sha256[:12]}, "
+                              f"released {lineage['base']['sha256'][:12]}); benchmark a new release instead")
+        base_dir = base.path
+    lora = lineage["lora"]
+    summary = benchmark_task(lineage["model_name"], str(lineage["model_version"]), lineage["mlflow_run_id"],
+                             Path(lineage["adapter"]["path"]), Path(base_dir), Path(lineage["merged"]["path"]),
+                             bool(lora["runtime_lora_servable"]), int(lora.get("parameters") or 0), settings)
+    return {**lineage, "benchmark": summary}
+
+
+@flow(name="benchmark", flow_run_name="benchmark-{model}", log_prints=True)
+def benchmark(model: str) -> dict[str, Any]:
+    """Benchmark an existing release again: HF vs vLLM, merged vs runtime LoRA, logged to its MLflow run.
+
+    Args:
+        model: the model version, models:/NAME/VERSION or models:/NAME@ALIAS.
+    """
+    settings = Settings()
+    return bench_release(release_of(model, settings), settings)

@@ -1,0 +1,111 @@
+"""PNG pictures of a :class:`~loraline.benchmark.BenchReport` (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loraline.benchmark import BenchReport
+
+COLORS = {"merged": "#1f77b4", "lora": "#ff7f0e"}
+
+
+def _plt():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _levels_axis(ax, levels) -> None:  # type: ignore[no-untyped-def]
+    """Log-2 x axis labelled with the measured levels themselves (1, 8, 32, 128), not powers of two."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(levels))
+    ax.set_xticklabels([str(c) for c in levels])
+    ax.minorticks_off()
+
+
+def throughput_by_path(report: BenchReport, out: Path) -> Path:
+    """Output tokens/s per path (server: its highest concurrency), with the repeats' spread."""
+    plt = _plt()
+    top = max(report.workload.concurrency)
+    rows = [r for r in report.results if r.concurrency in (None, top)]
+    labels = [r.path + (f"\n(c={r.concurrency})" if r.concurrency is not None else "") for r in rows]
+    vals = [r.output_tok_s for r in rows]
+    lo = [r.output_tok_s - min(r.output_tok_s_repeats) for r in rows]
+    hi = [max(r.output_tok_s_repeats) - r.output_tok_s for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    bars = ax.bar(labels, vals, yerr=[lo, hi], capsize=4, color=[COLORS.get(r.mode, "grey") for r in rows])
+    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in vals], padding=3, fontsize=8)
+    ax.set_ylabel("output tokens/s (median, min–max bars)")
+    ax.set_title(f"Throughput by path — {report.device_name}, {report.workload.input_len} in / "
+                 f"{report.workload.output_len} out")
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    path = out / "throughput.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def latency_percentiles(report: BenchReport, out: Path) -> Path:
+    """TTFT, TPOT and ITL p50/p90/p99 of the server paths at each concurrency."""
+    plt = _plt()
+    server = [r for r in report.results if r.engine == "vllm-server"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    for ax, metric, title in zip(axes, ("ttft_ms", "tpot_ms", "itl_ms"), ("TTFT", "TPOT", "ITL")):
+        for mode in ("merged", "lora"):
+            rows = sorted((r for r in server if r.mode == mode), key=lambda r: r.concurrency or 0)
+            if not rows:
+                continue
+            xs = [r.concurrency for r in rows]
+            for q, style in (("p50", "-"), ("p90", "--"), ("p99", ":")):
+                ys = [getattr(getattr(r, metric), q) for r in rows]
+                ax.plot(xs, ys, style, marker="o", color=COLORS[mode], label=f"{mode} {q}")
+        _levels_axis(ax, report.workload.concurrency)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel("ms")
+        ax.set_title(f"{title} (OpenAI server, streaming)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "latency.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def concurrency_curve(report: BenchReport, out: Path) -> Path:
+    """Server throughput against concurrency, merged vs runtime LoRA (and vLLM's harness, where it ran)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode in ("merged", "lora"):
+        rows = sorted((r for r in report.results if r.engine == "vllm-server" and r.mode == mode), key=lambda r: r.concurrency or 0)
+        if rows:
+            ax.plot([r.concurrency for r in rows], [r.output_tok_s for r in rows], marker="o", color=COLORS[mode],
+                    label=f"loraline, {mode}")
+    levels = report.crosscheck.get("levels") or {}
+    if levels:
+        xs = sorted(int(c) for c in levels)
+        ax.plot(xs, [levels[str(c)]["vllm"]["output_tok_s"] for c in xs], "x--", color="black",
+                label="vllm bench serve, merged")
+    _levels_axis(ax, report.workload.concurrency)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("Concurrency curve (vLLM OpenAI server)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "concurrency.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(report: BenchReport, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [throughput_by_path(report, out)]
+    if any(r.engine == "vllm-server" for r in report.results):
+        paths += [latency_percentiles(report, out), concurrency_curve(report, out)]
+    return paths
