@@ -47,6 +47,8 @@ demo: setup $(DEMO)/checkpoint-100/adapter_config.json
 	@echo
 	@echo "Released. Where to look:"
 	@echo "  lineage:    $(BIN)/loraline trace models:/$(MODEL)/1"
+	@echo "  benchmark:  the MLflow run's benchmark/ folder (throughput.png, latency.png, concurrency.png, benchmark.md);"
+	@echo "              run it again with $(BIN)/loraline bench models:/$(MODEL)/1"
 	@echo "  MLflow UI:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(LORALINE_HOME)/mlflow.db --host 127.0.0.1 --port 5000"
 	@echo "  merged model and adapters: $(LORALINE_HOME)/merged/, $(LORALINE_HOME)/adapters/"
 

@@ -366,6 +366,54 @@ def phase_server(work: Path, state: dict[str, Any], args: argparse.Namespace, mo
                 f"TTFT {x['vllm']['ttft_p50_ms']:.1f} ms, TPOT {x['vllm']['tpot_p50_ms']:.2f} ms")
 
 
+def phase_server_ab(work: Path, state: dict[str, Any], args: argparse.Namespace) -> None:
+    """One merged server; per level, interleaved rounds of: loraline with ``return_token_ids`` (A), loraline
+    counting tokens from ``usage`` like vLLM's harness (B), and ``vllm bench serve`` (C). Isolates what the
+    cross-check's TPOT gap comes from."""
+    import statistics as st
+
+    from loraline.bench import Workload, random_prompts
+    from loraline.benchmark import crosscheck_argv
+    from loraline.engine import run_serve_bench
+    from loraline.loadgen import run_level
+    from loraline.server import serve_openai
+    from loraline.settings import Settings
+
+    b = state["build"]
+    settings = Settings(home=work / "home", engine_timeout_s=args.engine_timeout_s)
+    vocab = b["config"]["vocab_size"]
+    levels = args.ab_concurrency
+    w = Workload(input_len=args.input_len, output_len=args.output_len, concurrency=tuple(levels),
+                 server_min_requests=args.server_min_requests)
+    out: dict[str, Any] = {}
+    seed = 70_000
+    with serve_openai(Path(b["merged_dir"]), settings, served_model_name="smol") as server:
+        log(f"server-ab: healthy after {server.ready_s:.0f} s")
+        for c in levels:
+            n = w.server_requests(c)
+            run_level(server.url, "smol", random_prompts(vocab, c, w.input_len, seed=seed), w.output_len, c)
+            for rnd in range(args.ab_rounds):
+                for variant, tids in (("A-return_token_ids", True), ("B-usage-count", False)):
+                    seed += 1
+                    r = run_level(server.url, "smol", random_prompts(vocab, n, w.input_len, seed=seed), w.output_len, c,
+                                  token_ids=tids)
+                    ok = [x for x in r.records if x.ok]
+                    out.setdefault(str(c), {}).setdefault(variant, []).append({
+                        "output_tok_s": r.output_tokens / r.elapsed_s, "failed": len(r.failed),
+                        "ttft_p50_ms": st.median(x.ttft_s for x in ok) * 1e3,
+                        "tpot_p50_ms": st.median(x.tpot_s for x in ok if x.tpot_s) * 1e3})
+                seed += 1
+                res = run_serve_bench([{"name": str(c), "argv": crosscheck_argv(server.url, "smol", Path(b["merged_dir"]), w, c, seed)}],
+                                      settings)["runs"][0]["result"]
+                out[str(c)].setdefault("C-vllm-bench-serve", []).append({
+                    "output_tok_s": res["output_throughput"], "failed": res["failed"], "ttft_p50_ms": res["p50_ttft_ms"],
+                    "tpot_p50_ms": res["p50_tpot_ms"]})
+                log(f"server-ab c={c} round {rnd}: " + "; ".join(
+                    f"{v}: {x[-1]['output_tok_s']:,.0f} tok/s TPOT {x[-1]['tpot_p50_ms']:.2f} TTFT {x[-1]['ttft_p50_ms']:.1f}"
+                    for v, x in out[str(c)].items()))
+    state["server_ab"] = out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -458,6 +506,8 @@ def main() -> int:
     p.add_argument("--server-concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 128])
     p.add_argument("--server-repeats", type=int, default=3)
     p.add_argument("--server-min-requests", type=int, default=32, help="requests per level: max(this, 2 x concurrency)")
+    p.add_argument("--ab-concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    p.add_argument("--ab-rounds", type=int, default=2)
     p.add_argument("--no-crosscheck", dest="crosscheck", action="store_false", help="skip vllm bench serve on the merged server")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model: a smoke test of this script (CPU is fine)")
     args = p.parse_args()
@@ -504,6 +554,8 @@ def main() -> int:
                 phase_build(args.work, state, TINY if args.tiny else MODEL)
             elif phase == "hf":
                 phase_hf(args.work, state, args)
+            elif phase == "server-ab":
+                phase_server_ab(args.work, state, args)
             elif phase in ("server-merged", "server-lora"):
                 phase_server(args.work, state, args, phase.removeprefix("server-"), args.out)
             elif phase in ("vllm-merged", "vllm-lora"):

@@ -29,6 +29,13 @@ def loraline(*args: str, home: Path, **extra_env: str) -> subprocess.CompletedPr
     return subprocess.run([LORALINE, *args], capture_output=True, text=True, env=env, timeout=900)
 
 
+def mlflow_client(home: Path) -> MlflowClient:
+    """A client on that home's store for tracking *and* registry (an in-process flow test may have moved
+    MLflow's global registry URI, which a client without one would follow)."""
+    uri = f"sqlite:///{home.resolve() / 'mlflow.db'}"
+    return MlflowClient(uri, uri)
+
+
 @pytest.fixture(scope="module")
 def cli_release(demo_assets, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("cli") / "home"
@@ -58,7 +65,7 @@ def test_release_prints_the_lineage_contract(cli_release, demo_assets) -> None:
 
 def test_trace_from_every_end(cli_release, demo_assets) -> None:
     home, out = cli_release
-    client = MlflowClient(f"sqlite:///{home.resolve() / 'mlflow.db'}")
+    client = mlflow_client(home)
     client.set_registered_model_alias("smol-sql", "champion", "1")
     for ref in (str(demo_assets.checkpoint), out["adapter"]["sha256"], out["merged"]["sha256"], "models:/smol-sql/1", "models:/smol-sql@champion"):
         proc = loraline("trace", ref, "--json", home=home)
@@ -98,7 +105,7 @@ def test_bench_command_benchmarks_a_released_version(cli_release) -> None:
     assert set(b["output_tok_s"]) == {"hf-merged", "hf-peft", "vllm-offline-merged", "vllm-offline-lora", "vllm-server-merged@c1",
                                       "vllm-server-merged@c4", "vllm-server-lora@c1", "vllm-server-lora@c4"}
     assert all(v > 0 for v in b["output_tok_s"].values()) and b["crosscheck_within_10pct"] == {}
-    mv = MlflowClient(f"sqlite:///{home.resolve() / 'mlflow.db'}").get_model_version("smol-sql", "1")
+    mv = mlflow_client(home).get_model_version("smol-sql", "1")
     assert mv.tags["loraline.bench.recommendation"] == b["recommendation"] and mv.tags["loraline.status"] == "benchmarked"
     # A reference to nothing: one line, exit 1.
     proc = loraline("bench", "models:/smol-sql/9", home=home)

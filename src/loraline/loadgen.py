@@ -59,9 +59,9 @@ class LevelResult:
         return [r for r in self.records if not r.ok]
 
 
-def completion_body(model: str, prompt: Sequence[int], output_len: int) -> dict[str, Any]:
-    """The request: token-id prompt, greedy, exactly ``output_len`` tokens, streamed with token ids."""
-    return {
+def completion_body(model: str, prompt: Sequence[int], output_len: int, token_ids: bool = True) -> dict[str, Any]:
+    """The request: token-id prompt, greedy, exactly ``output_len`` tokens, streamed (with token ids if asked)."""
+    body = {
         "model": model,
         "prompt": [int(t) for t in prompt],
         "max_tokens": output_len,
@@ -71,10 +71,18 @@ def completion_body(model: str, prompt: Sequence[int], output_len: int) -> dict[
         "stream_options": {"include_usage": True},
         "return_token_ids": True,  # vLLM extension: each chunk lists the token ids it carries
     }
+    if not token_ids:
+        del body["return_token_ids"]
+    return body
 
 
-async def stream_one(session: Any, url: str, model: str, prompt: Sequence[int], output_len: int) -> RequestRecord:
-    """Send one streaming completion and time it; never raises (a failure is a record with ``ok=False``)."""
+async def stream_one(session: Any, url: str, model: str, prompt: Sequence[int], output_len: int,
+                     token_ids: bool = True) -> RequestRecord:
+    """Send one streaming completion and time it; never raises (a failure is a record with ``ok=False``).
+
+    ``token_ids=False``: do not ask for ``return_token_ids``; every chunk with a choice counts as
+    a token arrival and the token count comes from the final ``usage`` (as ``vllm bench serve``).
+    """
     t0 = time.perf_counter()
     first: float | None = None
     last: float | None = None
@@ -82,7 +90,8 @@ async def stream_one(session: Any, url: str, model: str, prompt: Sequence[int], 
     tokens = 0
     usage_tokens: int | None = None
     try:
-        async with session.post(url + "/v1/completions", json=completion_body(model, prompt, output_len)) as resp:
+        body = completion_body(model, prompt, output_len, token_ids)
+        async with session.post(url + "/v1/completions", json=body) as resp:
             if resp.status != 200:
                 body = (await resp.read()).decode(errors="replace")[:500]
                 return RequestRecord(False, 0, 0.0, time.perf_counter() - t0, (), f"HTTP {resp.status}: {body}")
@@ -97,7 +106,8 @@ async def stream_one(session: Any, url: str, model: str, prompt: Sequence[int], 
                 chunk = json.loads(data)
                 if chunk.get("usage"):
                     usage_tokens = int(chunk["usage"].get("completion_tokens") or 0)
-                n = sum(len(c.get("token_ids") or []) for c in chunk.get("choices") or [])
+                choices = chunk.get("choices") or []
+                n = sum(len(c.get("token_ids") or []) for c in choices) if token_ids else len(choices)
                 if n:
                     if first is None:
                         first = now
@@ -110,14 +120,18 @@ async def stream_one(session: Any, url: str, model: str, prompt: Sequence[int], 
     e2e = time.perf_counter() - t0
     if first is None:
         return RequestRecord(False, 0, 0.0, e2e, (), "the stream carried no tokens")
-    if usage_tokens is not None and usage_tokens != tokens:
+    if not token_ids:
+        if usage_tokens is None:
+            return RequestRecord(False, 0, first - t0, e2e, tuple(itl), "no usage in the stream to count tokens from")
+        tokens = usage_tokens
+    elif usage_tokens is not None and usage_tokens != tokens:
         return RequestRecord(False, tokens, first - t0, e2e, tuple(itl),
                              f"chunks carried {tokens} tokens but usage says {usage_tokens}")
     return RequestRecord(True, tokens, first - t0, e2e, tuple(itl))
 
 
 async def _level(url: str, model: str, prompts: Sequence[Sequence[int]], output_len: int, concurrency: int,
-                 timeout_s: float) -> LevelResult:
+                 timeout_s: float, token_ids: bool) -> LevelResult:
     import aiohttp
 
     sem = asyncio.Semaphore(concurrency)
@@ -126,7 +140,7 @@ async def _level(url: str, model: str, prompts: Sequence[Sequence[int]], output_
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=1 << 20) as session:
         async def one(p: Sequence[int]) -> RequestRecord:
             async with sem:
-                return await stream_one(session, url, model, p, output_len)
+                return await stream_one(session, url, model, p, output_len, token_ids)
 
         t0 = time.perf_counter()
         records = await asyncio.gather(*(one(p) for p in prompts))
@@ -135,8 +149,8 @@ async def _level(url: str, model: str, prompts: Sequence[Sequence[int]], output_
 
 
 def run_level(url: str, model: str, prompts: Sequence[Sequence[int]], output_len: int, concurrency: int, *,
-              timeout_s: float = 600.0) -> LevelResult:
+              timeout_s: float = 600.0, token_ids: bool = True) -> LevelResult:
     """Send every prompt (at most ``concurrency`` in flight) and wait for all of them."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, not {concurrency}")
-    return asyncio.run(_level(url, model, prompts, output_len, concurrency, timeout_s))
+    return asyncio.run(_level(url, model, prompts, output_len, concurrency, timeout_s, token_ids))
