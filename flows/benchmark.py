@@ -7,6 +7,7 @@ A benchmark that fails after registration marks the model version ``loraline.sta
 from __future__ import annotations
 
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,17 @@ def artifact_key(*parts: str) -> str:
 def benchmark_task(name: str, version: str, run_id: str, adapter_dir: Path, base_dir: Path, merged_dir: Path,
                    runtime_lora: bool, lora_params: int, settings: Settings) -> dict[str, Any]:
     logger = get_run_logger()
+
+    def progress(msg: str) -> None:  # minutes of work: say where it is, in Prefect's log and on stderr
+        logger.info(msg)
+        print(f"loraline bench: {msg}", file=sys.stderr, flush=True)
+
     try:
         for d, what in ((merged_dir, "merged model"), (adapter_dir, "adapter")):
             if not Path(d).is_dir():
                 raise EngineError(f"the {what} of models:/{name}/{version} is gone from {d}; re-run `loraline release` to rebuild it")
         report = run_benchmark(Path(adapter_dir), Path(base_dir), Path(merged_dir), settings, runtime_lora=runtime_lora,
-                               served_name=name, lora_params=lora_params, progress=logger.info)
+                               served_name=name, lora_params=lora_params, progress=progress)
         with tempfile.TemporaryDirectory() as tmp:
             summary = log_benchmark(name, version, run_id, report, write_plots(report, Path(tmp)), settings)
     except Exception as e:
