@@ -38,6 +38,10 @@ def throughput_by_path(report: BenchReport, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     bars = ax.bar(labels, vals, yerr=[lo, hi], capsize=4, color=[COLORS.get(r.mode, "grey") for r in rows])
     ax.bar_label(bars, labels=[f"{v:,.0f}" for v in vals], padding=3, fontsize=8)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=COLORS["merged"], label="merged weights"),
+                       Patch(color=COLORS["lora"], label="base + LoRA (peft / runtime LoRA)")], fontsize=8)
     ax.set_ylabel("output tokens/s (median, min–max bars)")
     ax.set_title(f"Throughput by path — {report.device_name}, {report.workload.input_len} in / "
                  f"{report.workload.output_len} out")
