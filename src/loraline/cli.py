@@ -125,6 +125,52 @@ def trace(ref: str, as_json: bool) -> None:
         raise click.ClickException(str(e)) from e
 
 
+@cli.group()
+def services() -> None:
+    """The local services on 127.0.0.1: Docker engine and image registry."""
+
+
+def _services(action: str, as_json: bool) -> None:
+    settings = load_settings()
+    quiet_third_parties(settings)
+    from loraline import services as svc
+
+    try:
+        st = getattr(svc, action)(settings)
+    except LoralineError as e:
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(st.to_dict(), indent=2))
+        return
+    for name, ok in st.running.items():
+        click.echo(f"{name:10} {'running' if ok else 'stopped'}")
+    if st.docker_host:
+        click.echo(f"export DOCKER_HOST={st.docker_host}")
+    if st.registry:
+        click.echo(f"registry: {st.registry} (docker push {st.registry}/NAME:TAG)")
+
+
+@services.command("up")
+@click.option("--json", "as_json", is_flag=True)
+def services_up(as_json: bool) -> None:
+    """Start the Docker engine and the registry (installing Debian's docker.io/docker-registry if missing)."""
+    _services("up", as_json)
+
+
+@services.command("down")
+@click.option("--json", "as_json", is_flag=True)
+def services_down(as_json: bool) -> None:
+    """Stop what `services up` started."""
+    _services("down", as_json)
+
+
+@services.command("status")
+@click.option("--json", "as_json", is_flag=True)
+def services_status(as_json: bool) -> None:
+    """Print docker_host and registry (null when not running)."""
+    _services("status", as_json)
+
+
 def run(group: click.Group) -> None:
     """Run a click group with loraline's exit convention: a refused release exits 1 with one line on stderr."""
     try:

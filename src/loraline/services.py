@@ -1,0 +1,229 @@
+"""The embedded local services, on 127.0.0.1 only: a Docker engine and an image registry (so far).
+
+``loraline services up`` starts what is not running yet, ``down`` stops what it started,
+``status`` reports it. State lives under ``<home>/services/``: one directory per service with
+its pid file, log and data. The Docker engine is Debian's ``dockerd`` (package ``docker.io``)
+listening on a unix socket under that directory, without iptables or a bridge (containers use
+``--network host``); the registry is Debian's ``docker-registry`` (the CNCF distribution
+registry) with a filesystem store, bound to ``127.0.0.1:<port>``. Missing packages are installed
+with ``apt-get`` when this process may (root); otherwise the error says what to install.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from loraline.errors import LoralineError
+from loraline.settings import Settings
+
+HOST = "127.0.0.1"
+PACKAGES = {"dockerd": "docker.io", "docker-registry": "docker-registry", "debootstrap": "debootstrap"}
+
+
+class ServiceError(LoralineError):
+    """A local service could not be started, reached or stopped."""
+
+
+@dataclass(frozen=True)
+class ServicesStatus:
+    docker_host: str | None  # unix:///.../docker.sock when the engine answers
+    registry: str | None  # 127.0.0.1:PORT when the registry answers
+    running: dict[str, bool]
+    home: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ensure_packages(*commands: str) -> None:
+    """Install the Debian packages that provide ``commands`` if any is missing (root only)."""
+    missing = [PACKAGES[c] for c in commands if shutil.which(c) is None]
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise ServiceError(f"missing {', '.join(commands)}: install the Debian packages {' '.join(missing)} "
+                           f"(sudo apt-get install -y {' '.join(missing)})")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ServiceError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
+
+
+def _dir(settings: Settings, name: str) -> Path:
+    d = settings.home / "services" / name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _pid(d: Path) -> int | None:
+    """The service's pid if it is alive (a child of this process that exited is reaped, not counted)."""
+    try:
+        pid = int((d / "pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return None
+    except ChildProcessError:
+        pass  # not our child (started by an earlier `services up`)
+    try:
+        os.kill(pid, 0)
+        return pid
+    except OSError:
+        return None
+
+
+def _spawn(cmd: list[str], d: Path, env: dict[str, str] | None = None) -> int:
+    with (d / "log").open("ab") as log:
+        log.write(("\n$ " + " ".join(cmd) + "\n").encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)  # outlives this process until `down`
+    (d / "pid").write_text(str(proc.pid))
+    return proc.pid
+
+
+def _wait(check: Any, what: str, d: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if _pid(d) is None:
+            break
+        time.sleep(0.3)
+    tail = "\n".join((d / "log").read_text(errors="replace").splitlines()[-20:]) if (d / "log").exists() else ""
+    raise ServiceError(f"{what} did not come up (log: {d / 'log'}):\n{tail}")
+
+
+# --------------------------------------------------------------------------- Docker engine
+
+
+def _short_dir(settings: Settings) -> Path:
+    """Sockets live under a short path (unix socket paths are limited to 107 bytes): /tmp/loraline-<hash of home>."""
+    import hashlib
+
+    d = Path("/tmp") / f"loraline-{hashlib.sha256(str(settings.home).encode()).hexdigest()[:12]}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+def docker_host(settings: Settings) -> str:
+    return f"unix://{_short_dir(settings) / 'docker.sock'}"
+
+
+def docker_ok(host: str) -> bool:
+    """Does a Docker engine answer at ``host``?"""
+    try:
+        import docker
+
+        client = docker.DockerClient(base_url=host, timeout=5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - any failure means "not answering"
+        return False
+
+
+def start_docker(settings: Settings) -> str:
+    d = _dir(settings, "docker")
+    host = docker_host(settings)
+    if docker_ok(host):
+        return host
+    ensure_packages("dockerd")
+    short = _short_dir(settings)
+    (short / "docker.sock").unlink(missing_ok=True)
+    cmd = ["dockerd", "--storage-driver=overlay2", "--iptables=false", "--ip-masq=false", "--bridge=none",
+           f"--data-root={d / 'data'}", f"--exec-root={short / 'exec'}", f"--pidfile={d / 'dockerd.pid'}",
+           "-H", host]
+    _spawn(cmd, d)
+    _wait(lambda: docker_ok(host), "the Docker engine", d)
+    return host
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def registry_ok(addr: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"http://{addr}/v2/", timeout=3).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_registry(settings: Settings, port: int = 0) -> str:
+    d = _dir(settings, "registry")
+    state = d / "addr"
+    if state.exists() and registry_ok(state.read_text().strip()) and _pid(d):
+        return state.read_text().strip()
+    ensure_packages("docker-registry")
+    if not port:
+        from loraline.server import free_port
+
+        port = free_port()
+    addr = f"{HOST}:{port}"
+    config = d / "config.yml"
+    config.write_text(json.dumps({  # YAML is a superset of JSON
+        "version": 0.1,
+        "log": {"level": "info"},
+        "storage": {"filesystem": {"rootdirectory": str(d / "data")}, "delete": {"enabled": True}},
+        "http": {"addr": addr},
+    }))
+    _spawn(["docker-registry", "serve", str(config)], d)
+    state.write_text(addr)
+    _wait(lambda: registry_ok(addr), f"the registry on {addr}", d)
+    return addr
+
+
+# --------------------------------------------------------------------------- all
+
+
+def up(settings: Settings) -> ServicesStatus:
+    start_docker(settings)
+    start_registry(settings)
+    return status(settings)
+
+
+def status(settings: Settings) -> ServicesStatus:
+    host = docker_host(settings)
+    reg_file = settings.home / "services" / "registry" / "addr"
+    addr = reg_file.read_text().strip() if reg_file.exists() else None
+    dok, rok = docker_ok(host), bool(addr and registry_ok(addr))
+    return ServicesStatus(docker_host=host if dok else None, registry=addr if rok else None,
+                          running={"docker": dok, "registry": rok}, home=str(settings.home))
+
+
+def down(settings: Settings, grace_s: float = 20.0) -> ServicesStatus:
+    """Stop what ``up`` started (the registry first, then the engine, which stops its containers)."""
+    for name in ("registry", "docker"):
+        d = settings.home / "services" / name
+        pid = _pid(d) if d.exists() else None
+        if pid is None:
+            continue
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _pid(d) is not None:
+            time.sleep(0.2)
+        if _pid(d) is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        (d / "pid").unlink(missing_ok=True)
+    return status(settings)
