@@ -15,7 +15,9 @@ from loraline.errors import LoralineError
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the release's lineage).")
 @click.option("-v", "--verbose", is_flag=True, help="Show Prefect's and the libraries' logs on stderr.")
 def release(adapter: str, base: str, name: str, as_json: bool, verbose: bool) -> None:
-    """Release an adapter: fetch, validate, merge, parity-check and register it (a Prefect flow)."""
+    """Release an adapter: fetch, validate, merge, parity-check, register and benchmark it (a Prefect flow).
+
+    The benchmark takes minutes on a CPU (LORALINE_BENCH=false skips it; `loraline bench` runs it later)."""
     settings = load_settings()
     quiet_third_parties(settings, verbose)
     from flows.release import release as release_flow

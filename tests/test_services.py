@@ -63,3 +63,6 @@ def test_services_up_push_pull_by_digest_down(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr[-2000:]
     assert json.loads(down.stdout)["running"] == {"docker": False, "registry": False}
     assert json.loads(cli("status", "--json", home=home).stdout)["docker_host"] is None
+    # Nothing of the engine stays mounted (dockerd bind-mounts its data root): the home can be removed.
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(home.resolve()) not in mounts and st["docker_host"][len("unix://"):-len("/docker.sock")] not in mounts

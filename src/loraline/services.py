@@ -226,4 +226,18 @@ def down(settings: Settings, grace_s: float = 20.0) -> ServicesStatus:
             except ProcessLookupError:
                 pass
         (d / "pid").unlink(missing_ok=True)
+        if name == "docker":  # dockerd bind-mounts its data root and leaves it (and a netns) mounted
+            unmount_under(d, _short_dir(settings))
     return status(settings)
+
+
+def unmount_under(*roots: Path) -> None:
+    """Lazily unmount every mount point below ``roots`` (deepest first), so the directories can be removed."""
+    prefixes = [str(Path(r).resolve()) for r in roots]
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return
+    points = [ln.split()[4].encode().decode("unicode_escape") for ln in lines]
+    for mp in sorted((p for p in points if any(p == r or p.startswith(r + "/") for r in prefixes)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mp], capture_output=True)
