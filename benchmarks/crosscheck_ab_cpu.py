@@ -7,7 +7,7 @@ B = loraline counting tokens from usage (as vllm bench serve), C = vllm bench se
 (it expects /tmp/lg/base from loraline.demo.build_llama; benchmarks/gpu_bench.py --phases server-ab is the
 maintained version of the same comparison, and takes --tiny on CPU).
 """
-import time, statistics, json, asyncio
+import time, statistics, json
 from pathlib import Path
 from loraline.settings import Settings
 from loraline.server import serve_openai

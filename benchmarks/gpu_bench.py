@@ -65,7 +65,7 @@ LORA_RANK = 16
 LORA_ALPHA = 32
 
 # HBM bandwidth by datasheet (bytes/s): the single-stream decode floor is weight bytes / this.
-HBM_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}  # H100: SXM (HBM3); the PCIe part has 2.0 TB/s
+from loraline.benchmark import HBM_BANDWIDTH  # noqa: E402 - after the sys.path insert above
 
 # /work/shared/gpu/README.md, reference runs on an H200 (output tok/s; single stream: tok/s, TTFT ms).
 REFERENCE = {

@@ -16,12 +16,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from loraline.benchmark import run_benchmark
-from loraline.errors import EngineError
+from loraline.benchmark import release_dirs, run_benchmark
 from loraline.plots import write_plots
-from loraline.registry import log_benchmark, mark_failed, release_of
+from loraline.lineage import release_of
+from loraline.registry import log_benchmark, mark_failed
 from loraline.settings import Settings
-from loraline.sources import fetch_base
 
 
 def artifact_key(*parts: str) -> str:
@@ -39,9 +38,6 @@ def benchmark_task(name: str, version: str, run_id: str, adapter_dir: Path, base
         print(f"loraline bench: {msg}", file=sys.stderr, flush=True)
 
     try:
-        for d, what in ((merged_dir, "merged model"), (adapter_dir, "adapter")):
-            if not Path(d).is_dir():
-                raise EngineError(f"the {what} of models:/{name}/{version} is gone from {d}; re-run `loraline release` to rebuild it")
         report = run_benchmark(Path(adapter_dir), Path(base_dir), Path(merged_dir), settings, runtime_lora=runtime_lora,
                                served_name=name, lora_params=lora_params, progress=progress)
         with tempfile.TemporaryDirectory() as tmp:
@@ -67,16 +63,11 @@ def benchmark_task(name: str, version: str, run_id: str, adapter_dir: Path, base
 
 def bench_release(lineage: dict[str, Any], settings: Settings, base_dir: Path | None = None) -> dict[str, Any]:
     """Benchmark the release ``lineage`` describes; the base is fetched again from its source if no dir is given."""
-    if base_dir is None:
-        base = fetch_base(lineage["base"]["resolved"] or lineage["base"]["source"], settings)
-        if base.sha256 != lineage["base"]["sha256"]:
-            raise EngineError(f"base {lineage['base']['source']} changed since the release (sha256 {base.sha256[:12]}, "
-                              f"released {lineage['base']['sha256'][:12]}); benchmark a new release instead")
-        base_dir = base.path
+    adapter_dir, base_dir, merged_dir = release_dirs(lineage, settings, base_dir)
     lora = lineage["lora"]
     summary = benchmark_task(lineage["model_name"], str(lineage["model_version"]), lineage["mlflow_run_id"],
-                             Path(lineage["adapter"]["path"]), Path(base_dir), Path(lineage["merged"]["path"]),
-                             bool(lora["runtime_lora_servable"]), int(lora.get("parameters") or 0), settings)
+                             adapter_dir, base_dir, merged_dir, bool(lora["runtime_lora_servable"]),
+                             int(lora.get("parameters") or 0), settings)
     return {**lineage, "benchmark": summary}
 
 
@@ -85,7 +76,7 @@ def benchmark(model: str) -> dict[str, Any]:
     """Benchmark an existing release again: HF vs vLLM, merged vs runtime LoRA, logged to its MLflow run.
 
     Args:
-        model: the model version, models:/NAME/VERSION or models:/NAME@ALIAS.
+        model: the release: models:/NAME/VERSION, models:/NAME@ALIAS, or any ref `loraline trace` takes (its newest release).
     """
     settings = Settings()
     return bench_release(release_of(model, settings), settings)

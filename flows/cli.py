@@ -34,7 +34,7 @@ def release(adapter: str, base: str, name: str, as_json: bool, verbose: bool) ->
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the release's lineage with the benchmark summary).")
 @click.option("-v", "--verbose", is_flag=True, help="Show Prefect's and the libraries' logs on stderr.")
 def bench(model: str, as_json: bool, verbose: bool) -> None:
-    """Benchmark a released MODEL (models:/NAME/VERSION or models:/NAME@ALIAS) again: HF vs vLLM offline and
+    """Benchmark a released MODEL (models:/NAME/VERSION, models:/NAME@ALIAS, or any ref `trace` takes) again: HF vs vLLM offline and
     OpenAI server, merged vs runtime LoRA; numbers, plots and the recommendation go to its MLflow run.
 
     The workload comes from LORALINE_BENCH_* (input/output length, prompts, repeats, concurrency levels)."""

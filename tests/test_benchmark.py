@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from conftest import SMALL_BENCH
 from loraline.bench import PathResult, Percentiles
-from loraline.benchmark import LORA_KEEPS, recommend
+from loraline.benchmark import recommend
 from loraline.settings import Settings
 
 NAME = "smol-sql"
@@ -31,7 +31,6 @@ def test_recommendation_follows_the_lora_to_merged_ratio() -> None:
     assert near.mode == "lora" and near.lora_vs_merged == {"vllm-offline-lora": 0.96, "vllm-server-lora@c8": 0.94}
     far = recommend([*merged, result("vllm-offline-lora", "vllm", "lora", 960), result("vllm-server-lora", "vllm-server", "lora", 250, 8)])
     assert far.mode == "merged" and "50%" in far.reason and "vllm-server-lora@c8" in far.reason
-    assert LORA_KEEPS == 0.9
     # HF peft is never the LoRA evidence: it is not how LoRA is served.
     alone = recommend([*merged, result("hf-peft", "transformers", "lora", 5000)])
     assert alone.mode == "merged" and alone.lora_vs_merged == {}
@@ -117,3 +116,24 @@ def test_release_benchmarks_every_path_and_records_it(prefect_harness, demo_asse
     for path in ("hf-merged", "hf-peft", "vllm-offline-lora", "vllm-server-merged", "vllm-server-lora", "vllm bench serve",
                  "Recommended deploy mode"):
         assert path in md.data, path
+
+
+def test_release_dirs_refuse_what_a_benchmark_cannot_use(demo_assets, settings: Settings, tmp_path: Path) -> None:
+    from loraline.benchmark import release_dirs
+    from loraline.errors import EngineError
+    from loraline.sources import fetch_base
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "merged").mkdir()
+    base_sha = fetch_base(str(demo_assets.base), settings).sha256
+    lineage = {"model_name": NAME, "model_version": "3", "adapter": {"path": str(tmp_path / "adapter")},
+               "merged": {"path": str(tmp_path / "gone")},
+               "base": {"source": str(demo_assets.base), "resolved": str(demo_assets.base), "sha256": base_sha}}
+    with pytest.raises(EngineError, match=r"merged model of models:/smol-sql/3 is gone from .*gone; re-run `loraline release`"):
+        release_dirs(lineage, settings)
+    lineage["merged"]["path"] = str(tmp_path / "merged")
+    adapter, base, merged = release_dirs(lineage, settings)
+    assert (adapter, merged) == (tmp_path / "adapter", tmp_path / "merged") and fetch_base(str(base), settings).sha256 == base_sha
+    lineage["base"]["sha256"] = "0" * 64  # the base on disk is not the one released
+    with pytest.raises(EngineError, match=r"changed since the release .*released 000000000000"):
+        release_dirs(lineage, settings)

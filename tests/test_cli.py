@@ -109,4 +109,4 @@ def test_bench_command_benchmarks_a_released_version(cli_release) -> None:
     assert mv.tags["loraline.bench.recommendation"] == b["recommendation"] and mv.tags["loraline.status"] == "benchmarked"
     # A reference to nothing: one line, exit 1.
     proc = loraline("bench", "models:/smol-sql/9", home=home)
-    assert proc.returncode == 1 and proc.stderr.startswith("Error: 'models:/smol-sql/9'"), proc.stderr
+    assert proc.returncode == 1 and proc.stderr.startswith("Error: cannot trace 'models:/smol-sql/9'"), proc.stderr

@@ -54,9 +54,6 @@ class Workload:
             server_min_requests=settings.bench_server_min_requests,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class Percentiles:

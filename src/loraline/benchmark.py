@@ -28,7 +28,7 @@ from loraline.settings import Settings
 
 GIB = 1024**3
 # Datasheet HBM bandwidth (bytes/s): single-stream decode floor = weight bytes / this.
-HBM_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}  # H100: SXM (HBM3); PCIe parts are slower
+HBM_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}  # H100: SXM (HBM3); the PCIe part has 2.0 TB/s
 # Two harnesses agree when within this fraction (issue 3: 10%).
 AGREEMENT = 0.10
 # Runtime LoRA is recommended when it keeps this share of merged throughput at every server level.
@@ -63,9 +63,6 @@ class BenchReport:
         d = asdict(self)
         d["schema"] = "loraline.benchmark/v1"
         return d
-
-    def result(self, path: str, concurrency: int | None = None) -> PathResult | None:
-        return next((r for r in self.results if r.path == path and r.concurrency == concurrency), None)
 
     def metrics(self) -> dict[str, float]:
         """Flat MLflow metrics: ``bench.<path>[.c<N>].<metric>``."""
@@ -349,6 +346,28 @@ def _weight_bytes(d: Path) -> int:
 
 
 # --------------------------------------------------------------------------- all paths
+
+
+def release_dirs(lineage: dict[str, Any], settings: Settings, base_dir: Path | None = None) -> tuple[Path, Path, Path]:
+    """``(adapter, base, merged)`` directories of a release, from its lineage, checked to be there.
+
+    Without ``base_dir`` the base is fetched again from where the release took it, and refused if
+    its digest changed since.
+    """
+    from loraline.sources import fetch_base
+
+    ref = f"models:/{lineage['model_name']}/{lineage['model_version']}"
+    adapter_dir, merged_dir = Path(lineage["adapter"]["path"]), Path(lineage["merged"]["path"])
+    for d, what in ((merged_dir, "merged model"), (adapter_dir, "adapter")):
+        if not d.is_dir():
+            raise EngineError(f"the {what} of {ref} is gone from {d}; re-run `loraline release` to rebuild it")
+    if base_dir is None:
+        base = fetch_base(lineage["base"]["resolved"] or lineage["base"]["source"], settings)
+        if base.sha256 != lineage["base"]["sha256"]:
+            raise EngineError(f"base {lineage['base']['source']} of {ref} changed since the release (sha256 "
+                              f"{base.sha256[:12]}, released {lineage['base']['sha256'][:12]}); release it again instead")
+        base_dir = base.path
+    return adapter_dir, Path(base_dir), merged_dir
 
 
 def run_benchmark(adapter_dir: Path, base_dir: Path, merged_dir: Path, settings: Settings, *,

@@ -59,3 +59,11 @@ def trace(ref: str, settings: Settings) -> dict[str, Any]:
     chains = [_chain(client, mv) for mv in versions]
     newest = max(chains, key=lambda c: c.get("created", ""))
     return {"ref": ref, **newest, "chains": chains}
+
+
+def release_of(ref: str, settings: Settings) -> dict[str, Any]:
+    """The newest release chain ``ref`` names (anything :func:`trace` takes), without the list of chains."""
+    chain = trace(ref, settings)
+    chain.pop("chains")
+    chain.pop("ref")
+    return chain

@@ -18,6 +18,19 @@ def _plt():  # type: ignore[no-untyped-def]
     return plt
 
 
+def _server_rows(report: BenchReport, mode: str) -> list:  # type: ignore[type-arg]
+    """The OpenAI-server results of one mode, by concurrency."""
+    return sorted((r for r in report.results if r.engine == "vllm-server" and r.mode == mode), key=lambda r: r.concurrency or 0)
+
+
+def _save(fig, out: Path, name: str) -> Path:  # type: ignore[no-untyped-def]
+    fig.tight_layout()
+    path = out / name
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def _levels_axis(ax, levels) -> None:  # type: ignore[no-untyped-def]
     """Log-2 x axis labelled with the measured levels themselves (1, 8, 32, 128), not powers of two."""
     ax.set_xscale("log", base=2)
@@ -28,14 +41,13 @@ def _levels_axis(ax, levels) -> None:  # type: ignore[no-untyped-def]
 
 def throughput_by_path(report: BenchReport, out: Path) -> Path:
     """Output tokens/s per path (server: its highest concurrency), with the repeats' spread."""
-    plt = _plt()
     top = max(report.workload.concurrency)
     rows = [r for r in report.results if r.concurrency in (None, top)]
     labels = [r.path + (f"\n(c={r.concurrency})" if r.concurrency is not None else "") for r in rows]
     vals = [r.output_tok_s for r in rows]
     lo = [r.output_tok_s - min(r.output_tok_s_repeats) for r in rows]
     hi = [max(r.output_tok_s_repeats) - r.output_tok_s for r in rows]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = _plt().subplots(figsize=(9, 4.5))
     bars = ax.bar(labels, vals, yerr=[lo, hi], capsize=4, color=[COLORS.get(r.mode, "grey") for r in rows])
     ax.bar_label(bars, labels=[f"{v:,.0f}" for v in vals], padding=3, fontsize=8)
     from matplotlib.patches import Patch
@@ -46,21 +58,15 @@ def throughput_by_path(report: BenchReport, out: Path) -> Path:
     ax.set_title(f"Throughput by path — {report.device_name}, {report.workload.input_len} in / "
                  f"{report.workload.output_len} out")
     ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    path = out / "throughput.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out, "throughput.png")
 
 
 def latency_percentiles(report: BenchReport, out: Path) -> Path:
     """TTFT, TPOT and ITL p50/p90/p99 of the server paths at each concurrency."""
-    plt = _plt()
-    server = [r for r in report.results if r.engine == "vllm-server"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    fig, axes = _plt().subplots(1, 3, figsize=(13, 4.2))
     for ax, metric, title in zip(axes, ("ttft_ms", "tpot_ms", "itl_ms"), ("TTFT", "TPOT", "ITL")):
         for mode in ("merged", "lora"):
-            rows = sorted((r for r in server if r.mode == mode), key=lambda r: r.concurrency or 0)
+            rows = _server_rows(report, mode)
             if not rows:
                 continue
             xs = [r.concurrency for r in rows]
@@ -73,19 +79,14 @@ def latency_percentiles(report: BenchReport, out: Path) -> Path:
         ax.set_title(f"{title} (OpenAI server, streaming)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "latency.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out, "latency.png")
 
 
 def concurrency_curve(report: BenchReport, out: Path) -> Path:
     """Server throughput against concurrency, merged vs runtime LoRA (and vLLM's harness, where it ran)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _plt().subplots(figsize=(7, 4.5))
     for mode in ("merged", "lora"):
-        rows = sorted((r for r in report.results if r.engine == "vllm-server" and r.mode == mode), key=lambda r: r.concurrency or 0)
+        rows = _server_rows(report, mode)
         if rows:
             ax.plot([r.concurrency for r in rows], [r.output_tok_s for r in rows], marker="o", color=COLORS[mode],
                     label=f"loraline, {mode}")
@@ -100,11 +101,7 @@ def concurrency_curve(report: BenchReport, out: Path) -> Path:
     ax.set_title("Concurrency curve (vLLM OpenAI server)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = out / "concurrency.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out, "concurrency.png")
 
 
 def write_plots(report: BenchReport, out: Path) -> list[Path]:

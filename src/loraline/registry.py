@@ -307,31 +307,6 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
 # --------------------------------------------------------------------------- after registration
 
 
-def resolve_version(client: Any, ref: str) -> Any:
-    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` -> the MLflow model version (with tags and aliases)."""
-    from mlflow.exceptions import MlflowException
-
-    m = re.match(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$", ref)
-    if not m:
-        raise RegistryError(f"{ref!r} is not a model version reference: use models:/NAME/VERSION or models:/NAME@ALIAS")
-    try:
-        if m["version"]:
-            return client.get_model_version(m["name"], m["version"])
-        return client.get_model_version_by_alias(m["name"], m["alias"])
-    except MlflowException as e:
-        raise RegistryError(f"{ref!r}: {e.message}; list versions in the MLflow UI") from e
-
-
-def release_of(ref: str, settings: Settings) -> dict[str, Any]:
-    """The lineage of the release behind ``models:/NAME/VERSION`` (or ``@ALIAS``), with ``model_version`` set."""
-    client = use_mlflow(settings)
-    mv = resolve_version(client, ref)
-    lineage = read_lineage(client, mv.run_id)
-    lineage["model_version"] = str(mv.version)
-    lineage["status"] = (mv.tags or {}).get(f"{TAG}status", "unknown")
-    return lineage
-
-
 def log_benchmark(name: str, version: str, run_id: str, report: Any, files: Sequence[Path], settings: Settings) -> dict[str, Any]:
     """Attach a :class:`~loraline.benchmark.BenchReport` to a release: metrics and artifacts on its run,
     tags and the recommendation on its model version, a ``benchmark`` section in ``lineage.json``.

@@ -25,7 +25,7 @@ from loraline.errors import LoralineError
 from loraline.settings import Settings
 
 HOST = "127.0.0.1"
-PACKAGES = {"dockerd": "docker.io", "docker-registry": "docker-registry", "debootstrap": "debootstrap"}
+PACKAGES = {"dockerd": "docker.io", "docker-registry": "docker-registry"}
 
 
 class ServiceError(LoralineError):
