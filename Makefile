@@ -42,15 +42,31 @@ $(VLLM_VENV)/.installed:
 $(DEMO)/checkpoint-100/adapter_config.json: | setup
 	$(BIN)/loraline demo init $(DEMO)
 
+# The serving image's base: vLLM's official image where a registry is reachable (IMAGE_BASE=vllm/vllm-openai:v0.24.0),
+# else (the default) a CPU vLLM base built from Debian packages by docker/base-cpu/build.sh (cached by content).
+IMAGE_BASE ?=
+SERVICES_JSON := $(LORALINE_HOME)/services.json
+
 demo: setup $(DEMO)/checkpoint-100/adapter_config.json
-	$(BIN)/loraline release --adapter $(DEMO)/checkpoint-100 --base $(DEMO)/base --name $(MODEL) --json | tee $(LORALINE_HOME)/last-release.json
+	$(BIN)/loraline services up --json > $(SERVICES_JSON)
+	@cat $(SERVICES_JSON)
+	@set -o pipefail; base='$(IMAGE_BASE)'; \
+	if [ -z "$$base" ]; then \
+	  base=$$(DOCKER_HOST=$$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["docker_host"])' $(SERVICES_JSON)) \
+	    HOST_PYTHON=$(BIN)/python bash docker/base-cpu/build.sh loraline/vllm-cpu:latest | tail -n 1); \
+	fi; \
+	echo "serving image base: $$base"; \
+	LORALINE_IMAGE_BASE=$$base $(BIN)/loraline release --adapter $(DEMO)/checkpoint-100 --base $(DEMO)/base --name $(MODEL) --json \
+	  | tee $(LORALINE_HOME)/last-release.json
 	@echo
-	@echo "Released. Where to look:"
-	@echo "  lineage:    $(BIN)/loraline trace models:/$(MODEL)/1"
-	@echo "  benchmark:  the MLflow run's benchmark/ folder (throughput.png, latency.png, concurrency.png, benchmark.md);"
-	@echo "              run it again with $(BIN)/loraline bench models:/$(MODEL)/1"
-	@echo "  MLflow UI:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(LORALINE_HOME)/mlflow.db --host 127.0.0.1 --port 5000"
-	@echo "  merged model and adapters: $(LORALINE_HOME)/merged/, $(LORALINE_HOME)/adapters/"
+	@$(BIN)/python -c 'import json,sys; r=json.load(open(sys.argv[1])); s=json.load(open(sys.argv[2])); \
+	  print("Released models:/%s/%s. Where to look:" % (r["model_name"], r["model_version"])); \
+	  print("  serving image: docker pull %s   (export DOCKER_HOST=%s)" % (r["image"]["pinned"], s["docker_host"])); \
+	  print("                 docker run --network host --ipc=host %s --port 8000   (CPU base; add --gpus all on a GPU base)" % r["image"]["pinned"]); \
+	  print("  MLflow UI:     %s/#/models/%s/versions/%s" % (s["mlflow_url"], r["model_name"], r["model_version"])); \
+	  print("  lineage:       $(BIN)/loraline trace %s   (or models:/%s/%s)" % (r["image"]["pinned"], r["model_name"], r["model_version"])); \
+	  print("  benchmark:     the MLflow run'"'"'s benchmark/ folder; again: $(BIN)/loraline bench models:/%s/%s" % (r["model_name"], r["model_version"])); \
+	  print("  stop the services: $(BIN)/loraline services down")' $(LORALINE_HOME)/last-release.json $(SERVICES_JSON)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -35,7 +35,8 @@ def benchmark_task(name: str, version: str, run_id: str, adapter_dir: Path, base
 
     def progress(msg: str) -> None:  # minutes of work: say where it is, in Prefect's log and on stderr
         logger.info(msg)
-        print(f"loraline bench: {msg}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"loraline bench: {msg}\n")  # not print(): log_prints would route it to the logger only
+        sys.stderr.flush()
 
     try:
         report = run_benchmark(Path(adapter_dir), Path(base_dir), Path(merged_dir), settings, runtime_lora=runtime_lora,

@@ -12,10 +12,15 @@ from loraline.errors import LoralineError
 @click.option("--adapter", required=True, envvar="LORALINE_ADAPTER", help="Adapter source: dir, hf://ORG/NAME@REV, runs:/, models:/, mlflow-artifacts:/")
 @click.option("--base", required=True, envvar="LORALINE_BASE", help="Base model source: dir or hf://ORG/NAME@REV")
 @click.option("--name", required=True, envvar="LORALINE_MODEL_NAME", help="MLflow registered model name")
+@click.option("--image", "image", type=click.Choice(["merged", "lora", "none"]), default=None,
+              help="Serving image to build, push and smoke-test: merged weights, or base + adapter layers served as "
+                   "runtime LoRA. Default LORALINE_IMAGE, else merged when a Docker engine and a registry are configured "
+                   "(`loraline services up`), none otherwise.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the release's lineage).")
 @click.option("-v", "--verbose", is_flag=True, help="Show Prefect's and the libraries' logs on stderr.")
-def release(adapter: str, base: str, name: str, as_json: bool, verbose: bool) -> None:
-    """Release an adapter: fetch, validate, merge, parity-check, register and benchmark it (a Prefect flow).
+def release(adapter: str, base: str, name: str, image: str | None, as_json: bool, verbose: bool) -> None:
+    """Release an adapter: fetch, validate, merge, parity-check, register, benchmark it, then build, push and
+    smoke-test its serving image (a Prefect flow).
 
     The benchmark takes minutes on a CPU (LORALINE_BENCH=false skips it; `loraline bench` runs it later)."""
     settings = load_settings()
@@ -23,7 +28,7 @@ def release(adapter: str, base: str, name: str, as_json: bool, verbose: bool) ->
     from flows.release import release as release_flow
 
     try:
-        result = release_flow(adapter=adapter, base=base, name=name)
+        result = release_flow(adapter=adapter, base=base, name=name, image=image)
     except LoralineError as e:
         raise click.ClickException(str(e)) from e
     emit(result, as_json)
@@ -44,6 +49,27 @@ def bench(model: str, as_json: bool, verbose: bool) -> None:
 
     try:
         result = benchmark_flow(model=model)
+    except LoralineError as e:
+        raise click.ClickException(str(e)) from e
+    emit(result, as_json)
+
+
+@cli.command("image")
+@click.argument("model")
+@click.option("--mode", type=click.Choice(["merged", "lora"]), default="merged", show_default=True,
+              help="merged weights baked in, or base + adapter layers served as runtime LoRA.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the release's lineage with the image).")
+@click.option("-v", "--verbose", is_flag=True, help="Show Prefect's and the libraries' logs on stderr.")
+def image_cmd(model: str, mode: str, as_json: bool, verbose: bool) -> None:
+    """Build, push and smoke-test the serving image of a released MODEL (models:/NAME/VERSION, models:/NAME@ALIAS,
+    or any ref `trace` takes), with the Docker engine and registry of `loraline services up` (or LORALINE_DOCKER_HOST,
+    LORALINE_IMAGE_REGISTRY, LORALINE_IMAGE_BASE)."""
+    settings = load_settings()
+    quiet_third_parties(settings, verbose)
+    from flows.image import image as image_flow
+
+    try:
+        result = image_flow(model=model, mode=mode)
     except LoralineError as e:
         raise click.ClickException(str(e)) from e
     emit(result, as_json)

@@ -117,3 +117,34 @@ SMALL_BENCH = {
     "LORALINE_BENCH_CONCURRENCY": "[1,4]",
     "LORALINE_BENCH_SERVER_MIN_REQUESTS": "4",
 }
+
+
+# --------------------------------------------------------------------------- Docker engine, registry, CPU base image
+
+
+@pytest.fixture(scope="session")
+def image_services(tmp_path_factory: pytest.TempPathFactory):
+    """`loraline services up` (Debian dockerd + docker-registry + MLflow server on 127.0.0.1) in a session home, and
+    the CPU vLLM base image built from Debian packages (docker/base-cpu/build.sh, about 5 minutes) once per session.
+    Everything is stopped (and the engine's data removed) at the end."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from loraline import services
+
+    home = tmp_path_factory.mktemp("services") / "home"
+    s = Settings(home=home)
+    st = services.up(s)
+    try:
+        proc = subprocess.run(["bash", str(REPO / "docker" / "base-cpu" / "build.sh"), "loraline/vllm-cpu:test",
+                               str(home / "base-build")], env={**os.environ, "DOCKER_HOST": st.docker_host},
+                              capture_output=True, text=True, timeout=3600)
+        assert proc.returncode == 0, f"docker/base-cpu/build.sh failed:\n{proc.stderr[-4000:]}"
+        base = proc.stdout.strip().splitlines()[-1]
+        env = {"LORALINE_DOCKER_HOST": st.docker_host, "LORALINE_IMAGE_REGISTRY": st.registry, "LORALINE_IMAGE_BASE": base,
+               "LORALINE_VLLM_PARITY": "false", "LORALINE_BENCH": "false"}
+        yield SimpleNamespace(home=home, docker_host=st.docker_host, registry=st.registry, mlflow_url=st.mlflow_url,
+                              base=base, env=env)
+    finally:
+        services.down(s)
+        shutil.rmtree(home / "services" / "docker" / "data", ignore_errors=True)

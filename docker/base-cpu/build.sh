@@ -8,6 +8,9 @@
 # Needs root, debootstrap, pip on the host and DOCKER_HOST pointing at a running engine.
 # Cached by content: the image is tagged with a hash of this script and the versions; if that tag
 # exists in the engine, nothing is rebuilt. Prints the image reference on the last line.
+# VLLM_CPU_KVCACHE_SPACE=1 (GiB) suits small models; give more with `docker run -e VLLM_CPU_KVCACHE_SPACE=N`.
+# TORCH_COMPILE_DISABLE=1: the image has no C++ compiler, and vLLM's sampler compiles its logprobs kernel with
+# torch.compile even under --enforce-eager (a request with logprobs then fails with InvalidCxxCompiler).
 set -euo pipefail
 REF=${1:?usage: build.sh IMAGE_REF [WORKDIR]}
 WORK=${2:-$(mktemp -d)}
@@ -53,6 +56,8 @@ echo "base-cpu: docker import as $tagged" >&2
 tar -C "$rootfs" -c . | docker import \
   -c 'ENV PATH=/opt/vllm/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   -c 'ENV VLLM_TARGET_DEVICE=cpu' \
+  -c 'ENV VLLM_CPU_KVCACHE_SPACE=1' \
+  -c 'ENV TORCH_COMPILE_DISABLE=1' \
   -c "LABEL org.loraline.base=cpu org.loraline.vllm-cpu=$VLLM_CPU_VERSION" \
   - "$tagged" >&2
 docker tag "$tagged" "$REF"

@@ -15,11 +15,13 @@ from loraline.settings import Settings
 
 
 def load_settings() -> Settings:
-    """Settings from the environment, as a click error when they are invalid."""
+    """Settings from the environment (and the running local services), as a click error when they are invalid."""
     from pydantic import ValidationError
 
+    from loraline.services import configured
+
     try:
-        return Settings()
+        return configured(Settings())  # the MLflow server, engine and registry of `loraline services up`, if running
     except ValidationError as e:
         msgs = "; ".join(str(err["msg"]).removeprefix("Value error, ") for err in e.errors())
         raise click.ClickException(f"invalid settings: {msgs}") from e
@@ -83,6 +85,11 @@ def emit(data: dict[str, Any], as_json: bool) -> None:
         for path, v in b.get("output_tok_s", {}).items():
             table.add_row(f"  {path}", f"{v:,.0f} out tok/s")
         table.add_row("  plots", str(b.get("artifacts")))
+    for img in data.get("images") or []:
+        table.add_row(f"image ({img['mode']})", f"{img['pinned']}  (tag {img['ref'].rsplit(':', 1)[-1]})")
+    if isinstance(data.get("registry_image"), dict):
+        ri = data["registry_image"]
+        table.add_row("traced image", f"{ri['pinned']} ({'recorded on this version' if ri.get('recorded') else 'NOT recorded in MLflow'})")
     Console().print(table)
 
 
@@ -114,7 +121,8 @@ def demo_init(directory: Path, steps: int) -> None:
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def trace(ref: str, as_json: bool) -> None:
-    """Print the release chain of REF: an adapter dir or digest, models:/NAME/VERSION or models:/NAME@ALIAS."""
+    """Print the release chain of REF: an adapter dir or digest, models:/NAME/VERSION, models:/NAME@ALIAS, or a serving
+    image (HOST:PORT/NAME:TAG, HOST:PORT/NAME@sha256:..., or its sha256 digest) read from its registry's labels."""
     settings = load_settings()
     quiet_third_parties(settings)
     from loraline.lineage import trace as trace_ref
@@ -127,7 +135,7 @@ def trace(ref: str, as_json: bool) -> None:
 
 @cli.group()
 def services() -> None:
-    """The local services on 127.0.0.1: Docker engine and image registry."""
+    """The local services on 127.0.0.1: Docker engine, image registry and MLflow tracking server (UI)."""
 
 
 def _services(action: str, as_json: bool) -> None:
@@ -148,12 +156,14 @@ def _services(action: str, as_json: bool) -> None:
         click.echo(f"export DOCKER_HOST={st.docker_host}")
     if st.registry:
         click.echo(f"registry: {st.registry} (docker push {st.registry}/NAME:TAG)")
+    if st.mlflow_url:
+        click.echo(f"mlflow: {st.mlflow_url} (UI; export MLFLOW_TRACKING_URI={st.mlflow_url})")
 
 
 @services.command("up")
 @click.option("--json", "as_json", is_flag=True)
 def services_up(as_json: bool) -> None:
-    """Start the Docker engine and the registry (installing Debian's docker.io/docker-registry if missing)."""
+    """Start the Docker engine, the registry (installing Debian's docker.io/docker-registry if missing) and MLflow."""
     _services("up", as_json)
 
 
@@ -167,7 +177,7 @@ def services_down(as_json: bool) -> None:
 @services.command("status")
 @click.option("--json", "as_json", is_flag=True)
 def services_status(as_json: bool) -> None:
-    """Print docker_host and registry (null when not running)."""
+    """Print docker_host, registry and mlflow_url (null when not running)."""
     _services("status", as_json)
 
 

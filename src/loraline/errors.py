@@ -8,7 +8,8 @@
     ├── ParityError         merged and unmerged outputs disagree beyond tolerance
     ├── RegistryError       MLflow refused or lost a write
     ├── EngineError         the vLLM engine (runner or OpenAI server) is missing, failed or timed out
-    └── TraceError          a REF cannot be resolved to a release
+    ├── TraceError          a REF cannot be resolved to a release
+    └── ImageError          the serving image could not be built, pushed, pulled or did not answer right
 """
 
 from __future__ import annotations
@@ -47,4 +48,8 @@ class TraceError(LoralineError):
 
 
 class EngineError(LoralineError):
+    pass
+
+
+class ImageError(LoralineError):
     pass

@@ -1,4 +1,5 @@
-"""Read a release chain back from any end: adapter dir or digest, ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``."""
+"""Read a release chain back from any end: adapter dir or digest, ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``,
+or a serving image (by reference, read from its registry's labels without pulling or running it, or by digest)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from loraline.sources import adapter_digest
 
 _MODEL_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
 _SHA = re.compile(r"^(?:sha256:)?(?P<sha>[0-9a-f]{64})$")
+_IMAGE_REF = re.compile(r"^(?![a-z]+:/)[^/\s]+[.:][^/\s]*/[^\s]+$")  # HOST.TLD/... or HOST:PORT/...
 
 
 def _chain(client: Any, mv: Any) -> dict[str, Any]:
@@ -41,16 +43,20 @@ def trace(ref: str, settings: Settings) -> dict[str, Any]:
             versions = [client.get_model_version_by_alias(m["name"], m["alias"])]
         elif s := _SHA.match(ref.lower()):
             sha = s["sha"]
-            versions = find_versions(client, adapter_sha=sha) or find_versions(client, merged_sha=sha)
+            versions = (find_versions(client, adapter_sha=sha) or find_versions(client, merged_sha=sha)
+                        or _image_versions(client, f"sha256:{sha}"))
         elif Path(ref).is_dir():
             try:
                 sha = adapter_digest(Path(ref))
             except LoralineError as e:
                 raise TraceError(f"cannot trace {ref}: {e}") from e
             versions = find_versions(client, adapter_sha=sha)
+        elif _IMAGE_REF.match(ref):
+            return _trace_image(client, ref, settings)
         else:
             raise TraceError(
-                f"cannot trace {ref!r}: give an adapter directory, a sha256 digest, models:/NAME/VERSION or models:/NAME@ALIAS"
+                f"cannot trace {ref!r}: give an adapter directory, a sha256 digest, models:/NAME/VERSION, models:/NAME@ALIAS "
+                "or an image reference HOST[:PORT]/NAME:TAG or HOST[:PORT]/NAME@sha256:DIGEST"
             )
     except MlflowException as e:
         raise TraceError(f"cannot trace {ref!r}: {e.message}; list versions in the MLflow UI or with `mlflow models`") from e
@@ -59,6 +65,41 @@ def trace(ref: str, settings: Settings) -> dict[str, Any]:
     chains = [_chain(client, mv) for mv in versions]
     newest = max(chains, key=lambda c: c.get("created", ""))
     return {"ref": ref, **newest, "chains": chains}
+
+
+def _image_versions(client: Any, digest: str) -> list[Any]:
+    """Model versions whose image (any mode) has this manifest digest."""
+    found = []
+    for mode in ("merged", "lora"):
+        found += client.search_model_versions(f"tags.`{TAG}image.{mode}.digest` = '{digest}'", max_results=1000)
+    return sorted(found, key=lambda v: (v.name, int(v.version)))
+
+
+def _trace_image(client: Any, ref: str, settings: Settings) -> dict[str, Any]:
+    """An image's chain: its labels from the registry name the model version; MLflow holds the rest."""
+    from loraline.errors import ImageError
+    from loraline.image import LABEL, registry_image
+
+    try:
+        img = registry_image(ref)
+    except ImageError as e:
+        raise TraceError(f"cannot trace {ref!r}: {e}") from e
+    labels = img["labels"]
+    name, version = labels.get(LABEL + "model.name"), labels.get(LABEL + "model.version")
+    if not name or not version:
+        raise TraceError(f"{ref} ({img['digest']}) has no org.loraline.model.* labels: it was not built by loraline")
+    try:
+        mv = client.get_model_version(name, version)
+    except Exception as e:  # noqa: BLE001 - MlflowException or a connection error
+        raise TraceError(
+            f"{ref} is models:/{name}/{version} (run {labels.get(LABEL + 'mlflow.run_id')}, tracking URI "
+            f"{labels.get(LABEL + 'mlflow.tracking_uri')}), which {settings.resolved_tracking_uri} does not have: point "
+            "LORALINE_TRACKING_URI at the MLflow that released it"
+        ) from e
+    chain = _chain(client, mv)
+    recorded = any(i.get("digest") == img["digest"] for i in chain.get("images", []))
+    image = {**img, "recorded": recorded, "mode": labels.get(LABEL + "mode")}
+    return {"ref": ref, **chain, "registry_image": image, "chains": [chain]}
 
 
 def release_of(ref: str, settings: Settings) -> dict[str, Any]:

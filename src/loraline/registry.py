@@ -343,9 +343,11 @@ def log_benchmark(name: str, version: str, run_id: str, report: Any, files: Sequ
         p = Path(tmp) / LINEAGE_FILE
         p.write_text(json.dumps(lineage, indent=2))
         client.log_artifact(run_id, str(p))
+    released = (client.get_model_version(name, version).tags or {}).get(f"{TAG}status") == "released"
     for k, v in {"bench.recommendation": report.recommendation.mode, "bench.device": report.device_name,
-                 "bench.run_id": run_id, "status": "benchmarked"}.items():
+                 "bench.run_id": run_id, "status": "released" if released else "benchmarked"}.items():
         client.set_model_version_tag(name, version, TAG + k, v)
+    clear_failed(client, name, version)
     client.set_tag(run_id, f"{TAG}bench.recommendation", report.recommendation.mode)
     return summary
 
@@ -356,3 +358,65 @@ def mark_failed(name: str, version: str, step: str, reason: str, settings: Setti
     client.set_model_version_tag(name, version, f"{TAG}status", "failed")
     client.set_model_version_tag(name, version, f"{TAG}failed.step", step)
     client.set_model_version_tag(name, version, f"{TAG}failed.reason", redact(reason)[:4000])
+
+
+def clear_failed(client: Any, name: str, version: str) -> None:
+    """A step that failed before has now succeeded: drop the failure tags."""
+    tags = client.get_model_version(name, version).tags or {}
+    for key in (f"{TAG}failed.step", f"{TAG}failed.reason"):
+        if key in tags:
+            client.delete_model_version_tag(name, version, key)
+
+
+def log_image(name: str, version: str, run_id: str, image: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Record a pushed (and smoke-tested) serving image on a release: version and run tags with the ref and
+    manifest digest, metrics, ``image/<mode>.json``, an ``images`` entry in ``lineage.json``, the description.
+
+    Called only after the push (and the smoke test) succeeded: a failed build or push tags nothing.
+    Returns the entry that went into the lineage.
+    """
+    from mlflow.entities import Metric
+
+    client = use_mlflow(settings)
+    mode = image["mode"]
+    smoke = image.get("smoke") or {}
+    entry = {
+        "mode": mode,
+        "ref": image["ref"],
+        "digest": image["digest"],
+        "pinned": f"{image['repository']}@{image['digest']}",
+        "served_model_name": image["served_model_name"],
+        "base_image": image["base_image"],
+        "size_bytes": image["size_bytes"],
+        "compressed_bytes": image["compressed_bytes"],
+        "pushed_bytes": image["pushed_bytes"],
+        "build_seconds": round(image["build_seconds"], 2),
+        "push_seconds": round(image["push_seconds"], 2),
+        "smoke": {k: smoke[k] for k in ("ready_seconds", "pull_seconds", "served_models", "parity") if k in smoke} or None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    now = int(time.time() * 1000)
+    values = {"build_seconds": image["build_seconds"], "push_seconds": image["push_seconds"], "size_bytes": image["size_bytes"],
+              "compressed_bytes": image["compressed_bytes"], "pushed_bytes": image["pushed_bytes"]}
+    if "ready_seconds" in smoke:
+        values["ready_seconds"] = smoke["ready_seconds"]
+    client.log_batch(run_id, metrics=[Metric(f"image.{mode}.{k}", float(v), now, 0) for k, v in values.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / f"{mode}.json"
+        p.write_text(json.dumps(image, indent=2, default=str))
+        client.log_artifact(run_id, str(p), "image")
+        lineage = read_lineage(client, run_id)
+        lineage["images"] = [i for i in lineage.get("images", []) if i.get("mode") != mode] + [entry]
+        lp = Path(tmp) / LINEAGE_FILE
+        lp.write_text(json.dumps(lineage, indent=2))
+        client.log_artifact(run_id, str(lp))
+    tags = {"image.ref": image["ref"], "image.digest": image["digest"], "image.mode": mode, "image.pinned": entry["pinned"],
+            f"image.{mode}.ref": image["ref"], f"image.{mode}.digest": image["digest"]}
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, TAG + k, v)
+        client.set_tag(run_id, TAG + k, v)
+    client.set_model_version_tag(name, version, f"{TAG}status", "released")
+    clear_failed(client, name, version)
+    images = "; ".join(f"image ({i['mode']}): {i['pinned']}" for i in lineage["images"])
+    client.update_model_version(name, version, description=f"{_description(lineage)}\n\n{images}")
+    return entry

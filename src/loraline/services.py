@@ -1,4 +1,4 @@
-"""The embedded local services, on 127.0.0.1 only: a Docker engine and an image registry (so far).
+"""The embedded local services, on 127.0.0.1 only: a Docker engine, an image registry, an MLflow server.
 
 ``loraline services up`` starts what is not running yet, ``down`` stops what it started,
 ``status`` reports it. State lives under ``<home>/services/``: one directory per service with
@@ -7,6 +7,11 @@ listening on a unix socket under that directory, without iptables or a bridge (c
 ``--network host``); the registry is Debian's ``docker-registry`` (the CNCF distribution
 registry) with a filesystem store, bound to ``127.0.0.1:<port>``. Missing packages are installed
 with ``apt-get`` when this process may (root); otherwise the error says what to install.
+The MLflow tracking server (REST API + UI) is ``mlflow/server.sh`` over the same SQLite store
+loraline uses without a server (``<home>/mlflow.db``), serving artifacts from ``<home>/mlartifacts``.
+
+:func:`configured` fills the settings a user left unset (tracking URI, Docker host, image registry)
+from the services running for that home, so commands pick them up without exports.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +32,9 @@ from loraline.settings import Settings
 
 HOST = "127.0.0.1"
 PACKAGES = {"dockerd": "docker.io", "docker-registry": "docker-registry"}
+# The repository's start script (not packaged: services run from a checkout).
+MLFLOW_SCRIPT = Path(__file__).resolve().parents[2] / "mlflow" / "server.sh"
+MLFLOW_START_TIMEOUT_S = 120.0  # the first start creates and migrates the SQLite DB: ~15 s on 2 cores
 
 
 class ServiceError(LoralineError):
@@ -36,6 +45,7 @@ class ServiceError(LoralineError):
 class ServicesStatus:
     docker_host: str | None  # unix:///.../docker.sock when the engine answers
     registry: str | None  # 127.0.0.1:PORT when the registry answers
+    mlflow_url: str | None  # http://127.0.0.1:PORT when the MLflow server's /health answers
     running: dict[str, bool]
     home: str
 
@@ -109,11 +119,15 @@ def _wait(check: Any, what: str, d: Path, timeout_s: float = 60.0) -> None:
 # --------------------------------------------------------------------------- Docker engine
 
 
-def _short_dir(settings: Settings) -> Path:
+def _short_path(settings: Settings) -> Path:
     """Sockets live under a short path (unix socket paths are limited to 107 bytes): /tmp/loraline-<hash of home>."""
     import hashlib
 
-    d = Path("/tmp") / f"loraline-{hashlib.sha256(str(settings.home).encode()).hexdigest()[:12]}"
+    return Path("/tmp") / f"loraline-{hashlib.sha256(str(settings.home).encode()).hexdigest()[:12]}"
+
+
+def _short_dir(settings: Settings) -> Path:
+    d = _short_path(settings)
     d.mkdir(mode=0o700, exist_ok=True)
     return d
 
@@ -122,12 +136,12 @@ def docker_host(settings: Settings) -> str:
     return f"unix://{_short_dir(settings) / 'docker.sock'}"
 
 
-def docker_ok(host: str) -> bool:
+def docker_ok(host: str, timeout_s: float = 5.0) -> bool:
     """Does a Docker engine answer at ``host``?"""
     try:
         import docker
 
-        client = docker.DockerClient(base_url=host, timeout=5)
+        client = docker.DockerClient(base_url=host, timeout=timeout_s)
         try:
             return bool(client.ping())
         finally:
@@ -155,11 +169,11 @@ def start_docker(settings: Settings) -> str:
 # --------------------------------------------------------------------------- registry
 
 
-def registry_ok(addr: str) -> bool:
+def registry_ok(addr: str, timeout_s: float = 3.0) -> bool:
     import httpx
 
     try:
-        return httpx.get(f"http://{addr}/v2/", timeout=3).status_code == 200
+        return httpx.get(f"http://{addr}/v2/", timeout=timeout_s).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -188,27 +202,123 @@ def start_registry(settings: Settings, port: int = 0) -> str:
     return addr
 
 
+# --------------------------------------------------------------------------- MLflow server
+
+
+def mlflow_ok(url: str, timeout_s: float = 3.0) -> bool:
+    """Does an MLflow server answer ``GET <url>/health`` with 200?"""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _state(settings: Settings, name: str, file: str) -> str | None:
+    """The content of ``<home>/services/<name>/<file>`` if it exists (a stat and a read; creates nothing)."""
+    try:
+        return (settings.home / "services" / name / file).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _mlflow_url(settings: Settings, timeout_s: float = 3.0) -> str | None:
+    """The URL of this home's MLflow server if its process is alive and /health answers.
+
+    The pid is checked too: after ``down`` the recorded port may belong to someone else's server.
+    """
+    url = _state(settings, "mlflow", "url")
+    if url is None or _pid(settings.home / "services" / "mlflow") is None:
+        return None
+    return url if mlflow_ok(url, timeout_s) else None
+
+
+def start_mlflow(settings: Settings, port: int = 0) -> str:
+    """Start ``mlflow/server.sh`` on 127.0.0.1 over ``sqlite:///<home>/mlflow.db``; return its URL.
+
+    Idempotent: a server this home started that still answers is returned as is. The store is the
+    same SQLite file loraline writes to without a server, so runs from before and after are in one
+    place. Artifacts of experiments created through the server are ``mlflow-artifacts:/`` URIs,
+    stored under ``<home>/mlartifacts`` and read back through the server.
+    """
+    d = _dir(settings, "mlflow")
+    running = _mlflow_url(settings)
+    if running:
+        return running
+    if not MLFLOW_SCRIPT.is_file():
+        raise ServiceError(f"the MLflow start script {MLFLOW_SCRIPT} is missing: `services up` runs from a loraline "
+                           "checkout (git clone; pip install -e .), where it is mlflow/server.sh")
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    if not mlflow_bin.exists():
+        raise ServiceError(f"no mlflow executable beside {sys.executable}: install loraline's dependencies into this "
+                           "environment (pip install -e .)")
+    if not port:
+        from loraline.server import free_port
+
+        port = free_port()
+    url = f"http://{HOST}:{port}"
+    settings.artifact_root.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{settings.home / 'mlflow.db'}",
+        "MLFLOW_ARTIFACTS_DESTINATION": str(settings.artifact_root),
+        "MLFLOW_HOST": HOST,
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_BIN": str(mlflow_bin),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+    }
+    _spawn(["bash", str(MLFLOW_SCRIPT)], d, env=env)
+    (d / "url").write_text(url)
+    _wait(lambda: mlflow_ok(url), f"the MLflow server on {url}", d, timeout_s=MLFLOW_START_TIMEOUT_S)
+    return url
+
+
 # --------------------------------------------------------------------------- all
 
 
 def up(settings: Settings) -> ServicesStatus:
     start_docker(settings)
     start_registry(settings)
+    start_mlflow(settings)
     return status(settings)
 
 
 def status(settings: Settings) -> ServicesStatus:
     host = docker_host(settings)
-    reg_file = settings.home / "services" / "registry" / "addr"
-    addr = reg_file.read_text().strip() if reg_file.exists() else None
+    addr = _state(settings, "registry", "addr")
     dok, rok = docker_ok(host), bool(addr and registry_ok(addr))
-    return ServicesStatus(docker_host=host if dok else None, registry=addr if rok else None,
-                          running={"docker": dok, "registry": rok}, home=str(settings.home))
+    url = _mlflow_url(settings)
+    return ServicesStatus(docker_host=host if dok else None, registry=addr if rok else None, mlflow_url=url,
+                          running={"docker": dok, "registry": rok, "mlflow": url is not None}, home=str(settings.home))
+
+
+def configured(settings: Settings) -> Settings:
+    """``settings`` with the fields the user left unset filled from the services running for its home.
+
+    ``tracking_uri`` from the MLflow server (``registry_uri`` follows it when unset), ``docker_host``
+    from the engine, ``image_registry`` from the registry; each only if it answers now. Fields already
+    set are kept. Cheap when nothing runs: it stats the state files and makes at most one quick
+    check (<= 2 s) per service that looks alive. Returns a copy; ``settings`` is not changed.
+    """
+    update: dict[str, str] = {}
+    if settings.tracking_uri is None and (url := _mlflow_url(settings, timeout_s=2.0)):
+        update["tracking_uri"] = url
+    if settings.docker_host is None:
+        sock = _short_path(settings) / "docker.sock"
+        if sock.exists() and docker_ok(f"unix://{sock}", timeout_s=2.0):
+            update["docker_host"] = f"unix://{sock}"
+    addr = _state(settings, "registry", "addr")
+    if (settings.image_registry is None and addr and _pid(settings.home / "services" / "registry")
+            and registry_ok(addr, timeout_s=2.0)):
+        update["image_registry"] = addr
+    return settings.model_copy(update=update) if update else settings
 
 
 def down(settings: Settings, grace_s: float = 20.0) -> ServicesStatus:
-    """Stop what ``up`` started (the registry first, then the engine, which stops its containers)."""
-    for name in ("registry", "docker"):
+    """Stop what ``up`` started (MLflow first, then the registry, then the engine, which stops its containers)."""
+    for name in ("mlflow", "registry", "docker"):
         d = settings.home / "services" / name
         pid = _pid(d) if d.exists() else None
         if pid is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The values vLLM accepts for ``--max-lora-rank`` (vllm/config/lora.py, ``MaxLoRARanks``).
@@ -70,6 +70,33 @@ class Settings(BaseSettings):
     bench_crosscheck: bool = Field(
         default=True, description="Also run vLLM's own `vllm bench serve` on the merged server, same workload, to cross-check."
     )
+
+    image: Literal["auto", "merged", "lora", "none"] = Field(
+        default="auto",
+        description="Serving image a release builds and pushes: merged (merged weights baked in), lora (base layer + "
+        "adapter layer, runtime LoRA), none; auto = merged when a Docker engine and a registry are configured.",
+    )
+    docker_host: str | None = Field(
+        default=None, validation_alias=AliasChoices("LORALINE_DOCKER_HOST", "DOCKER_HOST"),
+        description="Docker engine to build with (e.g. unix:///run/docker.sock); default: the one `loraline services up` started.",
+    )
+    image_registry: str | None = Field(
+        default=None,
+        description="Where images are pushed: HOST[:PORT][/NAMESPACE] (the repository is <registry>/<model name>); "
+        "default: the registry `loraline services up` started. Credentials come from `docker login`, never from here.",
+    )
+    image_base: str = Field(
+        default="vllm/vllm-openai:v0.24.0",
+        description="BASE_IMAGE of the serving image: vLLM's OpenAI image at a pinned tag. Pin it by digest in production "
+        "(vllm/vllm-openai:v0.24.0@sha256:...); without registry access, build a CPU base with docker/base-cpu/build.sh.",
+    )
+    image_max_model_len: int | None = Field(default=None, ge=16, description="--max-model-len baked into the image; default: the model's context length.")
+    image_gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="--gpu-memory-utilization baked into the image; default 0.9 (0.2 on a CPU base, where it is a share of RAM).",
+    )
+    image_vllm_args: str = Field(default="", description="More vLLM server flags baked into the image's entrypoint, e.g. '--max-num-seqs 64'.")
+    image_smoke: bool = Field(default=True, description="After the push, pull the image by digest, run it and check its answers (the smoke test).")
+    smoke_timeout_s: float = Field(default=600, gt=0, description="How long the smoke test waits for the container's /health.")
 
     @field_validator("bench_concurrency")
     @classmethod

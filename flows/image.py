@@ -1,0 +1,105 @@
+"""The image steps of a release (build + push, smoke test) and the stand-alone ``image`` flow. Wiring only.
+
+Nothing is tagged on the model version until the image is pushed and its smoke test passed. A
+failed build or push marks the version ``loraline.status=failed`` (step ``image``); a failed smoke
+test also deletes the pushed manifest from the registry (step ``smoke``). A re-run builds again.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.benchmark import artifact_key
+from loraline.benchmark import release_dirs
+from loraline.engine import vllm_lora_rank
+from loraline.image import Image, build_image, delete_manifest, preflight
+from loraline.lineage import release_of
+from loraline.registry import log_image, mark_failed
+from loraline.services import configured
+from loraline.settings import Settings
+from loraline.smoke import smoke_test
+
+
+def _progress(step: str) -> Any:
+    logger = get_run_logger()
+
+    def progress(msg: str) -> None:  # minutes of work: say where it is, in Prefect's log and on stderr
+        logger.info(msg)
+        sys.stderr.write(f"loraline {step}: {msg}\n")  # not print(): log_prints would route it to the logger only
+        sys.stderr.flush()
+
+    return progress
+
+
+@task(name="image-preflight", cache_policy=NO_CACHE)
+def preflight_task(settings: Settings, mode: str, runtime_lora_servable: bool) -> None:
+    preflight(settings, mode, runtime_lora_servable)
+
+
+@task(name="image", cache_policy=NO_CACHE, task_run_name="image-{name}-v{version}-{mode}")
+def image_task(name: str, version: str, mode: str, lineage: dict[str, Any], adapter_dir: Path, base_dir: Path,
+               merged_dir: Path, settings: Settings) -> Image:
+    try:
+        return build_image(lineage, mode, settings, adapter_dir=adapter_dir, base_dir=base_dir, merged_dir=merged_dir,
+                           lora_rank=vllm_lora_rank(adapter_dir), progress=_progress("image"))
+    except Exception as e:
+        mark_failed(name, version, "image", str(e), settings)
+        raise
+
+
+@task(name="smoke", cache_policy=NO_CACHE, task_run_name="smoke-{name}-v{version}-{image.mode}")
+def smoke_task(name: str, version: str, image: Image, merged_dir: Path, settings: Settings) -> dict[str, Any]:
+    try:
+        return smoke_test(image, merged_dir, settings, _progress("smoke"))
+    except Exception as e:
+        gone = delete_manifest(image.repository, image.digest)
+        mark_failed(name, version, "smoke", f"{e}" + ("" if gone else f" (could not delete {image.pinned} from the registry)"), settings)
+        raise
+
+
+def image_release(lineage: dict[str, Any], settings: Settings, mode: str, base_dir: Path | None = None) -> dict[str, Any]:
+    """Build, push and smoke-test the ``mode`` image of the release ``lineage`` describes; record it."""
+    name, version, run_id = lineage["model_name"], str(lineage["model_version"]), lineage["mlflow_run_id"]
+    adapter_dir, base_dir, merged_dir = release_dirs(lineage, settings, base_dir)
+    img = image_task(name, version, mode, lineage, adapter_dir, base_dir, merged_dir, settings)
+    if settings.image_smoke:
+        img = replace(img, smoke=smoke_task(name, version, img, merged_dir, settings))
+    entry = log_image(name, version, run_id, img.to_dict(), settings)
+    smoke = img.smoke or {}
+    parity = "; ".join(f"{k}: {v['identical']} identical, {v['close']} close of {v['prompts']}"
+                       for k, v in (smoke.get("parity") or {}).items()) or "skipped"
+    create_markdown_artifact(
+        key=artifact_key("image", name, mode),
+        markdown=(f"## Serving image of models:/{name}/{version} ({mode})\n\n"
+                  f"```\ndocker pull {img.pinned}\ndocker run --gpus all --ipc=host -p 8000:8000 {img.pinned}\n```\n\n"
+                  f"| | |\n|---|---|\n| tag | `{img.ref}` |\n| digest | `{img.digest}` |\n| served model | `{img.served_model_name}` |\n"
+                  f"| size | {img.size_bytes / 1e9:.2f} GB ({img.compressed_bytes / 1e9:.2f} GB compressed, {img.layers} layers) |\n"
+                  f"| uploaded by this push | {img.pushed_bytes / 1e6:,.1f} MB |\n| build / push | {img.build_seconds:.1f} s / {img.push_seconds:.1f} s |\n"
+                  f"| smoke: start to ready | {smoke.get('ready_seconds', 'skipped')} s |\n"
+                  f"| smoke: parity | {parity} |\n\n"
+                  f"MLflow run `{run_id}`; trace: `loraline trace {img.pinned}`.\n"),
+        description=f"Serving image of models:/{name}/{version} ({mode})",
+    )
+    return {**lineage, "images": [i for i in lineage.get("images", []) if i.get("mode") != mode] + [entry],
+            "image": {"ref": img.ref, "digest": img.digest, "mode": mode, "pinned": img.pinned}}
+
+
+@flow(name="image", flow_run_name="image-{model}-{mode}", log_prints=True)
+def image(model: str, mode: str = "merged") -> dict[str, Any]:
+    """Build, push and smoke-test the serving image of an existing release.
+
+    Args:
+        model: the release: models:/NAME/VERSION, models:/NAME@ALIAS, or any ref `loraline trace` takes.
+        mode: merged (merged weights baked in) or lora (base layer + adapter layer, runtime LoRA).
+    """
+    settings = configured(Settings())
+    lineage = release_of(model, settings)
+    preflight(settings, mode, bool(lineage["lora"]["runtime_lora_servable"]))
+    return image_release(lineage, settings, mode)

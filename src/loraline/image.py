@@ -1,0 +1,467 @@
+"""The serving image: build it from a release, push it, read its labels back from the registry.
+
+A release's image is ``docker/Dockerfile`` on top of ``settings.image_base`` (vLLM's OpenAI image,
+or the CPU base from ``docker/base-cpu/build.sh``), in one of two modes:
+
+- ``merged``: the merged weights under ``/models/NAME``, served as ``NAME``;
+- ``lora``: the base model under ``/models/base`` (its own layer, first, so every adapter version
+  on the same base reuses it) and the adapter under ``/adapters/NAME``, served with
+  ``--enable-lora --lora-modules NAME=/adapters/NAME`` (the base answers as ``NAME-base``).
+
+The build context is written as a tar with every file 0644 and a fixed mtime (transformers writes
+safetensors 0600, which the image's non-root user could not read; the legacy builder has no
+``COPY --chmod``). Labels carry the lineage (OCI ``org.opencontainers.image.*`` and
+``org.loraline.*``), so :func:`registry_image` can trace an image from the registry alone.
+Built with the Docker SDK against ``settings.docker_host``; pushed to ``settings.image_registry``;
+registry credentials are Docker's own (``docker login``), never passed through loraline.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from loraline import __version__
+from loraline.errors import ImageError
+from loraline.settings import Settings, redact
+
+DOCKERFILE = Path(__file__).resolve().parents[2] / "docker" / "Dockerfile"
+LABEL = "org.loraline."
+OCI = "org.opencontainers.image."
+MODES = ("merged", "lora")
+SERVE_UID = 10001
+# Weights that would be unpickled to load: never shipped (validation refuses adapters made of them).
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_MANIFESTS = ", ".join([
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.index.v1+json",
+])
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built and pushed serving image."""
+
+    mode: str  # merged | lora
+    ref: str  # REGISTRY/REPO:TAG
+    digest: str  # sha256:... of the pushed manifest
+    repository: str  # REGISTRY/REPO
+    served_model_name: str  # what clients put in "model"
+    image_id: str
+    size_bytes: int  # uncompressed, as `docker images` shows it
+    compressed_bytes: int  # sum of the pushed layers
+    pushed_bytes: int  # layers uploaded by this push (the rest already were in the registry)
+    layers: int
+    build_seconds: float
+    push_seconds: float
+    base_image: str
+    labels: dict[str, str] = field(default_factory=dict)
+    smoke: dict[str, Any] | None = None
+
+    @property
+    def pinned(self) -> str:
+        """``REGISTRY/REPO@sha256:...``: what to pull and run."""
+        return f"{self.repository}@{self.digest}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "pinned": self.pinned}
+
+
+# --------------------------------------------------------------------------- settings -> engine, registry
+
+
+def image_mode(settings: Settings) -> str:
+    """The mode a release builds: the setting, or for ``auto`` merged when an engine and a registry are configured."""
+    if settings.image != "auto":
+        return settings.image
+    return "merged" if settings.docker_host and settings.image_registry else "none"
+
+
+def docker_client(settings: Settings, timeout: int = 3600) -> Any:
+    """A Docker SDK client for ``settings.docker_host`` (Docker's default socket when unset) that answers."""
+    import docker
+    from docker.errors import DockerException
+
+    host = settings.docker_host or "unix:///var/run/docker.sock"
+    try:
+        client = docker.DockerClient(base_url=host, timeout=timeout)
+        client.ping()
+    except DockerException as e:
+        raise ImageError(f"no Docker engine answers at {host} ({_short(e)}): start one (`loraline services up`, or the "
+                         "Docker daemon) or point LORALINE_DOCKER_HOST at it") from e
+    return client
+
+
+def registry_url(host: str) -> str:
+    """``http://`` for loopback registries (Docker treats 127.0.0.0/8 as insecure), ``https://`` otherwise."""
+    h = host.split("/")[0]
+    loopback = h.split(":")[0] in ("localhost", "127.0.0.1", "[::1]") or h.startswith("127.")
+    return ("http://" if loopback else "https://") + h
+
+
+def check_registry(settings: Settings) -> str:
+    """The registry to push to, checked to answer ``/v2/``; a clear error otherwise."""
+    import httpx
+
+    reg = settings.image_registry
+    if not reg:
+        raise ImageError("no image registry to push to: start one with `loraline services up`, or set "
+                         "LORALINE_IMAGE_REGISTRY=HOST[:PORT][/NAMESPACE] (or LORALINE_IMAGE=none to skip the image)")
+    if "@" in reg.split("/")[0] or "://" in reg:
+        raise ImageError(f"LORALINE_IMAGE_REGISTRY={redact(reg)!r} must be HOST[:PORT][/NAMESPACE] without a scheme or "
+                         "credentials; log in with `docker login HOST` instead")
+    try:
+        r = httpx.get(registry_url(reg) + "/v2/", timeout=10)
+    except httpx.HTTPError as e:
+        raise ImageError(f"the image registry {reg} does not answer ({_short(e)}): start it (`loraline services up`) "
+                         "or fix LORALINE_IMAGE_REGISTRY; nothing was built or tagged") from e
+    if r.status_code not in (200, 401):  # 401: it wants a token; the push authenticates with Docker's credentials
+        raise ImageError(f"the image registry {reg} answered {r.status_code} on /v2/: is it a Docker registry?")
+    return reg
+
+
+def preflight(settings: Settings, mode: str, runtime_lora_servable: bool = True) -> None:
+    """Refuse early (before any merge or registration) what cannot end in a pushed image."""
+    if mode == "none":
+        return
+    if mode not in MODES:
+        raise ImageError(f"image mode {mode!r} is unknown: use merged, lora or none")
+    if mode == "lora" and not runtime_lora_servable:
+        raise ImageError("--image lora: vLLM cannot serve this adapter as runtime LoRA (see the validation notes); "
+                         "use --image merged")
+    check_registry(settings)
+    docker_client(settings, timeout=30).close()
+
+
+# --------------------------------------------------------------------------- context
+
+
+def repository(settings: Settings, name: str) -> str:
+    reg = (settings.image_registry or "").rstrip("/")
+    return f"{reg}/{name.lower()}" if reg else name.lower()
+
+
+def image_tag(version: str | int, mode: str) -> str:
+    return f"v{version}-{mode}"
+
+
+def _files(root: Path, only: Iterable[str] | None = None) -> list[tuple[str, Path]]:
+    """(relative name, real path) of the files to ship: no dotfiles, no pickled weights, symlinks followed."""
+    if only is not None:
+        names = sorted(only)
+    else:
+        names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    out = []
+    for rel in names:
+        if any(part.startswith(".") for part in Path(rel).parts) or rel.endswith(_PICKLES):
+            continue
+        out.append((rel, (root / rel).resolve()))
+    return out
+
+
+def write_context(out: Path, *, mode: str, name: str, merged_dir: Path, base_dir: Path, adapter_dir: Path,
+                  adapter_files: Iterable[str] | None, lineage: dict[str, Any]) -> Path:
+    """The build context as a tar: Dockerfile, base/, model/, adapter/, lineage.json; files 0644, dirs 0755, mtime 0."""
+    parts: dict[str, list[tuple[str, Path]]] = {"base": [], "model": [], "adapter": []}
+    if mode == "merged":
+        parts["model"] = _files(merged_dir)
+    else:
+        parts["base"] = _files(base_dir)
+        parts["adapter"] = _files(adapter_dir, adapter_files)
+
+    def info(arcname: str, size: int = 0, directory: bool = False) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(arcname)
+        ti.mode, ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = (0o755 if directory else 0o644), 0, 0, 0, "root", "root"
+        ti.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
+        ti.size = size
+        return ti
+
+    with tarfile.open(out, "w") as tar:
+        df = DOCKERFILE.read_bytes()
+        tar.addfile(info("Dockerfile", len(df)), io.BytesIO(df))
+        lj = json.dumps(lineage, indent=2, default=str).encode()
+        tar.addfile(info("lineage.json", len(lj)), io.BytesIO(lj))
+        for part, files in parts.items():
+            tar.addfile(info(part + "/", directory=True))
+            made: set[str] = set()
+            for rel, real in files:
+                for parent in reversed(Path(rel).parents[:-1]):
+                    if str(parent) not in made:
+                        made.add(str(parent))
+                        tar.addfile(info(f"{part}/{parent}/", directory=True))
+                with real.open("rb") as f:
+                    tar.addfile(info(f"{part}/{rel}", real.stat().st_size), f)
+    return out
+
+
+def labels(lineage: dict[str, Any], mode: str, base_image: str) -> dict[str, str]:
+    """OCI labels plus the lineage keys ``loraline trace IMAGE`` needs, all free of credentials."""
+    a, b, m = lineage["adapter"], lineage["base"], lineage["merged"]
+    name, version = lineage["model_name"], str(lineage["model_version"])
+    out = {
+        OCI + "title": f"{name} v{version} ({mode})",
+        OCI + "description": f"vLLM OpenAI server with LoRA release models:/{name}/{version} ({mode}); made by loraline",
+        OCI + "source": a.get("resolved") or a["source"],
+        OCI + "revision": a.get("revision") or a["sha256"],
+        OCI + "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        OCI + "version": f"{name}-v{version}",
+        OCI + "base.name": base_image,
+        LABEL + "mode": mode,
+        LABEL + "model.name": name,
+        LABEL + "model.version": version,
+        LABEL + "model.uri": f"models:/{name}/{version}",
+        LABEL + "mlflow.run_id": lineage["mlflow_run_id"],
+        LABEL + "mlflow.tracking_uri": lineage.get("tracking_uri", ""),
+        LABEL + "adapter.sha256": a["sha256"],
+        LABEL + "adapter.source": a["source"],
+        LABEL + "base.sha256": b["sha256"],
+        LABEL + "base.source": b["source"],
+        LABEL + "merged.sha256": m["sha256"],
+        LABEL + "version": __version__,
+    }
+    return {k: redact(str(v)) for k, v in out.items()}
+
+
+def _max_model_len(model_dir: Path, settings: Settings) -> int:
+    if settings.image_max_model_len:
+        return settings.image_max_model_len
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return int(cfg.get("max_position_embeddings") or 2048)
+
+
+def build_args(lineage: dict[str, Any], mode: str, settings: Settings, *, cpu_base: bool, model_dir: Path,
+               lora_rank: int) -> dict[str, str]:
+    """Dockerfile build args: where the model is, its served name and vLLM's flags (from the release config)."""
+    name = lineage["model_name"]
+    args = [settings.image_vllm_args] if settings.image_vllm_args else []
+    if cpu_base:  # torch.compile on CPU needs a C++ compiler the base does not have
+        args.insert(0, "--enforce-eager")
+    if mode == "lora":
+        args.insert(0, f"--enable-lora --lora-modules {name}=/adapters/{name} --max-lora-rank {lora_rank}")
+    util = settings.image_gpu_memory_utilization or (0.2 if cpu_base else 0.9)
+    return {
+        "BASE_IMAGE": "",  # filled by build_image
+        "MODEL_NAME": name,
+        "MODEL_DIR": f"/models/{name}" if mode == "merged" else "/models/base",
+        "SERVED_MODEL_NAME": name if mode == "merged" else f"{name}-base",
+        "MAX_MODEL_LEN": str(_max_model_len(model_dir, settings)),
+        "GPU_MEMORY_UTILIZATION": str(util),
+        "VLLM_ARGS": " ".join(args),
+        "SERVE_UID": str(SERVE_UID),
+    }
+
+
+# --------------------------------------------------------------------------- build, push
+
+
+def ensure_base(client: Any, base_image: str, progress: Progress) -> dict[str, str]:
+    """The base image's labels; pulled when the engine does not have it."""
+    from docker.errors import APIError, ImageNotFound
+
+    try:
+        return client.images.get(base_image).labels or {}
+    except ImageNotFound:
+        pass
+    progress(f"pulling the base image {base_image}")
+    try:
+        return client.images.pull(base_image).labels or {}
+    except APIError as e:
+        raise ImageError(
+            f"the base image {base_image} is not in the engine and cannot be pulled ({_short(e)}): pull it, or set "
+            "LORALINE_IMAGE_BASE to one the engine has; without registry access build a CPU base with "
+            "`docker/base-cpu/build.sh REF` and set LORALINE_IMAGE_BASE=REF"
+        ) from e
+
+
+def build_image(lineage: dict[str, Any], mode: str, settings: Settings, *, adapter_dir: Path, base_dir: Path,
+                merged_dir: Path, lora_rank: int, progress: Progress = lambda _m: None) -> Image:
+    """Build the serving image of a release and push it; nothing is recorded in MLflow here."""
+    client = docker_client(settings)
+    try:
+        return _build_and_push(client, lineage, mode, settings, adapter_dir=adapter_dir, base_dir=base_dir,
+                               merged_dir=merged_dir, lora_rank=lora_rank, progress=progress)
+    finally:
+        client.close()
+
+
+def _build_and_push(client: Any, lineage: dict[str, Any], mode: str, settings: Settings, *, adapter_dir: Path,
+                    base_dir: Path, merged_dir: Path, lora_rank: int, progress: Progress) -> Image:
+    from docker.errors import APIError
+
+    if mode not in MODES:
+        raise ImageError(f"image mode {mode!r} is unknown: use merged or lora")
+    name, version = lineage["model_name"], str(lineage["model_version"])
+    repo, tag = repository(settings, name), image_tag(version, mode)
+    base_labels = ensure_base(client, settings.image_base, progress)
+    cpu_base = base_labels.get(LABEL + "base") == "cpu"
+    args = build_args(lineage, mode, settings, cpu_base=cpu_base, model_dir=merged_dir if mode == "merged" else base_dir,
+                      lora_rank=lora_rank)
+    args["BASE_IMAGE"] = settings.image_base
+    lab = labels(lineage, mode, settings.image_base)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=settings.home, prefix="build-") as tmp:
+        ctx = write_context(Path(tmp) / "context.tar", mode=mode, name=name, merged_dir=merged_dir, base_dir=base_dir,
+                            adapter_dir=adapter_dir, adapter_files=lineage["adapter"].get("files") or None, lineage=lineage)
+        progress(f"building {repo}:{tag} on {settings.image_base} ({ctx.stat().st_size / 1e6:,.1f} MB context)")
+        image_id = None
+        with ctx.open("rb") as f:
+            try:
+                for ev in client.api.build(fileobj=f, custom_context=True, tag=f"{repo}:{tag}", buildargs=args,
+                                           labels=lab, rm=True, forcerm=True, pull=False, decode=True):
+                    if "error" in ev:
+                        raise ImageError(f"docker build of {repo}:{tag} failed: {ev['error'].strip()}")
+                    if line := (ev.get("stream") or "").strip():
+                        if line.startswith("Step "):
+                            progress(line)
+                    if "aux" in ev and "ID" in ev["aux"]:
+                        image_id = ev["aux"]["ID"]
+            except APIError as e:
+                raise ImageError(f"docker build of {repo}:{tag} failed: {_short(e)}") from e
+    if image_id is None:
+        raise ImageError(f"docker build of {repo}:{tag} finished without an image id")
+    build_s = time.perf_counter() - t0
+    img = client.images.get(image_id)
+    progress(f"built {repo}:{tag} in {build_s:.1f} s ({img.attrs['Size'] / 1e9:.2f} GB); pushing")
+
+    t0 = time.perf_counter()
+    digest, statuses = push(client, repo, tag, progress)
+    push_s = time.perf_counter() - t0
+    manifest = registry_manifest(f"{repo}@{digest}")[1]
+    layer_sizes = [int(layer["size"]) for layer in manifest.get("layers", [])]
+    diff_ids = img.attrs["RootFS"]["Layers"]
+    pushed = sum(size for size, diff in zip(layer_sizes, diff_ids) if statuses.get(diff.split(":")[-1][:12]) == "Pushed")
+    progress(f"pushed {repo}@{digest} in {push_s:.1f} s ({pushed / 1e6:,.1f} MB uploaded, "
+             f"{sum(layer_sizes) / 1e6:,.1f} MB in {len(layer_sizes)} layers)")
+    return Image(mode=mode, ref=f"{repo}:{tag}", digest=digest, repository=repo,
+                 served_model_name=name, image_id=image_id, size_bytes=int(img.attrs["Size"]),
+                 compressed_bytes=sum(layer_sizes), pushed_bytes=pushed, layers=len(layer_sizes), build_seconds=build_s,
+                 push_seconds=push_s, base_image=settings.image_base, labels=lab)
+
+
+def push(client: Any, repo: str, tag: str, progress: Progress = lambda _m: None) -> tuple[str, dict[str, str]]:
+    """Push ``repo:tag``; the manifest digest and each layer's final status (Pushed / Layer already exists)."""
+    from docker.errors import APIError
+
+    statuses: dict[str, str] = {}
+    digest = None
+    last = 0.0
+    try:
+        for ev in client.api.push(repo, tag=tag, stream=True, decode=True):
+            if "error" in ev:
+                raise ImageError(f"docker push of {repo}:{tag} failed: {ev['error'].strip()}; nothing was tagged on the "
+                                 "model version; re-run the release when the registry is reachable")
+            st, lid = ev.get("status", ""), ev.get("id", "")
+            if lid and (st in ("Pushed", "Layer already exists") or st.startswith("Mounted from")):
+                statuses[lid] = "Pushed" if st == "Pushed" else "exists"
+            if "aux" in ev and "Digest" in ev["aux"]:
+                digest = ev["aux"]["Digest"]
+            if st == "Pushing" and time.monotonic() - last > 10:
+                last = time.monotonic()
+                progress(f"pushing {repo}:{tag}: {ev.get('progress', '').split(']')[-1].strip()}")
+    except APIError as e:
+        raise ImageError(f"docker push of {repo}:{tag} failed: {_short(e)}; nothing was tagged on the model version") from e
+    if not digest:
+        raise ImageError(f"docker push of {repo}:{tag} reported no manifest digest; nothing was tagged on the model version")
+    return digest, statuses
+
+
+# --------------------------------------------------------------------------- registry API (no engine, no run)
+
+_REF = re.compile(r"^(?P<host>[^/]+)/(?P<repo>[a-z0-9._/-]+?)(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
+
+
+def parse_ref(ref: str) -> tuple[str, str, str]:
+    """``HOST[:PORT]/REPO[:TAG][@sha256:...]`` -> (host, repo, tag-or-digest); the host must be given."""
+    m = _REF.match(ref.strip())
+    if not m or ("." not in m["host"] and ":" not in m["host"] and m["host"] != "localhost"):
+        raise ImageError(f"{ref!r} is not an image reference with a registry: use HOST[:PORT]/NAME:TAG or "
+                         "HOST[:PORT]/NAME@sha256:DIGEST")
+    if "@" in m["host"]:
+        raise ImageError("image references must not carry credentials: log in with `docker login HOST` instead")
+    return m["host"], m["repo"], m["digest"] or m["tag"] or "latest"
+
+
+def _registry_get(host: str, path: str, accept: str | None = None) -> Any:
+    """GET a registry API path, with the anonymous bearer-token dance registries like Docker Hub and GHCR want."""
+    import httpx
+
+    headers = {"Accept": accept} if accept else {}
+    url = registry_url(host) + path
+    with httpx.Client(timeout=30, follow_redirects=True) as http:
+        r = http.get(url, headers=headers)
+        if r.status_code == 401 and "bearer" in r.headers.get("www-authenticate", "").lower():
+            params = dict(re.findall(r'(\w+)="([^"]*)"', r.headers["www-authenticate"]))
+            realm = params.pop("realm", "")
+            tok = http.get(realm, params=params).json()
+            headers["Authorization"] = f"Bearer {tok.get('token') or tok.get('access_token')}"
+            r = http.get(url, headers=headers)
+        return r
+
+
+def registry_manifest(ref: str) -> tuple[str, dict[str, Any]]:
+    """(digest, manifest) of ``ref`` from its registry; an index resolves to its linux/amd64 manifest."""
+    import httpx
+
+    host, repo, ref_part = parse_ref(ref)
+    try:
+        r = _registry_get(host, f"/v2/{repo}/manifests/{ref_part}", _MANIFESTS)
+    except httpx.HTTPError as e:
+        raise ImageError(f"the registry {host} does not answer ({_short(e)}); is it running?") from e
+    if r.status_code == 404:
+        raise ImageError(f"{ref} is not in the registry {host} (404): check the name and tag or digest")
+    if r.status_code != 200:
+        raise ImageError(f"the registry {host} answered {r.status_code} for {ref}: {r.text[:200]}")
+    manifest = r.json()
+    digest = r.headers.get("docker-content-digest") or ref_part
+    if "manifests" in manifest:  # an index: pick the linux/amd64 image
+        pick = next((m for m in manifest["manifests"] if m.get("platform", {}).get("architecture") == "amd64"),
+                    manifest["manifests"][0])
+        return registry_manifest(f"{host}/{repo}@{pick['digest']}")
+    return digest, manifest
+
+
+def registry_image(ref: str) -> dict[str, Any]:
+    """An image's digest, labels and layer sizes, read from its registry (nothing is pulled or run)."""
+    host, repo, _ = parse_ref(ref)
+    digest, manifest = registry_manifest(ref)
+    r = _registry_get(host, f"/v2/{repo}/blobs/{manifest['config']['digest']}")
+    if r.status_code != 200:
+        raise ImageError(f"the registry {host} answered {r.status_code} for the config of {ref}")
+    config = r.json()
+    return {
+        "ref": ref,
+        "repository": f"{host}/{repo}",
+        "digest": digest,
+        "pinned": f"{host}/{repo}@{digest}",
+        "labels": (config.get("config") or {}).get("Labels") or {},
+        "created": config.get("created"),
+        "layers": [int(layer["size"]) for layer in manifest.get("layers", [])],
+    }
+
+
+def delete_manifest(repo: str, digest: str) -> bool:
+    """Remove a pushed manifest (a release that failed after its push leaves no tag behind). True when gone."""
+    import httpx
+
+    host, name, _ = parse_ref(f"{repo}@{digest}")
+    try:
+        r = httpx.delete(f"{registry_url(host)}/v2/{name}/manifests/{digest}", timeout=30)
+    except httpx.HTTPError:
+        return False
+    return r.status_code in (202, 404)
+
+
+def _short(e: BaseException) -> str:
+    text = getattr(e, "explanation", None) or str(e)
+    return redact(str(text).strip().splitlines()[-1][:300]) if str(text).strip() else type(e).__name__

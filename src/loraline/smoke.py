@@ -1,0 +1,175 @@
+"""The smoke test of a pushed serving image: pull it by digest, run it, ask it, stop it.
+
+``docker run --network host --ipc=host REPO@sha256:...`` (vLLM needs more shared memory than
+Docker's 64 MiB default) with the server bound to 127.0.0.1 on a free port; wait for ``/health``;
+``/v1/models`` must list the served name; then chat completions on the fixed parity prompts,
+plain and streaming, greedy, with ``logprobs``: each answer must agree with the merged model's HF
+greedy output under the parity rule (:func:`loraline.parity.judge`). The container is always
+stopped and removed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from loraline.errors import ImageError
+from loraline.image import Image, docker_client
+from loraline.parity import Generation, ParityReport, report
+from loraline.settings import Settings
+
+
+def _generation(content: Sequence[dict[str, Any]], text: str) -> Generation:
+    """A Generation from OpenAI chat ``logprobs.content`` entries (tokens as ``token_id:N``)."""
+    def tid(tok: str) -> int:
+        if not tok.startswith("token_id:"):
+            raise ImageError(f"the server returned token {tok!r} instead of token_id:N: is it vLLM's OpenAI server?")
+        return int(tok.split(":", 1)[1])
+
+    return Generation(
+        tokens=tuple(tid(c["token"]) for c in content),
+        logprobs=tuple(float(c["logprob"]) for c in content),
+        top=tuple({tid(t["token"]): float(t["logprob"]) for t in c.get("top_logprobs") or []} for c in content),
+        text=text,
+    )
+
+
+def chat(http: Any, url: str, model: str, messages: list[dict[str, str]], settings: Settings, *, stream: bool) -> Generation:
+    """One greedy chat completion with per-token logprobs, plain or streamed (SSE)."""
+    body = {"model": model, "messages": messages, "max_tokens": settings.parity_max_new_tokens, "temperature": 0.0,
+            "logprobs": True, "top_logprobs": settings.parity_top_k, "return_tokens_as_token_ids": True,
+            "stream": stream}
+    if not stream:
+        r = http.post(f"{url}/v1/chat/completions", json=body)
+        if r.status_code != 200:
+            raise ImageError(f"POST /v1/chat/completions answered {r.status_code}: {r.text[:300]}")
+        choice = r.json()["choices"][0]
+        return _generation(choice["logprobs"]["content"], choice["message"]["content"] or "")
+    content: list[dict[str, Any]] = []
+    text = []
+    with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise ImageError(f"POST /v1/chat/completions (stream) answered {r.status_code}: {r.read()[:300]!r}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[6:]).get("choices", []):
+                text.append((choice.get("delta") or {}).get("content") or "")
+                content.extend((choice.get("logprobs") or {}).get("content") or [])
+    return _generation(content, "".join(text))
+
+
+def reference(merged_dir: Path, questions: Sequence[str], settings: Settings) -> list[Generation]:
+    """The merged model's HF greedy outputs on the chat-rendered questions (what the image must reproduce)."""
+    import gc
+
+    from loraline.models import base_dtype_name, load_causal_lm, load_tokenizer
+    from loraline.parity import encode_prompts, generate_greedy_ids
+    from loraline.text2sql import render_prompt
+
+    tok = load_tokenizer(merged_dir, merged_dir, settings)
+    ids = encode_prompts(tok, [render_prompt(tok, q) for q in questions])
+    model = load_causal_lm(merged_dir, settings, base_dtype_name(merged_dir))
+    try:
+        return generate_greedy_ids(model, tok, ids, max_new_tokens=settings.parity_max_new_tokens, top_k=settings.parity_top_k)
+    finally:
+        del model
+        gc.collect()
+
+
+def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Pull ``image`` by digest, run it, check it answers like the merged model; the container is removed after."""
+    import httpx
+    from docker.errors import APIError
+
+    from loraline.parity import require_parity
+    from loraline.server import free_port
+    from loraline.text2sql import chat_messages, load_examples
+
+    questions = [e.question for e in load_examples("eval")[: settings.parity_prompts]]
+    progress(f"smoke: HF greedy reference of the merged model on {len(questions)} prompts")
+    expected = reference(merged_dir, questions, settings)
+
+    client = docker_client(settings)
+    container = None
+    try:
+        t0 = time.perf_counter()
+        try:
+            client.images.pull(image.pinned)
+        except APIError as e:
+            raise ImageError(f"pulling {image.pinned} back from the registry failed: {e.explanation or e}") from e
+        pull_s = time.perf_counter() - t0
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        progress(f"smoke: docker run {image.pinned} on 127.0.0.1:{port}")
+        t0 = time.perf_counter()
+        container = client.containers.run(
+            image.pinned, command=["--host", "127.0.0.1", "--port", str(port)], detach=True, network_mode="host",
+            ipc_mode="host", name=f"loraline-smoke-{uuid.uuid4().hex[:8]}", labels={"org.loraline.smoke": image.ref},
+        )
+        with httpx.Client(timeout=120) as http, _with_log(container):
+            ready_s = _wait_ready(http, url, container, settings.smoke_timeout_s, t0)
+            progress(f"smoke: ready in {ready_s:.1f} s")
+            models = [m["id"] for m in http.get(f"{url}/v1/models").json().get("data", [])]
+            if image.served_model_name not in models:
+                raise ImageError(f"{image.pinned} serves {models}, not {image.served_model_name!r}")
+            reports: list[ParityReport] = []
+            for stream in (False, True):
+                t1 = time.perf_counter()
+                got = [chat(http, url, image.served_model_name, chat_messages(q), settings, stream=stream) for q in questions]
+                reports.append(report("hf-merged", f"image-{image.mode}" + ("-stream" if stream else ""), questions, expected,
+                                      got, top_k=settings.parity_top_k, max_new_tokens=settings.parity_max_new_tokens,
+                                      seconds=time.perf_counter() - t1))
+            user = container.attrs.get("Config", {}).get("User", "")
+            for rep in reports:
+                require_parity(rep)
+        return {"pinned": image.pinned, "pull_seconds": round(pull_s, 2), "ready_seconds": round(ready_s, 2),
+                "served_models": models, "user": user, "parity": {r.b: r.summary() for r in reports},
+                "answers": [r.b_text for r in reports[0].results]}
+    finally:
+        if container is not None:
+            try:
+                container.stop(timeout=20)
+            finally:
+                container.remove(force=True)
+        client.close()
+
+
+@contextmanager
+def _with_log(container: Any) -> Iterator[None]:
+    """A smoke failure says what the server logged (its last error lines), not only what the client saw."""
+    import httpx
+
+    try:
+        yield
+    except (ImageError, httpx.HTTPError) as e:
+        if "container log" in str(e) or "before /health" in str(e):
+            raise
+        lines = container.logs(tail=200).decode(errors="replace").splitlines()
+        errors = [ln for ln in lines if "ERROR" in ln or "Error" in ln][-8:] or lines[-8:]
+        raise ImageError(f"{e}\ncontainer log (last error lines):\n" + "\n".join(errors)) from e
+
+
+def _wait_ready(http: Any, url: str, container: Any, timeout_s: float, t0: float) -> float:
+    import httpx
+
+    deadline = t0 + timeout_s
+    while time.perf_counter() < deadline:
+        try:
+            if http.get(f"{url}/health", timeout=5).status_code == 200:
+                return time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        container.reload()
+        if container.status in ("exited", "dead"):
+            logs = container.logs(tail=30).decode(errors="replace")
+            raise ImageError(f"the container of {container.image.tags or container.image.id} exited "
+                             f"({container.attrs['State'].get('ExitCode')}) before /health answered:\n{logs}")
+        time.sleep(1)
+    logs = container.logs(tail=30).decode(errors="replace")
+    raise ImageError(f"the container did not answer /health within {timeout_s:.0f} s (LORALINE_SMOKE_TIMEOUT_S):\n{logs}")

@@ -1,0 +1,254 @@
+"""The serving image on a real Docker engine and registry (Debian packages, 127.0.0.1), on a CPU vLLM base image
+built from Debian packages once per session (tests/conftest.py ``image_services``): build, push, pull by digest, run,
+answer like the merged model, trace back from the registry; faults leave no image tag on the model version."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from loraline.settings import Settings
+from conftest import mlflow_state
+
+LORALINE = str(Path(sys.executable).with_name("loraline"))
+pytestmark = pytest.mark.slow
+
+
+def loraline(*args: str, env: dict[str, str], timeout: int = 1800) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([LORALINE, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def smoke_containers(docker_host: str) -> list[str]:
+    import docker
+
+    client = docker.DockerClient(base_url=docker_host)
+    try:
+        return [c.name for c in client.containers.list(all=True, filters={"label": "org.loraline.smoke"})]
+    finally:
+        client.close()
+
+
+def test_release_builds_pushes_smoke_tests_and_traces_a_merged_image(image_services, demo_assets) -> None:
+    """`loraline release` with `services up`: the MLflow server is the tracking store, the image is pushed to the
+    registry, pulled back by digest, run and asked; `trace` walks from the image in the registry to the checkpoint."""
+    svc = image_services
+    env = {**os.environ, **svc.env, "LORALINE_HOME": str(svc.home)}  # the services' home: its MLflow server, engine and registry
+    proc = loraline("release", "--adapter", str(demo_assets.checkpoint), "--base", str(demo_assets.base),
+                    "--name", "smol-img", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout)
+    image = out["image"]
+    assert image["mode"] == "merged" and image["ref"] == f"{svc.registry}/smol-img:v1-merged"
+    assert image["digest"].startswith("sha256:") and image["pinned"] == f"{svc.registry}/smol-img@{image['digest']}"
+    assert out["tracking_uri"] == svc.mlflow_url  # releases use the MLflow server of `services up`
+
+    # The registry has the manifest, and its labels carry the lineage.
+    from loraline.image import registry_image
+
+    reg = registry_image(image["pinned"])
+    assert reg["digest"] == image["digest"]
+    labels = reg["labels"]
+    assert labels["org.loraline.model.name"] == "smol-img" and labels["org.loraline.model.version"] == "1"
+    assert labels["org.loraline.adapter.sha256"] == out["adapter"]["sha256"]
+    assert labels["org.loraline.merged.sha256"] == out["merged"]["sha256"]
+    assert labels["org.loraline.mlflow.run_id"] == out["mlflow_run_id"]
+    for key in ("source", "revision", "created", "version"):
+        assert labels[f"org.opencontainers.image.{key}"], key
+
+    # The smoke test ran the pulled image and it answered like the merged model (plain and streaming chat).
+    entry = next(i for i in out["images"] if i["mode"] == "merged")
+    smoke = entry["smoke"]
+    assert smoke["ready_seconds"] > 0 and "smol-img" in smoke["served_models"]
+    for name, p in smoke["parity"].items():
+        assert p["failed"] == 0 and p["identical"] + p["close"] == p["prompts"] > 0, (name, p)
+    assert set(smoke["parity"]) == {"image-merged", "image-merged-stream"}
+    assert smoke_containers(svc.docker_host) == []  # stopped and removed
+
+    # MLflow (the server) holds the digest on the model version and the run.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(svc.mlflow_url, svc.mlflow_url)
+    mv = client.get_model_version("smol-img", "1")
+    assert mv.tags["loraline.image.digest"] == image["digest"] and mv.tags["loraline.image.ref"] == image["ref"]
+    assert mv.tags["loraline.status"] == "released"
+    assert client.get_run(out["mlflow_run_id"]).data.tags["loraline.image.digest"] == image["digest"]
+    assert image["pinned"] in mv.description
+
+    # trace IMAGE: from the registry's labels (nothing pulled or run) back to the adapter checkpoint.
+    t = loraline("trace", image["pinned"], "--json", env=env)
+    assert t.returncode == 0, t.stderr[-2000:]
+    chain = json.loads(t.stdout)
+    assert chain["model_uri"] == "models:/smol-img/1" and chain["adapter"]["sha256"] == out["adapter"]["sha256"]
+    assert chain["adapter"]["source"] == str(demo_assets.checkpoint)
+    assert chain["registry_image"]["recorded"] is True and chain["registry_image"]["mode"] == "merged"
+    # ... and by tag, and by bare digest; trace models:/ lists the image.
+    by_tag = json.loads(loraline("trace", image["ref"], "--json", env=env).stdout)
+    assert by_tag["registry_image"]["digest"] == image["digest"]
+    by_digest = json.loads(loraline("trace", image["digest"], "--json", env=env).stdout)
+    assert by_digest["model_uri"] == "models:/smol-img/1"
+    listed = json.loads(loraline("trace", "models:/smol-img/1", "--json", env=env).stdout)
+    assert [i["pinned"] for i in listed["images"]] == [image["pinned"]]
+
+    # The same release again: nothing rebuilt, the same image reported.
+    again = loraline("release", "--adapter", str(demo_assets.checkpoint), "--base", str(demo_assets.base),
+                     "--name", "smol-img", "--json", env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout)["image"]["digest"] == image["digest"] and json.loads(again.stdout)["existing"] is True
+
+    # An image that loraline did not build is refused with a clear error.
+    bad = loraline("trace", f"{svc.registry}/nothing-here:v1", env=env)
+    assert bad.returncode == 1 and "not in the registry" in bad.stderr
+
+
+def scaled_adapter(src: Path, dst: Path, factor: float) -> Path:
+    """Another adapter version on the same base: the demo checkpoint with lora_B scaled (a new digest, same shapes)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    f = dst / "adapter_model.safetensors"
+    tensors = load_file(f)
+    save_file({k: (v * factor if "lora_B" in k else v).contiguous() for k, v in tensors.items()}, f)
+    return dst
+
+
+def test_runtime_lora_images_share_the_base_layer(image_services, demo_assets, tmp_path: Path, home: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, prefect_harness) -> None:
+    """--image lora: base layer + adapter layer; the second adapter version on the same base uploads only its small
+    layers, and the runtime-LoRA container answers like the merged model."""
+    from flows.release import release
+
+    for k, v in image_services.env.items():
+        monkeypatch.setenv(k, v)
+    v1 = release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name="smol-lora", image="lora")
+    img1 = next(i for i in v1["images"] if i["mode"] == "lora")
+    assert v1["image"]["ref"].endswith("/smol-lora:v1-lora")
+    assert set(img1["smoke"]["served_models"]) == {"smol-lora-base", "smol-lora"}  # the base, and the adapter by name
+    for p in img1["smoke"]["parity"].values():
+        assert p["failed"] == 0, p
+
+    monkeypatch.setenv("LORALINE_IMAGE_SMOKE", "false")  # the first version proved the mode serves
+    other = scaled_adapter(demo_assets.checkpoint, tmp_path / "checkpoint-200", 1.5)
+    v2 = release(adapter=str(other), base=str(demo_assets.base), name="smol-lora", image="lora")
+    img2 = next(i for i in v2["images"] if i["mode"] == "lora")
+    assert v2["model_version"] == "2" and img2["digest"] != img1["digest"]
+
+    from loraline.image import registry_image
+
+    l1, l2 = registry_image(img1["pinned"])["layers"], registry_image(img2["pinned"])["layers"]
+    adapter_bytes = sum((other / f).stat().st_size for f in ("adapter_model.safetensors", "adapter_config.json"))
+    # Everything up to the base-model layer is shared; what v2 uploaded is its adapter + lineage layers (compressed).
+    assert img2["pushed_bytes"] <= 2 * adapter_bytes + 64 * 1024, (img2["pushed_bytes"], adapter_bytes)
+    assert img2["pushed_bytes"] < img2["compressed_bytes"] / 100
+    assert len(l1) == len(l2) and l1[:-3] == l2[:-3]
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the registry that, while ``cut`` is set, drops any connection after 64 KiB of
+    upload: a push interrupted mid-layer (Docker retries, then gives up)."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.split(":")
+        self.upstream = (host, int(port))
+        self.cut = True
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pipe, args=(client, up, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, upload: bool) -> None:
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                sent += len(data)
+                if upload and self.cut and sent > 64 * 1024:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_image_faults_leave_no_image_tag_and_a_rerun_succeeds(image_services, demo_assets, home: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, prefect_harness) -> None:
+    from flows.release import release
+    from loraline.errors import ImageError
+    from loraline.server import free_port
+
+    for k, v in image_services.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("LORALINE_IMAGE_SMOKE", "false")
+    settings = Settings()
+    kw = dict(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name="smol-fault", image="merged")
+
+    # Engine down: refused before anything is merged or registered.
+    monkeypatch.setenv("LORALINE_DOCKER_HOST", f"unix://{home}/no-docker.sock")
+    with pytest.raises(ImageError, match=r"no Docker engine answers at unix://.*no-docker.sock.*LORALINE_DOCKER_HOST"):
+        release(**kw)
+    assert mlflow_state(settings)["versions"] == []
+    monkeypatch.setenv("LORALINE_DOCKER_HOST", image_services.docker_host)
+
+    # Registry down: refused the same way.
+    monkeypatch.setenv("LORALINE_IMAGE_REGISTRY", f"127.0.0.1:{free_port()}")
+    with pytest.raises(ImageError, match=r"the image registry 127\.0\.0\.1:\d+ does not answer.*nothing was built or tagged"):
+        release(**kw)
+    assert mlflow_state(settings)["versions"] == []
+
+    # Push interrupted mid-layer: the version is registered (before the image step) but carries no image tag,
+    # is marked failed with the reason, and the registry has no such tag.
+    proxy = CuttingProxy(image_services.registry)
+    try:
+        monkeypatch.setenv("LORALINE_IMAGE_REGISTRY", proxy.addr)
+        with pytest.raises(ImageError, match=r"docker push of 127\.0\.0\.1:\d+/smol-fault:v1-merged failed"):
+            release(**kw)
+        state = mlflow_state(settings)
+        assert state["versions"] == [("smol-fault", "1")] and state["running"] == [] and state["aliases"] == []
+        from mlflow import MlflowClient
+
+        client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
+        tags = client.get_model_version("smol-fault", "1").tags
+        assert not [k for k in tags if k.startswith("loraline.image")], tags
+        assert tags["loraline.status"] == "failed" and tags["loraline.failed.step"] == "image"
+        assert "docker push" in tags["loraline.failed.reason"]
+        import httpx
+
+        assert httpx.get(f"http://{image_services.registry}/v2/smol-fault/tags/list").status_code in (404, 200)
+        listed = httpx.get(f"http://{image_services.registry}/v2/smol-fault/tags/list").json()
+        assert "v1-merged" not in (listed.get("tags") or [])
+
+        # The registry is reachable again: the re-run builds and pushes the image of the same version.
+        proxy.cut = False
+        out = release(**kw)
+    finally:
+        proxy.close()
+    assert out["model_version"] == "1" and out["image"]["digest"].startswith("sha256:")
+    tags = client.get_model_version("smol-fault", "1").tags
+    assert tags["loraline.image.digest"] == out["image"]["digest"] and tags["loraline.status"] == "released"
+    assert "loraline.failed.step" not in tags and "loraline.failed.reason" not in tags
+    assert mlflow_state(settings)["versions"] == [("smol-fault", "1")]
