@@ -120,31 +120,87 @@ SMALL_BENCH = {
 
 
 # --------------------------------------------------------------------------- Docker engine, registry, CPU base image
+#
+# The image tests need `loraline services up` and the CPU vLLM base image (docker/base-cpu/build.sh: about 5 minutes
+# on 2 cores), whose 3.6 GB layer must also reach the registry once (Docker gzips it on push: about 4 minutes). Both
+# start in a background thread as soon as collection shows an image test is selected, so they overlap the tests that
+# run before it; the `image_services` fixture waits for them.
+
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+_PREP: dict[str, object] = {}
+
+
+def _prepare_image_services(home: Path, reuse: bool) -> None:
+    from loraline import services
+
+    try:
+        st = services.up(Settings(home=home))
+        _PREP["status"] = st
+        proc = subprocess.Popen(["bash", str(REPO / "docker" / "base-cpu" / "build.sh"), "loraline/vllm-cpu:test",
+                                 str(home / "base-build")], env={**os.environ, "DOCKER_HOST": st.docker_host},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        _PREP["proc"] = proc
+        out, err = proc.communicate(timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"docker/base-cpu/build.sh failed:\n{err[-4000:]}")
+        base = out.strip().splitlines()[-1]
+        if not reuse:  # the base layer into the registry now, so image pushes later mount it instead of uploading it
+            import docker
+
+            client = docker.DockerClient(base_url=st.docker_host, timeout=3600)
+            repo = f"{st.registry}/loraline-vllm-cpu"
+            client.images.get(base).tag(repo, "test")
+            events = list(client.api.push(repo, tag="test", stream=True, decode=True))
+            client.close()
+            if errors := [e["error"] for e in events if "error" in e]:
+                raise RuntimeError(f"pushing the base image failed: {errors}")
+        _PREP["base"] = base
+    except BaseException as e:  # noqa: BLE001 - reported by the fixture
+        _PREP["error"] = e
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if any("image_services" in getattr(item, "fixturenames", ()) for item in session.items):
+        reuse = os.environ.get("LORALINE_TEST_SERVICES_HOME")
+        home = Path(reuse) if reuse else Path(tempfile.mkdtemp(prefix="loraline-test-services-")) / "home"
+        t = threading.Thread(target=_prepare_image_services, args=(home, bool(reuse)), daemon=True)
+        _PREP.update(thread=t, home=home, reuse=bool(reuse))
+        t.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop what the background preparation started (also when no image test got to run)."""
+    if "thread" not in _PREP or _PREP["reuse"]:
+        return
+    proc = _PREP.get("proc")
+    if isinstance(proc, subprocess.Popen) and proc.poll() is None:
+        from loraline.engine import kill_group
+
+        kill_group(proc, grace_s=10)
+    _PREP["thread"].join(timeout=120)  # type: ignore[attr-defined]
+    from loraline import services
+
+    home = _PREP["home"]
+    services.down(Settings(home=home))  # type: ignore[arg-type]
+    shutil.rmtree(Path(home).parent, ignore_errors=True)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")
-def image_services(tmp_path_factory: pytest.TempPathFactory):
+def image_services() -> SimpleNamespace:
     """`loraline services up` (Debian dockerd + docker-registry + MLflow server on 127.0.0.1) in a session home, and
-    the CPU vLLM base image built from Debian packages (docker/base-cpu/build.sh, about 5 minutes) once per session.
-    Everything is stopped (and the engine's data removed) at the end."""
-    import subprocess
-    from types import SimpleNamespace
+    the CPU vLLM base image built from Debian packages, once per session; stopped and removed at the session's end.
 
-    from loraline import services
-
-    home = tmp_path_factory.mktemp("services") / "home"
-    s = Settings(home=home)
-    st = services.up(s)
-    try:
-        proc = subprocess.run(["bash", str(REPO / "docker" / "base-cpu" / "build.sh"), "loraline/vllm-cpu:test",
-                               str(home / "base-build")], env={**os.environ, "DOCKER_HOST": st.docker_host},
-                              capture_output=True, text=True, timeout=3600)
-        assert proc.returncode == 0, f"docker/base-cpu/build.sh failed:\n{proc.stderr[-4000:]}"
-        base = proc.stdout.strip().splitlines()[-1]
-        env = {"LORALINE_DOCKER_HOST": st.docker_host, "LORALINE_IMAGE_REGISTRY": st.registry, "LORALINE_IMAGE_BASE": base,
-               "LORALINE_VLLM_PARITY": "false", "LORALINE_BENCH": "false"}
-        yield SimpleNamespace(home=home, docker_host=st.docker_host, registry=st.registry, mlflow_url=st.mlflow_url,
-                              base=base, env=env)
-    finally:
-        services.down(s)
-        shutil.rmtree(home / "services" / "docker" / "data", ignore_errors=True)
+    A developer may set LORALINE_TEST_SERVICES_HOME to a home whose services and base image already exist (the
+    services are then left running); CI never sets it."""
+    _PREP["thread"].join(timeout=3600)  # type: ignore[attr-defined]
+    if "error" in _PREP:
+        raise _PREP["error"]  # type: ignore[misc]
+    st, base = _PREP["status"], str(_PREP["base"])
+    env = {"LORALINE_DOCKER_HOST": st.docker_host, "LORALINE_IMAGE_REGISTRY": st.registry, "LORALINE_IMAGE_BASE": base,  # type: ignore[attr-defined]
+           "LORALINE_VLLM_PARITY": "false", "LORALINE_BENCH": "false"}
+    return SimpleNamespace(home=_PREP["home"], docker_host=st.docker_host, registry=st.registry,  # type: ignore[attr-defined]
+                           mlflow_url=st.mlflow_url, base=base, env=env)  # type: ignore[attr-defined]

@@ -41,6 +41,8 @@ def quiet_third_parties(settings: Settings, verbose: bool = False) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # stdout carries the JSON result: MLflow prints "View run … at: URL" there when tracking to a server.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # The ephemeral API server migrates a fresh SQLite DB on first use: slow on a busy 2-core box.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     if verbose:
@@ -71,6 +73,8 @@ def emit(data: dict[str, Any], as_json: bool) -> None:
     for key in ("model_name", "model_version", "model_uri", "mlflow_run_id", "tracking_uri"):
         if key in data:
             table.add_row(key, str(data[key]))
+    if str(data.get("tracking_uri", "")).startswith("http") and "model_name" in data:
+        table.add_row("MLflow UI", f"{data['tracking_uri']}/#/models/{data['model_name']}/versions/{data['model_version']}")
     for part in ("adapter", "base", "merged"):
         if isinstance(data.get(part), dict):
             d = data[part]

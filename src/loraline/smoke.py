@@ -92,7 +92,7 @@ def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Cal
     from loraline.text2sql import chat_messages, load_examples
 
     questions = [e.question for e in load_examples("eval")[: settings.parity_prompts]]
-    progress(f"smoke: HF greedy reference of the merged model on {len(questions)} prompts")
+    progress(f"HF greedy reference of the merged model on {len(questions)} prompts")
     expected = reference(merged_dir, questions, settings)
 
     client = docker_client(settings)
@@ -106,7 +106,7 @@ def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Cal
         pull_s = time.perf_counter() - t0
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        progress(f"smoke: docker run {image.pinned} on 127.0.0.1:{port}")
+        progress(f"docker run {image.pinned} on 127.0.0.1:{port}")
         t0 = time.perf_counter()
         container = client.containers.run(
             image.pinned, command=["--host", "127.0.0.1", "--port", str(port)], detach=True, network_mode="host",
@@ -114,7 +114,7 @@ def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Cal
         )
         with httpx.Client(timeout=120) as http, _with_log(container):
             ready_s = _wait_ready(http, url, container, settings.smoke_timeout_s, t0)
-            progress(f"smoke: ready in {ready_s:.1f} s")
+            progress(f"ready in {ready_s:.1f} s")
             models = [m["id"] for m in http.get(f"{url}/v1/models").json().get("data", [])]
             if image.served_model_name not in models:
                 raise ImageError(f"{image.pinned} serves {models}, not {image.served_model_name!r}")
