@@ -127,6 +127,7 @@ SMALL_BENCH = {
 # run before it; the `image_services` fixture waits for them.
 
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
@@ -141,7 +142,8 @@ def _prepare_image_services(home: Path, reuse: bool) -> None:
         st = services.up(Settings(home=home))
         _PREP["status"] = st
         proc = subprocess.Popen(["bash", str(REPO / "docker" / "base-cpu" / "build.sh"), "loraline/vllm-cpu:test",
-                                 str(home / "base-build")], env={**os.environ, "DOCKER_HOST": st.docker_host},
+                                 str(home / "base-build")],
+                                env={**os.environ, "DOCKER_HOST": st.docker_host, "HOST_PYTHON": sys.executable},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         _PREP["proc"] = proc
         out, err = proc.communicate(timeout=3600)

@@ -136,9 +136,19 @@ def test_runtime_lora_images_share_the_base_layer(image_services, demo_assets, t
 
     monkeypatch.setenv("LORALINE_IMAGE_SMOKE", "false")  # the first version proved the mode serves
     other = scaled_adapter(demo_assets.checkpoint, tmp_path / "checkpoint-200", 1.5)
-    v2 = release(adapter=str(other), base=str(demo_assets.base), name="smol-lora", image="lora")
+    # The second version is released without an image, then imaged by the stand-alone `image` flow.
+    registered = release(adapter=str(other), base=str(demo_assets.base), name="smol-lora", image="none")
+    assert registered["model_version"] == "2" and registered["images"] == [] and "image" not in registered
+    from flows.image import image as image_flow
+
+    v2 = image_flow(model="models:/smol-lora/2", mode="lora")
     img2 = next(i for i in v2["images"] if i["mode"] == "lora")
-    assert v2["model_version"] == "2" and img2["digest"] != img1["digest"]
+    assert v2["model_version"] == "2" and img2["digest"] != img1["digest"] and v2["image"]["digest"] == img2["digest"]
+    from prefect import get_client
+
+    with get_client(sync_client=True) as pc:
+        md = next(a for a in pc.read_latest_artifacts() if a.key == "image-smol-lora-lora")
+    assert img2["pinned"] in md.data and "uploaded by this push" in md.data
 
     from loraline.image import registry_image
 

@@ -29,6 +29,17 @@ if docker image inspect "$tagged" >/dev/null 2>&1; then
   exit 0
 fi
 
+if ! command -v debootstrap >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "base-cpu: installing debootstrap (Debian package)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap >&2 \
+      || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap >&2; }
+  else
+    echo "base-cpu: debootstrap is missing: sudo apt-get install -y debootstrap" >&2
+    exit 1
+  fi
+fi
+
 rootfs="$WORK/rootfs"
 rm -rf "$rootfs" && mkdir -p "$rootfs"
 echo "base-cpu: debootstrap $SUITE (minbase) into $rootfs" >&2
