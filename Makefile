@@ -64,6 +64,7 @@ demo: setup $(DEMO)/checkpoint-100/adapter_config.json
 	  print("  serving image: docker pull %s   (export DOCKER_HOST=%s)" % (r["image"]["pinned"], s["docker_host"])); \
 	  print("                 docker run --network host --ipc=host %s --port 8000   (CPU base; add --gpus all on a GPU base)" % r["image"]["pinned"]); \
 	  print("  MLflow UI:     %s/#/models/%s/versions/%s" % (s["mlflow_url"], r["model_name"], r["model_version"])); \
+	  print("  Prefect UI:    %s/runs   (the release flow run, its tasks, logs and artifacts)" % s["prefect_url"]); \
 	  print("  lineage:       $(BIN)/loraline trace %s   (or models:/%s/%s)" % (r["image"]["pinned"], r["model_name"], r["model_version"])); \
 	  print("  benchmark:     the MLflow run'"'"'s benchmark/ folder; again: $(BIN)/loraline bench models:/%s/%s" % (r["model_name"], r["model_version"])); \
 	  print("  stop the services: $(BIN)/loraline services down")' $(LORALINE_HOME)/last-release.json $(SERVICES_JSON)

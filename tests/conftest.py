@@ -197,7 +197,7 @@ def image_services() -> SimpleNamespace:
     the CPU vLLM base image built from Debian packages, once per session; stopped and removed at the session's end.
 
     A developer may set LORALINE_TEST_SERVICES_HOME to a home whose services and base image already exist (the
-    services are then left running); CI never sets it."""
+    services are then left running, and its MLflow store must not hold the test models yet); CI never sets it."""
     _PREP["thread"].join(timeout=3600)  # type: ignore[attr-defined]
     if "error" in _PREP:
         raise _PREP["error"]  # type: ignore[misc]
@@ -205,4 +205,4 @@ def image_services() -> SimpleNamespace:
     env = {"LORALINE_DOCKER_HOST": st.docker_host, "LORALINE_IMAGE_REGISTRY": st.registry, "LORALINE_IMAGE_BASE": base,  # type: ignore[attr-defined]
            "LORALINE_VLLM_PARITY": "false", "LORALINE_BENCH": "false"}
     return SimpleNamespace(home=_PREP["home"], docker_host=st.docker_host, registry=st.registry,  # type: ignore[attr-defined]
-                           mlflow_url=st.mlflow_url, base=base, env=env)  # type: ignore[attr-defined]
+                           mlflow_url=st.mlflow_url, prefect_url=st.prefect_url, base=base, env=env)  # type: ignore[attr-defined]

@@ -50,6 +50,13 @@ def test_release_builds_pushes_smoke_tests_and_traces_a_merged_image(image_servi
     assert image["digest"].startswith("sha256:") and image["pinned"] == f"{svc.registry}/smol-img@{image['digest']}"
     assert out["tracking_uri"] == svc.mlflow_url  # releases use the MLflow server of `services up`
 
+    # The flow ran on the Prefect server of `services up` (its UI lists the run), not on an ephemeral one.
+    import httpx
+
+    runs = httpx.post(f"{svc.prefect_url}/api/flow_runs/filter", json={"flow_runs": {"name": {"any_": ["release-smol-img"]}}},
+                      timeout=30).json()
+    assert runs and all(r["state_type"] == "COMPLETED" for r in runs), runs
+
     # The registry has the manifest, and its labels carry the lineage.
     from loraline.image import registry_image
 

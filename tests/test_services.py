@@ -51,18 +51,26 @@ def test_services_up_push_pull_by_digest_down(tmp_path: Path, monkeypatch: pytes
     assert proc.returncode == 0, proc.stderr[-2000:]
     st = json.loads(proc.stdout)
     try:
-        assert st["running"] == {"docker": True, "registry": True, "mlflow": True}
+        assert st["running"] == {"docker": True, "registry": True, "mlflow": True, "prefect": True}
         assert st["docker_host"].startswith("unix:///tmp/loraline-") and st["docker_host"].endswith("/docker.sock")
         host, port = st["registry"].split(":")
         assert host == "127.0.0.1" and int(port) > 0
         url = st["mlflow_url"]
         assert url.startswith("http://127.0.0.1:") and int(url.rsplit(":", 1)[1]) > 0
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        purl = st["prefect_url"]
+        assert purl.startswith("http://127.0.0.1:") and httpx.get(f"{purl}/api/health", timeout=5).json() is True
+        # The Prefect UI is served, and it talks to this server's API (not the default port 4200).
+        assert httpx.get(f"{purl}/", timeout=10).status_code == 200
+        assert httpx.get(f"{purl}/ui-settings", timeout=5).json()["api_url"] == f"{purl}/api"
+        assert (home / "prefect" / "prefect.db").exists()
         # `up` again is a no-op that reports the same services.
         again = json.loads(cli("up", "--json", home=home).stdout)
-        assert (again["registry"], again["docker_host"], again["mlflow_url"]) == (st["registry"], st["docker_host"], url)
+        assert (again["registry"], again["docker_host"], again["mlflow_url"], again["prefect_url"]) == (
+            st["registry"], st["docker_host"], url, purl)
         status_text = cli("status", home=home).stdout
         assert f"mlflow: {url} (UI; export MLFLOW_TRACKING_URI={url})" in status_text
+        assert f"prefect: {purl} (UI; export PREFECT_API_URL={purl}/api)" in status_text
 
         # Through the server: an experiment and a run with an artifact, stored under <home>/mlartifacts (served).
         server = MlflowClient(tracking_uri=url, registry_uri=url)
@@ -100,11 +108,13 @@ def test_services_up_push_pull_by_digest_down(tmp_path: Path, monkeypatch: pytes
     finally:
         down = cli("down", "--json", home=home)
     assert down.returncode == 0, down.stderr[-2000:]
-    assert json.loads(down.stdout)["running"] == {"docker": False, "registry": False, "mlflow": False}
+    assert json.loads(down.stdout)["running"] == {"docker": False, "registry": False, "mlflow": False, "prefect": False}
     after = json.loads(cli("status", "--json", home=home).stdout)
     assert after["docker_host"] is None and after["registry"] is None and after["mlflow_url"] is None
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{url}/health", timeout=5)
+    assert after["prefect_url"] is None
+    for stopped in (f"{url}/health", f"{purl}/api/health"):
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(stopped, timeout=5)
     conf = configured(Settings(home=home))
     assert (conf.tracking_uri, conf.docker_host, conf.image_registry) == (None, None, None)
     # Nothing of the engine stays mounted (dockerd bind-mounts its data root): the home can be removed.

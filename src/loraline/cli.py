@@ -34,6 +34,11 @@ def quiet_third_parties(settings: Settings, verbose: bool = False) -> None:
     import logging
     import warnings
 
+    if "PREFECT_API_URL" not in os.environ:
+        from loraline.services import prefect_url
+
+        if url := prefect_url(settings, timeout_s=2.0):  # `services up` runs a Prefect server: flow runs show in its UI
+            os.environ["PREFECT_API_URL"] = f"{url}/api"
     if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
         settings.prefect_home.mkdir(parents=True, exist_ok=True)  # its SQLite DB cannot create the dir
         os.environ["PREFECT_HOME"] = str(settings.prefect_home)
@@ -139,7 +144,7 @@ def trace(ref: str, as_json: bool) -> None:
 
 @cli.group()
 def services() -> None:
-    """The local services on 127.0.0.1: Docker engine, image registry and MLflow tracking server (UI)."""
+    """The local services on 127.0.0.1: Docker engine, image registry, MLflow tracking server (UI) and Prefect server (UI)."""
 
 
 def _services(action: str, as_json: bool) -> None:
@@ -162,12 +167,14 @@ def _services(action: str, as_json: bool) -> None:
         click.echo(f"registry: {st.registry} (docker push {st.registry}/NAME:TAG)")
     if st.mlflow_url:
         click.echo(f"mlflow: {st.mlflow_url} (UI; export MLFLOW_TRACKING_URI={st.mlflow_url})")
+    if st.prefect_url:
+        click.echo(f"prefect: {st.prefect_url} (UI; export PREFECT_API_URL={st.prefect_url}/api)")
 
 
 @services.command("up")
 @click.option("--json", "as_json", is_flag=True)
 def services_up(as_json: bool) -> None:
-    """Start the Docker engine, the registry (installing Debian's docker.io/docker-registry if missing) and MLflow."""
+    """Start the Docker engine, the registry (installing Debian's docker.io/docker-registry if missing), MLflow and Prefect."""
     _services("up", as_json)
 
 
@@ -181,7 +188,7 @@ def services_down(as_json: bool) -> None:
 @services.command("status")
 @click.option("--json", "as_json", is_flag=True)
 def services_status(as_json: bool) -> None:
-    """Print docker_host, registry and mlflow_url (null when not running)."""
+    """Print docker_host, registry, mlflow_url and prefect_url (null when not running)."""
     _services("status", as_json)
 
 

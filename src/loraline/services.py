@@ -1,4 +1,4 @@
-"""The embedded local services, on 127.0.0.1 only: a Docker engine, an image registry, an MLflow server.
+"""The embedded local services, on 127.0.0.1 only: a Docker engine, an image registry, an MLflow server, a Prefect server.
 
 ``loraline services up`` starts what is not running yet, ``down`` stops what it started,
 ``status`` reports it. State lives under ``<home>/services/``: one directory per service with
@@ -9,6 +9,8 @@ registry) with a filesystem store, bound to ``127.0.0.1:<port>``. Missing packag
 with ``apt-get`` when this process may (root); otherwise the error says what to install.
 The MLflow tracking server (REST API + UI) is ``mlflow/server.sh`` over the same SQLite store
 loraline uses without a server (``<home>/mlflow.db``), serving artifacts from ``<home>/mlartifacts``.
+The Prefect server (API + UI) is ``prefect server start`` over ``<home>/prefect/prefect.db``; while it
+runs, loraline's commands send their flow runs there instead of to an ephemeral server.
 
 :func:`configured` fills the settings a user left unset (tracking URI, Docker host, image registry)
 from the services running for that home, so commands pick them up without exports.
@@ -46,6 +48,7 @@ class ServicesStatus:
     docker_host: str | None  # unix:///.../docker.sock when the engine answers
     registry: str | None  # 127.0.0.1:PORT when the registry answers
     mlflow_url: str | None  # http://127.0.0.1:PORT when the MLflow server's /health answers
+    prefect_url: str | None  # http://127.0.0.1:PORT (UI; API under /api) when the Prefect server's /api/health answers
     running: dict[str, bool]
     home: str
 
@@ -275,6 +278,63 @@ def start_mlflow(settings: Settings, port: int = 0) -> str:
     return url
 
 
+# --------------------------------------------------------------------------- Prefect server
+
+PREFECT_START_TIMEOUT_S = 180.0  # the first start migrates its SQLite DB and copies the UI bundle
+
+
+def prefect_ok(url: str, timeout_s: float = 3.0) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/api/health", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def prefect_url(settings: Settings, timeout_s: float = 3.0) -> str | None:
+    """The URL of this home's Prefect server if its process is alive and /api/health answers."""
+    url = _state(settings, "prefect", "url")
+    if url is None or _pid(settings.home / "services" / "prefect") is None:
+        return None
+    return url if prefect_ok(url, timeout_s) else None
+
+
+def start_prefect(settings: Settings, port: int = 0) -> str:
+    """Start ``prefect server start`` (API + UI) on 127.0.0.1; return its URL (the API is under ``/api``).
+
+    Its database is ``<home>/prefect/prefect.db``, the one loraline's commands use in Prefect's
+    ephemeral mode when no server runs, so flow runs from before ``services up`` show in the UI too.
+    """
+    d = _dir(settings, "prefect")
+    running = prefect_url(settings)
+    if running:
+        return running
+    if not port:
+        from loraline.server import free_port
+
+        port = free_port()
+    url = f"http://{HOST}:{port}"
+    settings.prefect_home.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(settings.prefect_home),
+        "PREFECT_SERVER_API_HOST": HOST,
+        "PREFECT_SERVER_API_PORT": str(port),  # the UI asks the API here (not from --port)
+        "PREFECT_API_URL": f"{url}/api",
+        "PREFECT_UI_API_URL": f"{url}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+        "PREFECT_UI_STATIC_DIRECTORY": str(d / "ui"),  # the UI bundle is copied here, not into the venv
+        "DO_NOT_TRACK": "1",
+    }
+    _spawn([sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port), "--analytics-off"],
+           d, env=env)
+    (d / "url").write_text(url)
+    _wait(lambda: prefect_ok(url), f"the Prefect server on {url}", d, timeout_s=PREFECT_START_TIMEOUT_S)
+    return url
+
+
 # --------------------------------------------------------------------------- all
 
 
@@ -282,6 +342,7 @@ def up(settings: Settings) -> ServicesStatus:
     start_docker(settings)
     start_registry(settings)
     start_mlflow(settings)
+    start_prefect(settings)
     return status(settings)
 
 
@@ -289,9 +350,10 @@ def status(settings: Settings) -> ServicesStatus:
     host = docker_host(settings)
     addr = _state(settings, "registry", "addr")
     dok, rok = docker_ok(host), bool(addr and registry_ok(addr))
-    url = _mlflow_url(settings)
+    url, purl = _mlflow_url(settings), prefect_url(settings)
     return ServicesStatus(docker_host=host if dok else None, registry=addr if rok else None, mlflow_url=url,
-                          running={"docker": dok, "registry": rok, "mlflow": url is not None}, home=str(settings.home))
+                          prefect_url=purl, running={"docker": dok, "registry": rok, "mlflow": url is not None,
+                                                     "prefect": purl is not None}, home=str(settings.home))
 
 
 def configured(settings: Settings) -> Settings:
@@ -317,8 +379,8 @@ def configured(settings: Settings) -> Settings:
 
 
 def down(settings: Settings, grace_s: float = 20.0) -> ServicesStatus:
-    """Stop what ``up`` started (MLflow first, then the registry, then the engine, which stops its containers)."""
-    for name in ("mlflow", "registry", "docker"):
+    """Stop what ``up`` started (Prefect and MLflow first, then the registry, then the engine, which stops its containers)."""
+    for name in ("prefect", "mlflow", "registry", "docker"):
         d = settings.home / "services" / name
         pid = _pid(d) if d.exists() else None
         if pid is None:
