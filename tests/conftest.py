@@ -141,6 +141,8 @@ def _prepare_image_services(home: Path, reuse: bool) -> None:
     try:
         st = services.up(Settings(home=home))
         _PREP["status"] = st
+        if _PREP.get("stopping"):  # the session ended (e.g. --collect-only) before the base build began
+            return
         proc = subprocess.Popen(["bash", str(REPO / "docker" / "base-cpu" / "build.sh"), "loraline/vllm-cpu:test",
                                  str(home / "base-build")],
                                 env={**os.environ, "DOCKER_HOST": st.docker_host, "HOST_PYTHON": sys.executable},
@@ -178,12 +180,17 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """Stop what the background preparation started (also when no image test got to run)."""
     if "thread" not in _PREP or _PREP["reuse"]:
         return
+    from loraline.engine import kill_group
+
+    _PREP["stopping"] = True
+    _PREP["thread"].join(timeout=5)  # type: ignore[attr-defined]
     proc = _PREP.get("proc")
     if isinstance(proc, subprocess.Popen) and proc.poll() is None:
-        from loraline.engine import kill_group
-
         kill_group(proc, grace_s=10)
-    _PREP["thread"].join(timeout=120)  # type: ignore[attr-defined]
+    _PREP["thread"].join(timeout=300)  # type: ignore[attr-defined]  # services.up may still be starting a server
+    proc = _PREP.get("proc")
+    if isinstance(proc, subprocess.Popen) and proc.poll() is None:  # spawned just as the session ended
+        kill_group(proc, grace_s=10)
     from loraline import services
 
     home = _PREP["home"]

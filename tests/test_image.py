@@ -254,7 +254,6 @@ def test_image_faults_leave_no_image_tag_and_a_rerun_succeeds(image_services, de
         assert "docker push" in tags["loraline.failed.reason"]
         import httpx
 
-        assert httpx.get(f"http://{image_services.registry}/v2/smol-fault/tags/list").status_code in (404, 200)
         listed = httpx.get(f"http://{image_services.registry}/v2/smol-fault/tags/list").json()
         assert "v1-merged" not in (listed.get("tags") or [])
 

@@ -384,7 +384,7 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
         "mode": mode,
         "ref": image["ref"],
         "digest": image["digest"],
-        "pinned": f"{image['repository']}@{image['digest']}",
+        "pinned": image["pinned"],
         "served_model_name": image["served_model_name"],
         "base_image": image["base_image"],
         "size_bytes": image["size_bytes"],
