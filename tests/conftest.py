@@ -133,6 +133,7 @@ import threading  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 _PREP: dict[str, object] = {}
+BASE_BUILD_FREE_BYTES = 10 * 10**9  # peak seen in a CI run: about 7 GB (rootfs, import, registry, images)
 
 
 def _prepare_image_services(home: Path, reuse: bool) -> None:
@@ -143,6 +144,11 @@ def _prepare_image_services(home: Path, reuse: bool) -> None:
         _PREP["status"] = st
         if _PREP.get("stopping"):  # the session ended (e.g. --collect-only) before the base build began
             return
+        free = shutil.disk_usage(home).free
+        if free < BASE_BUILD_FREE_BYTES:  # seen: a full disk fails `docker import` after 5 minutes of work
+            raise RuntimeError(f"{free / 1e9:.1f} GB free under {home}; the CPU base image build, its import into the Docker "
+                               f"engine and the registry copy need {BASE_BUILD_FREE_BYTES / 1e9:.0f} GB: free disk space "
+                               "(old loraline homes, /tmp clones) or point TMPDIR at a bigger disk")
         proc = subprocess.Popen(["bash", str(REPO / "docker" / "base-cpu" / "build.sh"), "loraline/vllm-cpu:test",
                                  str(home / "base-build")],
                                 env={**os.environ, "DOCKER_HOST": st.docker_host, "HOST_PYTHON": sys.executable},
