@@ -15,9 +15,20 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 DEMO := $(LORALINE_HOME)/demo
 MODEL ?= smol-sql
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 setup: $(VENV)/.installed $(VLLM_VENV)/.installed
+
+# The UI tests drive Debian's Chromium through its chromedriver (Selenium, from the test extra). Installed when
+# missing and this is root (CI); otherwise install them yourself: sudo apt-get install chromium chromium-driver.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null \
+	      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }; \
+	  else echo "UI tests need Debian's chromium and chromium-driver: sudo apt-get install -y chromium chromium-driver" >&2; fi; \
+	fi
 
 # torch==2.13.0 (CPU) is taken from the machine's wheel directory through pip's find-links.
 $(VENV)/.installed: pyproject.toml
@@ -65,11 +76,12 @@ demo: setup $(DEMO)/checkpoint-100/adapter_config.json
 	  print("                 docker run --network host --ipc=host %s --port 8000   (CPU base; add --gpus all on a GPU base)" % r["image"]["pinned"]); \
 	  print("  MLflow UI:     %s/#/models/%s/versions/%s" % (s["mlflow_url"], r["model_name"], r["model_version"])); \
 	  print("  Prefect UI:    %s/runs   (the release flow run, its tasks, logs and artifacts)" % s["prefect_url"]); \
+	  print("                 %s/deployments   (%s: Run > Custom run opens the typed form)" % (s["prefect_url"], ", ".join(s["deployments"]))); \
 	  print("  lineage:       $(BIN)/loraline trace %s   (or models:/%s/%s)" % (r["image"]["pinned"], r["model_name"], r["model_version"])); \
 	  print("  benchmark:     the MLflow run'"'"'s benchmark/ folder; again: $(BIN)/loraline bench models:/%s/%s" % (r["model_name"], r["model_version"])); \
 	  print("  stop the services: $(BIN)/loraline services down")' $(LORALINE_HOME)/last-release.json $(SERVICES_JSON)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup

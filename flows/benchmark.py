@@ -6,8 +6,6 @@ A benchmark that fails after registration marks the model version ``loraline.sta
 
 from __future__ import annotations
 
-import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,31 +14,23 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.common import artifact_key, progress
 from loraline.benchmark import release_dirs, run_benchmark
 from loraline.plots import write_plots
 from loraline.lineage import release_of
 from loraline.registry import log_benchmark, mark_failed
+from loraline.params import BenchmarkWorkload
+from loraline.services import configured
 from loraline.settings import Settings
-
-
-def artifact_key(*parts: str) -> str:
-    """Prefect artifact keys: lowercase letters, digits and dashes."""
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
 @task(name="benchmark", cache_policy=NO_CACHE, task_run_name="benchmark-{name}-v{version}")
 def benchmark_task(name: str, version: str, run_id: str, adapter_dir: Path, base_dir: Path, merged_dir: Path,
                    runtime_lora: bool, lora_params: int, settings: Settings) -> dict[str, Any]:
     logger = get_run_logger()
-
-    def progress(msg: str) -> None:  # minutes of work: say where it is, in Prefect's log and on stderr
-        logger.info(msg)
-        sys.stderr.write(f"loraline bench: {msg}\n")  # not print(): log_prints would route it to the logger only
-        sys.stderr.flush()
-
     try:
         report = run_benchmark(Path(adapter_dir), Path(base_dir), Path(merged_dir), settings, runtime_lora=runtime_lora,
-                               served_name=name, lora_params=lora_params, progress=progress)
+                               served_name=name, lora_params=lora_params, progress=progress("bench"))
         with tempfile.TemporaryDirectory() as tmp:
             summary = log_benchmark(name, version, run_id, report, write_plots(report, Path(tmp)), settings)
     except Exception as e:
@@ -73,11 +63,14 @@ def bench_release(lineage: dict[str, Any], settings: Settings, base_dir: Path | 
 
 
 @flow(name="benchmark", flow_run_name="benchmark-{model}", log_prints=True)
-def benchmark(model: str) -> dict[str, Any]:
+def benchmark(model: str, workload: BenchmarkWorkload | None = None) -> dict[str, Any]:
     """Benchmark an existing release again: HF vs vLLM, merged vs runtime LoRA, logged to its MLflow run.
 
     Args:
         model: the release: models:/NAME/VERSION, models:/NAME@ALIAS, or any ref `loraline trace` takes (its newest release).
+        workload: lengths, prompts, repeats and concurrency levels; default LORALINE_BENCH_*.
     """
-    settings = Settings()
+    settings = configured(Settings())
+    if workload is not None:
+        settings = workload.apply(settings)
     return bench_release(release_of(model, settings), settings)

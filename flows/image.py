@@ -7,16 +7,15 @@ test also deletes the pushed manifest from the registry (step ``smoke``). A re-r
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.benchmark import artifact_key
+from flows.common import artifact_key, progress
 from loraline.benchmark import release_dirs
 from loraline.engine import vllm_lora_rank
 from loraline.image import Image, build_image, delete_manifest, preflight
@@ -25,17 +24,6 @@ from loraline.registry import log_image, mark_failed
 from loraline.services import configured
 from loraline.settings import Settings
 from loraline.smoke import smoke_test
-
-
-def _progress(step: str) -> Any:
-    logger = get_run_logger()
-
-    def progress(msg: str) -> None:  # minutes of work: say where it is, in Prefect's log and on stderr
-        logger.info(msg)
-        sys.stderr.write(f"loraline {step}: {msg}\n")  # not print(): log_prints would route it to the logger only
-        sys.stderr.flush()
-
-    return progress
 
 
 @task(name="image-preflight", cache_policy=NO_CACHE)
@@ -48,7 +36,7 @@ def image_task(name: str, version: str, mode: str, lineage: dict[str, Any], adap
                merged_dir: Path, settings: Settings) -> Image:
     try:
         return build_image(lineage, mode, settings, adapter_dir=adapter_dir, base_dir=base_dir, merged_dir=merged_dir,
-                           lora_rank=vllm_lora_rank(adapter_dir), progress=_progress("image"))
+                           lora_rank=vllm_lora_rank(adapter_dir), progress=progress("image"))
     except Exception as e:
         mark_failed(name, version, "image", str(e), settings)
         raise
@@ -57,7 +45,7 @@ def image_task(name: str, version: str, mode: str, lineage: dict[str, Any], adap
 @task(name="smoke", cache_policy=NO_CACHE, task_run_name="smoke-{name}-v{version}-{image.mode}")
 def smoke_task(name: str, version: str, image: Image, merged_dir: Path, settings: Settings) -> dict[str, Any]:
     try:
-        return smoke_test(image, merged_dir, settings, _progress("smoke"))
+        return smoke_test(image, merged_dir, settings, progress("smoke"))
     except Exception as e:
         gone = delete_manifest(image.repository, image.digest)
         mark_failed(name, version, "smoke", f"{e}" + ("" if gone else f" (could not delete {image.pinned} from the registry)"), settings)
@@ -92,7 +80,7 @@ def image_release(lineage: dict[str, Any], settings: Settings, mode: str, base_d
 
 
 @flow(name="image", flow_run_name="image-{model}-{mode}", log_prints=True)
-def image(model: str, mode: str = "merged") -> dict[str, Any]:
+def image(model: str, mode: Literal["merged", "lora"] = "merged") -> dict[str, Any]:
     """Build, push and smoke-test the serving image of an existing release.
 
     Args:

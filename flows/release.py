@@ -1,4 +1,5 @@
-"""The release flow: fetch -> validate -> merge -> parity (HF, then vLLM) -> register -> benchmark -> image -> smoke.
+"""The release flow: fetch -> validate -> merge -> parity (HF, then vLLM) -> register -> benchmark -> image -> smoke
+-> gate (moves the candidate/champion aliases) -> report.
 
 Wiring only.
 
@@ -10,15 +11,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.benchmark import bench_release
+from flows.common import artifact_key, name_flow_run
 from flows.image import image_release, preflight_task
+from loraline.gate import gate_release
 from loraline.image import image_mode
 from loraline.merge import MergedModel, merge_adapter, merged_path
 from loraline.parity import ParityReport, check_parity, check_vllm_parity, parity_prompts, require_parity
-from loraline.registry import check_model_name, find_release, register_model
+from loraline.params import BenchmarkWorkload, GateThresholds, ImageMode
+from loraline.registry import check_model_name, experiment_of, find_release, log_report, register_model
+from loraline.report import lineage_rows, release_report
 from loraline.services import configured
 from loraline.settings import Settings
 from loraline.sources import FetchedAdapter, FetchedBase, fetch_adapter, fetch_base
@@ -84,27 +90,55 @@ def vllm_parity_task(adapter: FetchedAdapter, base: FetchedBase, merged: MergedM
     return tuple(require_parity(r) for r in reports)
 
 
-@task(name="register", cache_policy=NO_CACHE)
+@task(name="register", cache_policy=NO_CACHE, task_run_name="register-{name}")
 def register_task(name: str, adapter: FetchedAdapter, base: FetchedBase, validation: ValidationReport,
                   merged: MergedModel, parity: ParityReport, vllm_parity: tuple[ParityReport, ...], settings: Settings) -> dict[str, Any]:
     return register_model(name, adapter, base, validation, merged, parity, settings, vllm_parity)
 
 
+@task(name="gate", cache_policy=NO_CACHE, task_run_name="gate-{lineage[model_name]}-v{lineage[model_version]}")
+def gate_task(lineage: dict[str, Any], thresholds: GateThresholds, settings: Settings) -> dict[str, Any]:
+    decision = gate_release(lineage, thresholds, settings)
+    verdict = "passed" if decision.passed else "failed: " + "; ".join(decision.reasons)
+    get_run_logger().info("gate %s; aliases moved: %s", verdict, decision.aliases_moved or "none")
+    return decision.to_dict()
+
+
+@task(name="report", cache_policy=NO_CACHE, task_run_name="report-{lineage[model_name]}-v{lineage[model_version]}")
+def report_task(lineage: dict[str, Any], gate: dict[str, Any] | None, settings: Settings) -> str:
+    name, version, run_id = lineage["model_name"], str(lineage["model_version"]), lineage["mlflow_run_id"]
+    markdown = release_report(lineage, gate, experiment_of(run_id, settings))
+    log_report(name, version, run_id, markdown, gate, settings)
+    create_markdown_artifact(key=artifact_key("release", name), markdown=markdown,
+                             description=f"Release report of models:/{name}/{version}")
+    create_table_artifact(key=artifact_key("lineage", name), table=lineage_rows(lineage),
+                          description=f"Lineage of models:/{name}/{version}: checkpoint to serving image")
+    return markdown
+
+
 @flow(name="release", flow_run_name="release-{name}", log_prints=True)
-def release(adapter: str, base: str, name: str, image: str | None = None) -> dict[str, Any]:
+def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
+            benchmark: BenchmarkWorkload | None = None, gate: GateThresholds | None = None) -> dict[str, Any]:
     """Release a LoRA adapter: fetch, validate, merge, check parity, register in MLflow, benchmark, build and push
-    the serving image and smoke-test it.
+    the serving image and smoke-test it; then the gate moves the `candidate`/`champion` aliases and a report is published.
 
     Args:
-        adapter: adapter source: a local dir (a Trainer checkpoint-N/ too), hf://ORG/NAME@REV, or an MLflow artifact URI.
+        adapter: adapter source: a local dir (a Trainer checkpoint-N/ too), hf://ORG/NAME@REV, or an MLflow artifact URI
+            (runs:/RUN_ID/PATH, models:/..., mlflow-artifacts:/...).
         base: base model source: a local dir or hf://ORG/NAME@REV.
         name: the MLflow registered model name (one experiment of the same name holds the runs).
-        image: serving image mode: merged, lora or none; default LORALINE_IMAGE (auto: merged when a Docker engine and
-            a registry are configured, e.g. by `loraline services up`).
+        image: serving image mode: merged (merged weights baked in), lora (base + adapter layers, runtime LoRA) or
+            none; empty: LORALINE_IMAGE (merged when a Docker engine and a registry are configured, e.g. by
+            `loraline services up`).
+        benchmark: the benchmark workload; empty: LORALINE_BENCH_*.
+        gate: what the release must show before the aliases move; empty: the defaults.
     """
     settings = configured(Settings())  # the MLflow server, engine and registry of `loraline services up`, if running
     if image is not None:
         settings = settings.model_copy(update={"image": image})
+    if benchmark is not None:
+        settings = benchmark.apply(settings)
+    thresholds = gate or GateThresholds()
     mode = image_mode(settings)
     check_model_name(name)
     a = fetch_adapter_task(adapter, settings)
@@ -114,7 +148,9 @@ def release(adapter: str, base: str, name: str, image: str | None = None) -> dic
     existing = find_release_task(name, a, b, settings)
     want_bench = settings.bench and not (existing or {}).get("benchmark")
     want_image = mode != "none" and not any(i.get("mode") == mode for i in (existing or {}).get("images", []))
-    if existing is not None and not want_bench and not want_image:
+    if existing is not None and not want_bench and not want_image and "gate" in existing:
+        # Released and gated before: nothing to do (a re-run never moves an alias back to an older version).
+        name_flow_run(f"release-{name}-v{existing['model_version']}-existing")
         return _with_image(existing, mode)
     if existing is None:
         # A cached merge result is only good while its directory is still on disk.
@@ -124,11 +160,14 @@ def release(adapter: str, base: str, name: str, image: str | None = None) -> dic
         result = register_task(name, a, b, v, m, p, vp, settings)
     else:  # released before, but its benchmark or image did not finish: do that now
         result = existing
+    name_flow_run(f"release-{name}-v{result['model_version']}")
     if want_bench:
         result = bench_release(result, settings, base_dir=b.path)
     if want_image:
         result = image_release(result, settings, mode, base_dir=b.path)
-    return _with_image(result, mode)
+    decision = gate_task(result, thresholds, settings)
+    report_task(result, decision, settings)
+    return {**_with_image(result, mode), "gate": decision}
 
 
 def _with_image(lineage: dict[str, Any], mode: str) -> dict[str, Any]:

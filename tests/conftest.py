@@ -68,7 +68,7 @@ def mlflow_state(settings: Settings) -> dict[str, object]:
         return {"versions": [], "aliases": [], "running": []}
     client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
     versions = client.search_model_versions("")
-    aliases = [a for m in client.search_registered_models() for a in (m.aliases or {})]
+    aliases = sorted(a for m in client.search_registered_models() for a in (m.aliases or {}))
     exps = [e.experiment_id for e in client.search_experiments()]
     running = [r.info.run_id for r in client.search_runs(exps, "attributes.status = 'RUNNING'")] if exps else []
     return {"versions": [(v.name, str(v.version)) for v in versions], "aliases": aliases, "running": running}
@@ -219,3 +219,35 @@ def image_services() -> SimpleNamespace:
            "LORALINE_VLLM_PARITY": "false", "LORALINE_BENCH": "false"}
     return SimpleNamespace(home=_PREP["home"], docker_host=st.docker_host, registry=st.registry,  # type: ignore[attr-defined]
                            mlflow_url=st.mlflow_url, prefect_url=st.prefect_url, base=base, env=env)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- Prefect server + deployment runner
+
+
+@pytest.fixture(scope="session")
+def prefect_services(demo_assets: DemoAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    """What `loraline services up` runs for the UI, without Docker: an MLflow server, a real `prefect server start`
+    and the runner serving loraline's deployments (`python -m flows.serve`), in a session home; stopped at the end.
+
+    The release deployment's defaults are the demo checkpoint and base; no image (no engine here), no vLLM parity and
+    no benchmark (tests/test_image.py and tests/test_benchmark.py cover those); the watch deployment watches a directory
+    every 20 s (the server's scheduler looks every 5 s instead of 60 s)."""
+    from loraline import services
+
+    home = tmp_path_factory.mktemp("prefect-services") / "home"
+    watch_dir = home.parent / "watched"
+    watch_dir.mkdir()
+    s = Settings(home=home)
+    env = {"LORALINE_ADAPTER": str(demo_assets.checkpoint), "LORALINE_BASE": str(demo_assets.base),
+           "LORALINE_MODEL_NAME": "smol-sql", "LORALINE_IMAGE": "none", "LORALINE_VLLM_PARITY": "false",
+           "LORALINE_BENCH": "false", "LORALINE_WATCH_DIRECTORY": str(watch_dir), "LORALINE_WATCH_INTERVAL_S": "20"}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "5")
+            mlflow_url = services.start_mlflow(s)
+            url = services.start_prefect(s)
+        served = services.start_serve(s, url, env=env)
+        yield SimpleNamespace(home=home, settings=s, mlflow_url=mlflow_url, prefect_url=url, api_url=f"{url}/api",
+                              deployments=served, watch_dir=watch_dir, demo=demo_assets)
+    finally:
+        services.down(s)

@@ -88,6 +88,20 @@ def test_release_builds_pushes_smoke_tests_and_traces_a_merged_image(image_servi
     assert mv.tags["loraline.status"] == "released"
     assert client.get_run(out["mlflow_run_id"]).data.tags["loraline.image.digest"] == image["digest"]
     assert image["pinned"] in mv.description
+    # ... and the MLflow UI shows it on the model version page (a real headless Chromium).
+    from browser import close_mlflow_assistant, open_browser, screenshot, scroll_to_text, wait_for_text
+
+    with open_browser() as drv:
+        drv.get(f"{svc.mlflow_url}/#/models/smol-img/versions/1")
+        close_mlflow_assistant(drv)
+        wait_for_text(drv, ["Version 1", "loraline.image.digest", image["digest"], "loraline.image.ref", image["ref"],
+                            "champion"], name="mlflow-version-image")
+        scroll_to_text(drv, "loraline.image.digest")
+        screenshot(drv, "mlflow-version-image-digest")
+    # The release report (Prefect artifact on the flow run) names the pushed image by digest.
+    report = httpx.post(f"{svc.prefect_url}/api/artifacts/filter", json={"artifacts": {"key": {"any_": ["release-smol-img"]}}},
+                        timeout=30).json()
+    assert report and image["pinned"] in report[0]["data"], report
 
     # trace IMAGE: from the registry's labels (nothing pulled or run) back to the adapter checkpoint.
     t = loraline("trace", image["pinned"], "--json", env=env)

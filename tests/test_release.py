@@ -15,6 +15,12 @@ from loraline.digest import digest_dir
 from loraline.errors import InvalidAdapter
 from loraline.settings import Settings
 
+
+def aliases(client: MlflowClient) -> dict[str, str]:
+    """The registered model's aliases, versions as strings (the SQLite store returns ints)."""
+    return {k: str(v) for k, v in (client.get_registered_model(NAME).aliases or {}).items()}
+
+
 NAME = "smol-sql"
 
 
@@ -41,15 +47,21 @@ def test_release_registers_a_traced_version_and_is_idempotent(prefect_harness, d
     assert mv.tags["loraline.adapter.source"] == str(demo_assets.checkpoint)
     assert mv.tags["loraline.run_id"] == out["mlflow_run_id"] == mv.run_id
     assert "loraline trace models:/smol-sql/1" in mv.description
+    # The gate passed the first release: both aliases name it, and the version says so.
+    assert out["gate"]["passed"] is True and out["gate"]["aliases_moved"] == {"candidate": "1", "champion": "1"}
+    assert aliases(client) == {"candidate": "1", "champion": "1"}
+    assert mv.tags["loraline.gate"] == "passed" and "Gate passed (candidate -> v1, champion -> v1)" in mv.description
 
     run = client.get_run(out["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("smol-sql-v1 adapter ")
     assert client.get_experiment(run.info.experiment_id).name == NAME
     assert run.data.params["lora.r"] == "8" and run.data.params["adapter.sha256"] == out["adapter"]["sha256"]
     assert run.data.metrics["parity_failed"] == 0 and run.data.metrics["merge_seconds"] > 0
     assert run.data.metrics["merged_bytes"] == out["merged"]["bytes"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"lineage.json", "parity.json", "adapter_config.json"} <= artifacts
+    assert {"lineage.json", "parity.json", "adapter_config.json", "report.md", "gate.json"} <= artifacts
+    report = Path(client.download_artifacts(run.info.run_id, "report.md")).read_text()
+    assert "# Release smol-sql v1" in report and out["adapter"]["sha256"][:16] in report and "**passed**" in report
     lineage = json.loads(Path(client.download_artifacts(run.info.run_id, "lineage.json")).read_text())
     assert lineage["merged"]["sha256"] == out["merged"]["sha256"] and lineage["model_version"] == "1"
     # The registered model holds the merged weights, loadable from the registry.
@@ -168,4 +180,4 @@ def test_each_bad_input_is_refused_by_the_flow_leaving_nothing(kind: str, prefec
     bad, message = _break(kind, demo_assets.checkpoint, tmp_path / "bad", tmp_path)
     with pytest.raises(InvalidAdapter, match=message):
         release(adapter=str(bad), base=str(demo_assets.base), name=NAME)
-    assert mlflow_state(settings) == before == {"versions": [(NAME, "1")], "aliases": [], "running": []}
+    assert mlflow_state(settings) == before == {"versions": [(NAME, "1")], "aliases": ["candidate", "champion"], "running": []}

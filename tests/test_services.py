@@ -51,7 +51,9 @@ def test_services_up_push_pull_by_digest_down(tmp_path: Path, monkeypatch: pytes
     assert proc.returncode == 0, proc.stderr[-2000:]
     st = json.loads(proc.stdout)
     try:
-        assert st["running"] == {"docker": True, "registry": True, "mlflow": True, "prefect": True}
+        assert st["running"] == {"docker": True, "registry": True, "mlflow": True, "prefect": True, "deployments": True}
+        # The runner serves loraline's deployments on that Prefect server (the UI's Run button executes them).
+        assert st["deployments"] == ["benchmark/benchmark", "image/image", "release/release", "trace/trace", "watch/watch"]
         assert st["docker_host"].startswith("unix:///tmp/loraline-") and st["docker_host"].endswith("/docker.sock")
         host, port = st["registry"].split(":")
         assert host == "127.0.0.1" and int(port) > 0
@@ -71,6 +73,8 @@ def test_services_up_push_pull_by_digest_down(tmp_path: Path, monkeypatch: pytes
         status_text = cli("status", home=home).stdout
         assert f"mlflow: {url} (UI; export MLFLOW_TRACKING_URI={url})" in status_text
         assert f"prefect: {purl} (UI; export PREFECT_API_URL={purl}/api)" in status_text
+        assert f"deployments: benchmark/benchmark, image/image, release/release, trace/trace, watch/watch (Run in the UI: {purl}/deployments)" in status_text
+        runner_pid = int((home / "services" / "serve" / "pid").read_text())
 
         # Through the server: an experiment and a run with an artifact, stored under <home>/mlartifacts (served).
         server = MlflowClient(tracking_uri=url, registry_uri=url)
@@ -108,7 +112,10 @@ def test_services_up_push_pull_by_digest_down(tmp_path: Path, monkeypatch: pytes
     finally:
         down = cli("down", "--json", home=home)
     assert down.returncode == 0, down.stderr[-2000:]
-    assert json.loads(down.stdout)["running"] == {"docker": False, "registry": False, "mlflow": False, "prefect": False}
+    assert json.loads(down.stdout)["running"] == {"docker": False, "registry": False, "mlflow": False, "prefect": False,
+                                                  "deployments": False}
+    with pytest.raises(ProcessLookupError):  # the runner is gone too
+        os.kill(runner_pid, 0)
     after = json.loads(cli("status", "--json", home=home).stdout)
     assert after["docker_host"] is None and after["registry"] is None and after["mlflow_url"] is None
     assert after["prefect_url"] is None
@@ -119,4 +126,6 @@ def test_services_up_push_pull_by_digest_down(tmp_path: Path, monkeypatch: pytes
     assert (conf.tracking_uri, conf.docker_host, conf.image_registry) == (None, None, None)
     # Nothing of the engine stays mounted (dockerd bind-mounts its data root): the home can be removed.
     mounts = Path("/proc/self/mountinfo").read_text()
-    assert str(home.resolve()) not in mounts and st["docker_host"][len("unix://"):-len("/docker.sock")] not in mounts
+    short = st["docker_host"][len("unix://"):-len("/docker.sock")]
+    assert str(home.resolve()) not in mounts and short not in mounts
+    assert not Path(short).exists() or any(Path(short).iterdir())  # `status` after `down` created no empty socket dir

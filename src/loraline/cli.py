@@ -54,7 +54,6 @@ def quiet_third_parties(settings: Settings, verbose: bool = False) -> None:
         return
     # Prefect still sends every log to its API (the UI shows them); only the console copy goes.
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -94,6 +93,10 @@ def emit(data: dict[str, Any], as_json: bool) -> None:
         for path, v in b.get("output_tok_s", {}).items():
             table.add_row(f"  {path}", f"{v:,.0f} out tok/s")
         table.add_row("  plots", str(b.get("artifacts")))
+    if isinstance(data.get("gate"), dict):
+        g = data["gate"]
+        moved = ", ".join(f"{a} -> v{v}" for a, v in g.get("aliases_moved", {}).items()) or "no alias moved"
+        table.add_row("gate", ("passed" if g["passed"] else "failed: " + "; ".join(g.get("reasons", []))) + f" ({moved})")
     for img in data.get("images") or []:
         table.add_row(f"image ({img['mode']})", f"{img['pinned']}  (tag {img['ref'].rsplit(':', 1)[-1]})")
     if isinstance(data.get("registry_image"), dict):
@@ -169,12 +172,15 @@ def _services(action: str, as_json: bool) -> None:
         click.echo(f"mlflow: {st.mlflow_url} (UI; export MLFLOW_TRACKING_URI={st.mlflow_url})")
     if st.prefect_url:
         click.echo(f"prefect: {st.prefect_url} (UI; export PREFECT_API_URL={st.prefect_url}/api)")
+    if st.deployments:
+        click.echo(f"deployments: {', '.join(st.deployments)} (Run in the UI: {st.prefect_url}/deployments)")
 
 
 @services.command("up")
 @click.option("--json", "as_json", is_flag=True)
 def services_up(as_json: bool) -> None:
-    """Start the Docker engine, the registry (installing Debian's docker.io/docker-registry if missing), MLflow and Prefect."""
+    """Start the Docker engine, the registry (installing Debian's docker.io/docker-registry if missing), MLflow, Prefect
+    and the runner that serves loraline's deployments (release, benchmark, image, trace, watch)."""
     _services("up", as_json)
 
 
@@ -188,7 +194,7 @@ def services_down(as_json: bool) -> None:
 @services.command("status")
 @click.option("--json", "as_json", is_flag=True)
 def services_status(as_json: bool) -> None:
-    """Print docker_host, registry, mlflow_url and prefect_url (null when not running)."""
+    """Print docker_host, registry, mlflow_url, prefect_url (null when not running) and the served deployments."""
     _services("status", as_json)
 
 

@@ -291,6 +291,7 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
         mlflow.log_dict(lineage, LINEAGE_FILE)
         client.update_model_version(name, version, description=_description(lineage))
         mlflow.set_tag(f"{TAG}model_version", str(version))
+        client.update_run(run_id, name=f"{name}-v{version} adapter {adapter.sha256[:12]}")  # readable in the runs list
         mlflow.end_run("FINISHED")
     except BaseException as e:
         if version is not None:
@@ -420,3 +421,30 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
     images = "; ".join(f"image ({i['mode']}): {i['pinned']}" for i in lineage["images"])
     client.update_model_version(name, version, description=f"{_description(lineage)}\n\n{images}")
     return entry
+
+
+def experiment_of(run_id: str, settings: Settings) -> str:
+    """The experiment id of a release's run (for MLflow UI links)."""
+    return str(use_mlflow(settings).get_run(run_id).info.experiment_id)
+
+
+def log_report(name: str, version: str, run_id: str, markdown: str, gate: dict[str, Any] | None, settings: Settings) -> None:
+    """Attach the release report (``report.md``) and the gate decision (``gate.json``, ``lineage.json``'s ``gate``) to
+    the release's run, and the gate's outcome to the model version's description."""
+    client = use_mlflow(settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "report.md").write_text(markdown)
+        client.log_artifact(run_id, str(d / "report.md"))
+        if gate is not None:
+            (d / "gate.json").write_text(json.dumps(gate, indent=2))
+            client.log_artifact(run_id, str(d / "gate.json"))
+            lineage = read_lineage(client, run_id)
+            lineage["gate"] = gate
+            (d / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2))
+            client.log_artifact(run_id, str(d / LINEAGE_FILE))
+            images = "; ".join(f"image ({i['mode']}): {i['pinned']}" for i in lineage.get("images", []))
+            moved = ", ".join(f"{a} -> v{v}" for a, v in gate.get("aliases_moved", {}).items()) or "no alias moved"
+            verdict = "passed" if gate["passed"] else "failed: " + "; ".join(gate.get("reasons", []))
+            client.update_model_version(name, version, description="\n\n".join(
+                x for x in (_description(lineage), images, f"Gate {verdict} ({moved}).") if x))

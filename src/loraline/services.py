@@ -10,7 +10,9 @@ with ``apt-get`` when this process may (root); otherwise the error says what to 
 The MLflow tracking server (REST API + UI) is ``mlflow/server.sh`` over the same SQLite store
 loraline uses without a server (``<home>/mlflow.db``), serving artifacts from ``<home>/mlartifacts``.
 The Prefect server (API + UI) is ``prefect server start`` over ``<home>/prefect/prefect.db``; while it
-runs, loraline's commands send their flow runs there instead of to an ephemeral server.
+runs, loraline's commands send their flow runs there instead of to an ephemeral server. Beside it,
+``python -m flows.serve`` creates loraline's deployments there and executes the runs started from the
+UI's Run button (a runner: Prefect's ``serve``).
 
 :func:`configured` fills the settings a user left unset (tracking URI, Docker host, image registry)
 from the services running for that home, so commands pick them up without exports.
@@ -49,6 +51,7 @@ class ServicesStatus:
     registry: str | None  # 127.0.0.1:PORT when the registry answers
     mlflow_url: str | None  # http://127.0.0.1:PORT when the MLflow server's /health answers
     prefect_url: str | None  # http://127.0.0.1:PORT (UI; API under /api) when the Prefect server's /api/health answers
+    deployments: list[str]  # flow/deployment names on that server while the runner of `up` serves them
     running: dict[str, bool]
     home: str
 
@@ -97,12 +100,12 @@ def _pid(d: Path) -> int | None:
         return None
 
 
-def _spawn(cmd: list[str], d: Path, env: dict[str, str] | None = None) -> int:
+def _spawn(cmd: list[str], d: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
     with (d / "log").open("ab") as log:
         log.write(("\n$ " + " ".join(cmd) + "\n").encode())
         log.flush()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env)  # outlives this process until `down`
+                                start_new_session=True, env=env, cwd=cwd)  # outlives this process until `down`
     (d / "pid").write_text(str(proc.pid))
     return proc.pid
 
@@ -335,6 +338,51 @@ def start_prefect(settings: Settings, port: int = 0) -> str:
     return url
 
 
+# --------------------------------------------------------------------------- deployment runner
+
+DEPLOYMENTS = ("release", "benchmark", "image", "trace", "watch")  # flows/serve.py: flow name == deployment name
+SERVE_START_TIMEOUT_S = 180.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+def deployments(url: str, timeout_s: float = 5.0) -> list[str]:
+    """``flow/deployment`` names the Prefect server at ``url`` has (empty when it does not answer)."""
+    import httpx
+
+    try:
+        with httpx.Client(base_url=f"{url}/api", timeout=timeout_s) as c:
+            flows = {f["id"]: f["name"] for f in c.post("/flows/filter", json={}).json()}
+            return sorted(f"{flows.get(d['flow_id'], '?')}/{d['name']}" for d in c.post("/deployments/filter", json={}).json())
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return []
+
+
+def serve_running(settings: Settings) -> bool:
+    return _pid(settings.home / "services" / "serve") is not None
+
+
+def start_serve(settings: Settings, url: str, env: dict[str, str] | None = None) -> list[str]:
+    """Start the runner that creates loraline's deployments on the Prefect server at ``url`` and executes their runs
+    (``python -m flows.serve``: the UI's Run button works once it is up). Returns the deployments it serves."""
+    d = _dir(settings, "serve")
+    want = [f"{n}/{n}" for n in DEPLOYMENTS]
+    if serve_running(settings):
+        return want
+    full = {**os.environ, **(env or {}), "PREFECT_API_URL": f"{url}/api", "LORALINE_HOME": str(settings.home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+            "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "TOKENIZERS_PARALLELISM": "false"}
+    log = d / "log"
+    start = log.stat().st_size if log.exists() else 0
+    pid = _spawn([sys.executable, "-m", "flows.serve"], d, env=full, cwd=REPO)
+
+    def ready() -> bool:  # the deployments exist and the runner said it polls for runs
+        text = log.read_bytes()[start:].decode(errors="replace")
+        return "polling" in text and all(w in deployments(url) for w in want)
+
+    _wait(ready, f"the deployment runner (pid {pid}) for {url}", d, timeout_s=SERVE_START_TIMEOUT_S)
+    return want
+
+
 # --------------------------------------------------------------------------- all
 
 
@@ -342,18 +390,21 @@ def up(settings: Settings) -> ServicesStatus:
     start_docker(settings)
     start_registry(settings)
     start_mlflow(settings)
-    start_prefect(settings)
+    url = start_prefect(settings)
+    start_serve(settings, url)
     return status(settings)
 
 
 def status(settings: Settings) -> ServicesStatus:
-    host = docker_host(settings)
+    host = f"unix://{_short_path(settings) / 'docker.sock'}"  # not docker_host(): status creates nothing
     addr = _state(settings, "registry", "addr")
     dok, rok = docker_ok(host), bool(addr and registry_ok(addr))
     url, purl = _mlflow_url(settings), prefect_url(settings)
+    serving = purl is not None and serve_running(settings)
     return ServicesStatus(docker_host=host if dok else None, registry=addr if rok else None, mlflow_url=url,
-                          prefect_url=purl, running={"docker": dok, "registry": rok, "mlflow": url is not None,
-                                                     "prefect": purl is not None}, home=str(settings.home))
+                          prefect_url=purl, deployments=deployments(purl) if serving else [],
+                          running={"docker": dok, "registry": rok, "mlflow": url is not None,
+                                   "prefect": purl is not None, "deployments": serving}, home=str(settings.home))
 
 
 def configured(settings: Settings) -> Settings:
@@ -379,8 +430,9 @@ def configured(settings: Settings) -> Settings:
 
 
 def down(settings: Settings, grace_s: float = 20.0) -> ServicesStatus:
-    """Stop what ``up`` started (Prefect and MLflow first, then the registry, then the engine, which stops its containers)."""
-    for name in ("prefect", "mlflow", "registry", "docker"):
+    """Stop what ``up`` started (the deployment runner, Prefect and MLflow first, then the registry, then the engine,
+    which stops its containers)."""
+    for name in ("serve", "prefect", "mlflow", "registry", "docker"):
         d = settings.home / "services" / name
         pid = _pid(d) if d.exists() else None
         if pid is None:
@@ -399,7 +451,7 @@ def down(settings: Settings, grace_s: float = 20.0) -> ServicesStatus:
                 pass
         (d / "pid").unlink(missing_ok=True)
         if name == "docker":  # dockerd bind-mounts its data root and leaves it (and a netns) mounted
-            unmount_under(d, _short_dir(settings))
+            unmount_under(d, _short_path(settings))
     return status(settings)
 
 

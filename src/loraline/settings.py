@@ -98,6 +98,15 @@ class Settings(BaseSettings):
     image_smoke: bool = Field(default=True, description="After the push, pull the image by digest, run it and check its answers (the smoke test).")
     smoke_timeout_s: float = Field(default=600, gt=0, description="How long the smoke test waits for the container's /health.")
 
+    # The deployments' defaults (`loraline services up` serves them; the Prefect UI's run form shows them).
+    adapter: str | None = Field(default=None, description="Default adapter source of the release deployment; default <home>/demo/checkpoint-100 when it exists.")
+    base: str | None = Field(default=None, description="Default base model source of the release and watch deployments; default <home>/demo/base when it exists.")
+    model_name: str = Field(default="smol-sql", description="Default registered model name of the release and watch deployments.")
+    watch_directory: str | None = Field(default=None, description="Directory the watch deployment scans for new adapters (any depth up to 3).")
+    watch_experiment: str | None = Field(default=None, description="MLflow experiment the watch deployment scans for adapters logged as run artifacts.")
+    watch_interval_s: float = Field(default=300, ge=10, description="How often the watch deployment runs, seconds (when a directory or experiment is set).")
+    serve_limit: int = Field(default=2, ge=1, description="Flow runs the deployment runner of `services up` executes at once.")
+
     @field_validator("bench_concurrency")
     @classmethod
     def _positive_levels(cls, v: list[int]) -> list[int]:

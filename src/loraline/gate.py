@@ -1,0 +1,124 @@
+"""The release gate: the only code that moves the registry aliases ``candidate`` and ``champion``.
+
+The gate reads what a release recorded (its lineage and the model version's status), checks it
+against :class:`~loraline.params.GateThresholds`, and then either
+
+- passes: ``candidate`` moves to the version, and (``promote``) ``champion`` too; the version and
+  its run are tagged ``loraline.gate=passed`` (and ``loraline.gate.previous_champion``), or
+- fails: the version and run are tagged ``loraline.gate=failed`` with the reasons; no alias moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from loraline.errors import LoralineError
+from loraline.params import GateThresholds
+from loraline.registry import TAG, use_mlflow
+from loraline.settings import Settings
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+class GateError(LoralineError):
+    """The gate could not be applied (the version is missing or its lineage does not match)."""
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    model_name: str
+    model_version: str
+    passed: bool
+    checks: tuple[GateCheck, ...]
+    aliases_moved: dict[str, str] = field(default_factory=dict)  # alias -> version it now names
+    previous_champion: str | None = None
+
+    @property
+    def reasons(self) -> list[str]:
+        return [c.detail for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "reasons": self.reasons}
+
+
+def best_server_tok_s(lineage: dict[str, Any], path: str = "vllm-server-merged") -> float | None:
+    """The best output tokens/s of ``path`` over its concurrency levels, from the lineage's benchmark summary."""
+    values = [v for k, v in ((lineage.get("benchmark") or {}).get("output_tok_s") or {}).items() if k.split("@")[0] == path]
+    return max(values) if values else None
+
+
+def decide(lineage: dict[str, Any], status: str, t: GateThresholds) -> GateDecision:
+    """Check a release against the thresholds (no side effects)."""
+    checks: list[GateCheck] = []
+    checks.append(GateCheck("status", status != "failed",
+                            f"status is {status!r}" + (" (a step after registration failed)" if status == "failed" else "")))
+    p = lineage.get("parity") or {}
+    prompts = int(p.get("prompts") or 0)
+    share = (int(p.get("identical") or 0) / prompts) if prompts else 0.0
+    checks.append(GateCheck("parity", prompts > 0 and int(p.get("failed") or 0) == 0 and share >= t.min_parity_identical,
+                            f"HF parity: {p.get('identical')} of {prompts} identical ({share:.0%}), {p.get('failed')} failed; "
+                            f"needs >= {t.min_parity_identical:.0%} identical and none failed"))
+    vp = lineage.get("vllm_parity") or {}
+    if t.require_vllm_parity:
+        ok = bool(vp) and all(int(v.get("failed") or 0) == 0 for v in vp.values())
+        checks.append(GateCheck("vllm_parity", ok, "vLLM parity: " + (
+            ", ".join(f"{k} {v.get('identical')} identical / {v.get('close')} close / {v.get('failed')} failed" for k, v in vp.items())
+            if vp else "not run (LORALINE_VLLM_PARITY=false); the gate requires it")))
+    bench = lineage.get("benchmark")
+    if t.require_benchmark or t.min_output_tok_s is not None:
+        checks.append(GateCheck("benchmark", bool(bench), "benchmark: " + ("recorded" if bench else "not run; the gate requires it")))
+    if t.min_output_tok_s is not None and bench:
+        best = best_server_tok_s(lineage)
+        checks.append(GateCheck("throughput", best is not None and best >= t.min_output_tok_s,
+                                f"vLLM server (merged) best output: {best if best is not None else 'not measured'} tok/s; "
+                                f"needs >= {t.min_output_tok_s:g}"))
+    if t.require_image:
+        smoked = [i for i in lineage.get("images") or [] if (i.get("smoke") or {}).get("ready_seconds") is not None]
+        checks.append(GateCheck("image", bool(smoked), "serving image: " + (
+            ", ".join(f"{i['mode']} {i['pinned']} smoke-tested" for i in smoked) if smoked
+            else "none pushed and smoke-tested; the gate requires one")))
+    return GateDecision(model_name=str(lineage["model_name"]), model_version=str(lineage["model_version"]),
+                        passed=all(c.passed for c in checks), checks=tuple(checks))
+
+
+def gate_release(lineage: dict[str, Any], thresholds: GateThresholds, settings: Settings) -> GateDecision:
+    """Decide on the release ``lineage`` describes and apply the decision in the MLflow registry."""
+    from mlflow.exceptions import MlflowException
+
+    client = use_mlflow(settings)
+    name, version = str(lineage["model_name"]), str(lineage["model_version"])
+    try:
+        mv = client.get_model_version(name, version)
+    except MlflowException as e:
+        raise GateError(f"cannot gate models:/{name}/{version}: {e.message}") from e
+    if mv.run_id != lineage.get("mlflow_run_id"):
+        raise GateError(f"models:/{name}/{version} belongs to run {mv.run_id}, not {lineage.get('mlflow_run_id')}: "
+                        "the lineage given to the gate is not this version's")
+    decision = decide(lineage, (mv.tags or {}).get(f"{TAG}status", "unknown"), thresholds)
+    aliases = {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
+    previous = aliases.get(CHAMPION)
+    moved: dict[str, str] = {}
+    if decision.passed:
+        client.set_registered_model_alias(name, CANDIDATE, version)
+        moved[CANDIDATE] = version
+        if thresholds.promote:
+            client.set_registered_model_alias(name, CHAMPION, version)
+            moved[CHAMPION] = version
+    tags = {"gate": "passed" if decision.passed else "failed",
+            "gate.reasons": "; ".join(decision.reasons)[:4000] or "none",
+            "gate.thresholds": thresholds.model_dump_json()}
+    if moved.get(CHAMPION) and previous and previous != version:
+        tags["gate.previous_champion"] = previous
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, TAG + k, v)
+        client.set_tag(mv.run_id, TAG + k, v)
+    return GateDecision(**{**asdict(decision), "checks": decision.checks, "aliases_moved": moved,
+                           "previous_champion": previous})

@@ -1,0 +1,81 @@
+"""The release report: one markdown page (Prefect artifact and ``report.md`` on the MLflow run) and table rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def mlflow_links(lineage: dict[str, Any], experiment_id: str | None = None) -> dict[str, str]:
+    """MLflow UI links for the release's run and model version, when it was tracked on an MLflow server."""
+    uri = str(lineage.get("tracking_uri") or "")
+    if not uri.startswith(("http://", "https://")):
+        return {}
+    base = uri.rstrip("/")
+    links = {"model_version": f"{base}/#/models/{lineage['model_name']}/versions/{lineage['model_version']}"}
+    if experiment_id:
+        links["run"] = f"{base}/#/experiments/{experiment_id}/runs/{lineage['mlflow_run_id']}"
+    return links
+
+
+def lineage_rows(lineage: dict[str, Any]) -> list[dict[str, str]]:
+    """The chain from checkpoint to serving image, one row per link (a Prefect table artifact)."""
+    a, b, m = lineage["adapter"], lineage["base"], lineage["merged"]
+    rows = [
+        {"step": "adapter", "what": str(a.get("source")), "sha256": a["sha256"],
+         "detail": f"training step {a.get('training_step')}, loss {a.get('training_loss')}"},
+        {"step": "base", "what": str(b.get("source")), "sha256": b["sha256"], "detail": str(b.get("name") or "")},
+        {"step": "merged", "what": str(m.get("path")), "sha256": m["sha256"], "detail": f"{m.get('dtype')}, {m.get('bytes')} bytes"},
+        {"step": "model version", "what": f"models:/{lineage['model_name']}/{lineage['model_version']}",
+         "sha256": "", "detail": f"MLflow run {lineage['mlflow_run_id']}"},
+    ]
+    for img in lineage.get("images") or []:
+        rows.append({"step": f"image ({img['mode']})", "what": img["ref"], "sha256": img["digest"].removeprefix("sha256:"),
+                     "detail": f"docker pull {img['pinned']}"})
+    return rows
+
+
+def _parity(name: str, p: dict[str, Any]) -> str:
+    return f"| {name} | {p.get('identical')} | {p.get('close')} | {p.get('failed')} | {p.get('prompts')} |"
+
+
+def release_report(lineage: dict[str, Any], gate: dict[str, Any] | None = None, experiment_id: str | None = None) -> str:
+    """The markdown report of a release: lineage chain, parity, benchmark, images, gate, MLflow links."""
+    name, version = lineage["model_name"], lineage["model_version"]
+    out = [f"# Release {name} v{version}", ""]
+    links = mlflow_links(lineage, experiment_id)
+    if links:
+        out += ["MLflow: " + " · ".join(f"[{k.replace('_', ' ')}]({u})" for k, u in links.items()), ""]
+    else:
+        out += [f"MLflow ({lineage.get('tracking_uri')}): run `{lineage['mlflow_run_id']}`, model version `models:/{name}/{version}`", ""]
+    out += ["## Lineage", "", "| step | what | sha256 | detail |", "|---|---|---|---|"]
+    out += [f"| {r['step']} | `{r['what']}` | `{r['sha256'][:16]}` | {r['detail']} |" for r in lineage_rows(lineage)]
+    out += ["", f"Trace it: `loraline trace models:/{name}/{version}`", ""]
+    out += ["## Parity (greedy outputs vs base + adapter in peft)", "", "| compared | identical | close | failed | prompts |",
+            "|---|---|---|---|---|", _parity("HF merged", lineage.get("parity") or {})]
+    out += [_parity(f"vLLM {k}", v) for k, v in (lineage.get("vllm_parity") or {}).items()]
+    out.append("")
+    bench = lineage.get("benchmark")
+    out += ["## Benchmark", ""]
+    if bench:
+        out += [f"Device {bench.get('device')}, vLLM {bench.get('vllm_version')}; recommended deploy mode: "
+                f"**{bench.get('recommendation')}** ({bench.get('reason')}). Plots: `{bench.get('artifacts')}`.", "",
+                "| path | output tok/s |", "|---|---|"]
+        out += [f"| {k} | {v:,.1f} |" for k, v in (bench.get("output_tok_s") or {}).items()]
+    else:
+        out.append("Not run (`loraline bench models:/%s/%s` runs it)." % (name, version))
+    out += ["", "## Serving images", ""]
+    images = lineage.get("images") or []
+    if images:
+        out += ["| mode | image | smoke: ready (s) |", "|---|---|---|"]
+        out += [f"| {i['mode']} | `{i['pinned']}` | {(i.get('smoke') or {}).get('ready_seconds', 'skipped')} |" for i in images]
+    else:
+        out.append("None built for this release.")
+    out.append("")
+    if gate is not None:
+        out += ["## Gate", "", f"**{'passed' if gate['passed'] else 'failed'}**; aliases moved: "
+                + (", ".join(f"`{a}` → v{v}" for a, v in gate.get("aliases_moved", {}).items()) or "none")
+                + (f" (previous champion v{gate['previous_champion']})" if gate.get("previous_champion") else ""), "",
+                "| check | passed | detail |", "|---|---|---|"]
+        out += [f"| {c['name']} | {'yes' if c['passed'] else 'NO'} | {c['detail']} |" for c in gate["checks"]]
+        out.append("")
+    return "\n".join(out)

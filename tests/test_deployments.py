@@ -1,0 +1,207 @@
+"""The deployments users drive from the Prefect UI, against a real `prefect server start`, the runner of
+`loraline services up` (`python -m flows.serve`) and a real MLflow server (fixture `prefect_services`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+from safetensors.torch import load_file, save_file
+
+NAME = "smol-sql"
+
+
+def prefect(api_url: str):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: api_url})
+
+
+def artifacts_of(flow_run_id: Any) -> dict[str, Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as c:
+        found = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in found if a.key}
+
+
+def run_button(deployment: str, parameters: dict[str, Any] | None = None, timeout: float = 900):
+    """What the UI's Run button does: a flow run created from the deployment (its defaults unless overridden), which
+    the runner picks up; wait for its final state."""
+    from prefect.deployments import run_deployment
+
+    return run_deployment(name=deployment, parameters=parameters or {}, timeout=timeout, poll_interval=2)
+
+
+def test_deployments_have_typed_forms_with_demo_defaults(prefect_services) -> None:
+    from prefect.client.orchestration import get_client
+
+    with prefect(prefect_services.api_url), get_client(sync_client=True) as c:
+        rel = c.read_deployment_by_name("release/release")
+        schema = rel.parameter_openapi_schema
+        props = schema["properties"]
+        assert schema["required"] == ["adapter", "base", "name"]
+        assert "adapter source" in props["adapter"]["description"] and "registered model name" in props["name"]["description"]
+        defs = schema["definitions"]
+        workload, gate = defs["BenchmarkWorkload"], defs["GateThresholds"]
+        assert workload["title"] == "Benchmark workload" and gate["title"] == "Gate thresholds"
+        assert workload["properties"]["concurrency"]["description"].startswith("OpenAI-server concurrency levels")
+        assert gate["properties"]["min_parity_identical"]["default"] == 0.5
+        assert set(props["image"]["anyOf"][0]["enum"]) == {"merged", "lora", "none"}
+        # The form opens with the demo's parameters filled in.
+        assert rel.parameters["adapter"] == str(prefect_services.demo.checkpoint)
+        assert rel.parameters["base"] == str(prefect_services.demo.base)
+        assert rel.parameters["name"] == NAME and rel.parameters["benchmark"]["run"] is False
+        for name in ("benchmark/benchmark", "image/image", "trace/trace"):
+            d = c.read_deployment_by_name(name)
+            assert d.parameters and d.description and "loraline" in d.tags, name
+        watch = c.read_deployment_by_name("watch/watch")
+        assert watch.parameters["directory"] == str(prefect_services.watch_dir)
+        (sched,) = watch.schedules
+        assert sched.active and sched.schedule.interval.total_seconds() == 20
+
+
+def test_run_button_releases_and_publishes_the_report(prefect_services) -> None:
+    s = prefect_services
+    with prefect(s.api_url):
+        run = run_button("release/release")
+        assert run.state.is_completed(), run.state
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as c:
+            run = c.read_flow_run(run.id)
+            tasks = {t.name.rsplit("-", 1)[0] if t.name.startswith(("fetch", "validate", "merge", "parity")) else t.name
+                     for t in c.read_task_runs(flow_run_filter=_by_id(run.id))}
+        assert run.name == f"release-{NAME}-v1"  # renamed once the version was known
+        assert {f"register-{NAME}", f"gate-{NAME}-v1", f"report-{NAME}-v1"} <= tasks, tasks
+        arts = artifacts_of(run.id)
+        assert {f"release-{NAME}", f"lineage-{NAME}"} <= set(arts), set(arts)
+        report = arts[f"release-{NAME}"].data
+
+    client = MlflowClient(s.mlflow_url, s.mlflow_url)
+    mv = client.get_model_version(NAME, "1")
+    exp_id = client.get_run(mv.run_id).info.experiment_id
+    # The report: lineage chain, parity, gate, links into the MLflow UI of the server the run used.
+    assert "# Release smol-sql v1" in report and mv.tags["loraline.adapter.sha256"][:16] in report
+    assert f"{s.mlflow_url}/#/models/{NAME}/versions/1" in report
+    assert f"{s.mlflow_url}/#/experiments/{exp_id}/runs/{mv.run_id}" in report
+    assert "## Parity" in report and "**passed**; aliases moved: `candidate` → v1, `champion` → v1" in report
+    table = json.loads(arts[f"lineage-{NAME}"].data) if isinstance(arts[f"lineage-{NAME}"].data, str) else arts[f"lineage-{NAME}"].data
+    assert [r["step"] for r in table] == ["adapter", "base", "merged", "model version"]
+    # MLflow holds the version, its lineage tags, the gate's aliases, the report.
+    assert mv.tags["loraline.adapter.source"] == str(s.demo.checkpoint) and mv.tags["loraline.gate"] == "passed"
+    assert {k: str(v) for k, v in client.get_registered_model(NAME).aliases.items()} == {"candidate": "1", "champion": "1"}
+    assert "loraline trace models:/smol-sql/1" in mv.description and "Gate passed" in mv.description
+    assert client.get_experiment(exp_id).name == NAME
+    assert client.get_run(mv.run_id).info.run_name.startswith(f"{NAME}-v1 adapter ")
+    assert "report.md" in {a.path for a in client.list_artifacts(mv.run_id)}
+
+    # The trace deployment, from the champion alias, back to the checkpoint.
+    with prefect(s.api_url):
+        tr = run_button("trace/trace")
+        assert tr.state.is_completed(), tr.state
+        rows = artifacts_of(tr.id)[f"trace-{NAME}"].data
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert rows[0]["what"] == str(s.demo.checkpoint) and rows[0]["sha256"] == mv.tags["loraline.adapter.sha256"]
+
+
+def _by_id(flow_run_id: Any):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+
+
+def _nudged(src: Path, dst: Path) -> Path:
+    """A new adapter version: the demo checkpoint with one LoRA B entry nudged (a new digest)."""
+    shutil.copytree(src, dst)
+    t = load_file(str(dst / "adapter_model.safetensors"))
+    k = next(k for k in sorted(t) if "lora_B" in k)
+    t[k][0, 0] += 1e-3
+    save_file(t, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def _watch_runs(after: float) -> list[Any]:
+    """Completed scheduled (not manually started) watch runs that started after ``after`` (epoch seconds)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterState, \
+        FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as c:
+        runs = c.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["watch"])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.COMPLETED, StateType.FAILED, StateType.CRASHED]))))
+    return sorted((r for r in runs if r.auto_scheduled and r.start_time and r.start_time.timestamp() > after),
+                  key=lambda r: r.start_time)
+
+
+def test_watch_schedule_releases_each_new_digest_once(prefect_services) -> None:
+    s = prefect_services
+    client = MlflowClient(s.mlflow_url, s.mlflow_url)
+    # Written to the watched directory: a new adapter version, and the same one again (a duplicate digest).
+    _nudged(s.demo.checkpoint, s.watch_dir / "run-7" / "checkpoint-200")
+    shutil.copytree(s.watch_dir / "run-7" / "checkpoint-200", s.watch_dir / "copy-of-200")
+    t0 = time.time()
+    deadline = t0 + 600
+    with prefect(s.api_url):
+        released: Any = None
+        while time.time() < deadline:
+            runs = _watch_runs(t0)
+            for r in runs:
+                assert r.state.is_completed(), (r.name, r.state)
+                table = artifacts_of(r.id)[f"watch-{NAME}"].data
+                table = json.loads(table) if isinstance(table, str) else table
+                if released is None and any(row["state"] == "released now" for row in table):
+                    released = (r, table)
+            if released and [r for r in runs if r.start_time > released[0].start_time]:
+                break  # one more scheduled run after the release: it must find nothing new
+            time.sleep(5)
+        assert released, f"no scheduled watch run released the new adapter within 600 s: {[(r.name, r.state.name) for r in _watch_runs(t0)]}"
+        run, table = released
+        later = [r for r in _watch_runs(t0) if r.start_time > run.start_time]
+        assert later, "no scheduled watch run after the one that released"
+        later_table = artifacts_of(later[0].id)[f"watch-{NAME}"].data
+    later_table = json.loads(later_table) if isinstance(later_table, str) else later_table
+    states = {Path(row["source"]).name: row["state"] for row in table}
+    # The same digest twice: one released, the other reported as its duplicate (whichever the scan met first).
+    assert sorted([states["checkpoint-200"], states["copy-of-200"]]) == ["duplicate", "released now"], table
+    # Idempotent: the next scheduled run finds the digest released, and nothing new is registered.
+    later_states = sorted(row["state"] for row in later_table if Path(row["source"]).name in ("checkpoint-200", "copy-of-200"))
+    assert later_states == ["duplicate", "released"], later_table
+    assert not any(row["state"] == "released now" for row in later_table)
+    versions = client.search_model_versions(f"name = '{NAME}'")
+    shas = [v.tags["loraline.adapter.sha256"] for v in versions]
+    assert len(shas) == len(set(shas))  # one version per digest
+    assert {row["sha256"] for row in table if row["state"] == "released now"} <= set(shas)
+
+
+def test_prefect_yaml_deploys_the_same_flows_with_valid_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prefect.yaml (production: `prefect deploy --all` to a GPU work pool) names real flows, and its parameters pass
+    those flows' validation (what `prefect deploy` and the worker check)."""
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    spec = yaml.safe_load((repo / "prefect.yaml").read_text())
+    assert spec["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $LORALINE_CHECKOUT }}"
+    names = {d["name"] for d in spec["deployments"]}
+    assert names == {"release", "benchmark", "image", "trace", "watch"}
+    for d in spec["deployments"]:
+        assert d["work_pool"]["name"] == "gpu", d["name"]
+        fl = load_flow_from_entrypoint(d["entrypoint"])
+        assert fl.name == d["name"]
+        params = {k: ("/data/base" if isinstance(v, str) and v.startswith("{{") else v) for k, v in d["parameters"].items()}
+        if d["name"] == "release":
+            params |= {"adapter": "/data/checkpoint-100", "base": "/data/base"}
+        fl.validate_parameters(params)  # raises on a wrong name or type
+    watch = next(d for d in spec["deployments"] if d["name"] == "watch")
+    assert watch["schedules"] == [{"interval": 300}] and watch["concurrency_limit"] == 1

@@ -1,0 +1,108 @@
+"""The release gate: only it moves `candidate`/`champion`, and only for a release that meets the thresholds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from safetensors.torch import load_file, save_file
+
+from loraline.gate import decide
+from loraline.params import GateThresholds
+from loraline.settings import Settings
+
+
+def aliases(client: MlflowClient) -> dict[str, str]:
+    """The registered model's aliases, versions as strings (the SQLite store returns ints)."""
+    return {k: str(v) for k, v in (client.get_registered_model(NAME).aliases or {}).items()}
+
+
+NAME = "smol-gate"
+
+
+def _lineage(**over) -> dict:
+    base = {"model_name": NAME, "model_version": "3", "parity": {"prompts": 8, "identical": 6, "close": 2, "failed": 0},
+            "vllm_parity": {}, "benchmark": None, "images": []}
+    return {**base, **over}
+
+
+def test_decide_names_every_missed_threshold() -> None:
+    ok = decide(_lineage(), "registered", GateThresholds())
+    assert ok.passed and [c.name for c in ok.checks] == ["status", "parity"]
+
+    d = decide(_lineage(), "registered", GateThresholds(min_parity_identical=0.9, require_vllm_parity=True,
+                                                         min_output_tok_s=100, require_image=True))
+    assert not d.passed
+    assert {c.name for c in d.checks if not c.passed} == {"parity", "vllm_parity", "benchmark", "image"}
+    assert "6 of 8 identical (75%)" in d.reasons[0] and "needs >= 90% identical" in d.reasons[0]
+    assert any("not run (LORALINE_VLLM_PARITY=false)" in r for r in d.reasons)
+
+    bench = {"output_tok_s": {"vllm-server-merged@c1": 90.0, "vllm-server-merged@c8": 450.0, "hf-merged": 4000.0}}
+    fast = decide(_lineage(benchmark=bench), "benchmarked", GateThresholds(min_output_tok_s=400))
+    assert fast.passed and any(c.name == "throughput" and "450.0 tok/s" in c.detail for c in fast.checks)
+    slow = decide(_lineage(benchmark=bench), "benchmarked", GateThresholds(min_output_tok_s=500))
+    assert not slow.passed and "needs >= 500" in slow.reasons[0]
+
+    failed = decide(_lineage(), "failed", GateThresholds())
+    assert not failed.passed and "a step after registration failed" in failed.reasons[0]
+
+
+def test_thresholds_refuse_nonsense_with_the_field_named() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="min_parity_identical"):
+        GateThresholds(min_parity_identical=1.5)
+    with pytest.raises(ValidationError, match="unknown_field|extra"):
+        GateThresholds.model_validate({"unknown_field": 1})
+
+
+def _second_adapter(src: Path, dst: Path) -> Path:
+    """Another adapter version: the same checkpoint with one LoRA B entry nudged (a new digest, same behaviour)."""
+    shutil.copytree(src, dst)
+    t = load_file(str(dst / "adapter_model.safetensors"))
+    k = next(k for k in sorted(t) if "lora_B" in k)
+    t[k][0, 0] += 1e-3
+    save_file(t, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_gate_moves_aliases_only_for_passing_releases(prefect_harness, demo_assets, settings: Settings, tmp_path: Path) -> None:
+    from flows.release import release
+
+    first = release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME)
+    client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
+    assert aliases(client) == {"candidate": "1", "champion": "1"}
+
+    # v2 misses a threshold (vLLM parity is off in tests): kept and tagged, no alias moves.
+    v2 = _second_adapter(demo_assets.checkpoint, tmp_path / "v2")
+    out = release(adapter=str(v2), base=str(demo_assets.base), name=NAME, gate=GateThresholds(require_vllm_parity=True))
+    assert out["model_version"] == "2" and out["gate"]["passed"] is False and out["gate"]["aliases_moved"] == {}
+    assert aliases(client) == {"candidate": "1", "champion": "1"}
+    mv2 = client.get_model_version(NAME, "2")
+    assert mv2.tags["loraline.gate"] == "failed" and "vLLM parity: not run" in mv2.tags["loraline.gate.reasons"]
+    assert "Gate failed: vLLM parity: not run" in mv2.description and "no alias moved" in mv2.description
+    report = Path(client.download_artifacts(out["mlflow_run_id"], "report.md")).read_text()
+    assert "**failed**; aliases moved: none" in report and "| vllm_parity | NO |" in report
+
+    # v3 passes but is not promoted: only candidate moves.
+    v3 = _second_adapter(v2, tmp_path / "v3")
+    out3 = release(adapter=str(v3), base=str(demo_assets.base), name=NAME, gate={"promote": False})
+    assert out3["model_version"] == "3" and out3["gate"]["aliases_moved"] == {"candidate": "3"}
+    assert aliases(client) == {"candidate": "3", "champion": "1"}
+
+    # v4 passes and is promoted: champion moves, and the version names the one it replaced.
+    v4 = _second_adapter(v3, tmp_path / "v4")
+    out4 = release(adapter=str(v4), base=str(demo_assets.base), name=NAME)
+    assert aliases(client) == {"candidate": "4", "champion": "4"}
+    assert client.get_model_version(NAME, "4").tags["loraline.gate.previous_champion"] == "1"
+    lineage = json.loads(Path(client.download_artifacts(out4["mlflow_run_id"], "lineage.json")).read_text())
+    assert lineage["gate"]["passed"] is True and lineage["gate"]["previous_champion"] == "1"
+
+    # Re-running the first release changes nothing: no alias moves back to v1.
+    again = release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME)
+    assert again["model_version"] == "1" and again["existing"] is True
+    assert aliases(client) == {"candidate": "4", "champion": "4"}
+    assert first["gate"]["passed"] is True

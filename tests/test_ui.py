@@ -1,0 +1,82 @@
+"""What users see in the Prefect and MLflow UIs, in a real headless Chromium (Debian's chromium + chromedriver,
+driven by Selenium; `make setup` installs them). Screenshots go to test-artifacts/screenshots/.
+
+Runs after tests/test_deployments.py on the same services (fixture `prefect_services`): the release started there
+through the deployment is the finished flow run and the model version looked at here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from browser import chromium_available, click_text, close_mlflow_assistant, input_values, open_browser, screenshot, \
+    scroll_to_text, wait_for_text
+
+NAME = "smol-sql"
+
+
+@pytest.fixture(scope="module")
+def released(prefect_services) -> Any:
+    """The release deployment's finished run (started here through the API if test_deployments did not run)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, \
+        FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    assert chromium_available() is None, chromium_available()
+    with temporary_settings(updates={PREFECT_API_URL: prefect_services.api_url}), get_client(sync_client=True) as c:
+        done = c.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["release"])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED]))))
+        run = done[0] if done else run_deployment(name="release/release", timeout=900, poll_interval=2)
+        assert run.state.is_completed(), run.state
+        dep = c.read_deployment_by_name("release/release")
+        return prefect_services, c.read_flow_run(run.id), dep
+
+
+def test_prefect_ui_shows_the_deployment_form_and_the_finished_run(released) -> None:
+    s, run, dep = released
+    with open_browser() as drv:
+        # The deployment page, then its run form: the typed parameters with their descriptions and demo defaults.
+        drv.get(f"{s.prefect_url}/deployments/deployment/{dep.id}")
+        wait_for_text(drv, ["release", "loraline", "Ready"], name="prefect-deployment")
+        screenshot(drv, "prefect-deployment")
+        drv.get(f"{s.prefect_url}/deployments/deployment/{dep.id}/run")
+        wait_for_text(drv, ["Parameters", "adapter", "benchmark (Optional)", "Benchmark workload", "Prompt length, tokens",
+                            "gate (Optional)", "Gate thresholds", "Min Parity Identical (Optional)", "Submit"],
+                      name="prefect-run-form")
+        values = input_values(drv)
+        assert NAME in values and any(str(s.demo.checkpoint) in v for v in values), values
+        screenshot(drv, "prefect-run-form")
+
+        # The finished release run: its name carries the version, its state, its report artifact.
+        drv.get(f"{s.prefect_url}/runs/flow-run/{run.id}")
+        wait_for_text(drv, [run.name, "Completed", "Finished in state Completed()"], name="prefect-flow-run")
+        assert run.name == f"release-{NAME}-v1"
+        screenshot(drv, "prefect-flow-run")
+        click_text(drv, "Artifacts", within="[role=tablist]")
+        wait_for_text(drv, [f"release-{NAME}", f"lineage-{NAME}"], name="prefect-flow-run-artifacts")
+        screenshot(drv, "prefect-flow-run-artifacts")
+        click_text(drv, f"release-{NAME}")
+        wait_for_text(drv, [f"Release {NAME} v1", "Lineage", "Parity", "Gate", "candidate"], name="prefect-report")
+        screenshot(drv, "prefect-report")
+
+
+def test_mlflow_ui_shows_the_model_version_with_its_lineage(released) -> None:
+    from mlflow import MlflowClient
+
+    s, _run, _dep = released
+    mv = MlflowClient(s.mlflow_url, s.mlflow_url).get_model_version(NAME, "1")
+    adapter_sha = mv.tags["loraline.adapter.sha256"]
+    with open_browser() as drv:
+        drv.get(f"{s.mlflow_url}/#/models/{NAME}/versions/1")
+        close_mlflow_assistant(drv)
+        wait_for_text(drv, ["Version 1", "champion", "candidate", "loraline.adapter.sha256", adapter_sha,
+                            "loraline.merged.sha256", mv.tags["loraline.merged.sha256"], "loraline.gate", "Gate passed",
+                            f"loraline trace models:/{NAME}/1"], name="mlflow-version")
+        screenshot(drv, "mlflow-version")
+        scroll_to_text(drv, "loraline.merged.sha256")
+        screenshot(drv, "mlflow-version-tags")
