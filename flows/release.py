@@ -1,5 +1,5 @@
-"""The release flow: fetch -> validate -> merge -> parity (HF, then vLLM) -> register -> benchmark -> image -> smoke
--> gate (moves the candidate/champion aliases) -> report.
+"""The release flow: fetch -> validate -> merge -> parity (HF, then vLLM) -> register -> evaluate -> benchmark -> image ->
+smoke -> gate (moves the candidate/champion aliases) -> report.
 
 Wiring only.
 
@@ -9,6 +9,7 @@ Retries only on the network-bound fetches; merge and parity are cached on conten
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -18,12 +19,14 @@ from prefect.cache_policies import NO_CACHE
 from flows.benchmark import bench_release
 from flows.common import artifact_key, name_flow_run
 from flows.image import image_release, preflight_task
+from loraline.benchmark import release_dirs
+from loraline.evaluate import evaluate_release
 from loraline.gate import gate_release
 from loraline.image import image_mode
 from loraline.merge import MergedModel, merge_adapter, merged_path
 from loraline.parity import ParityReport, check_parity, check_vllm_parity, parity_prompts, require_parity
 from loraline.params import BenchmarkWorkload, GateThresholds, ImageMode
-from loraline.registry import check_model_name, experiment_of, find_release, log_report, register_model
+from loraline.registry import check_model_name, experiment_of, find_release, log_evaluation, log_report, mark_failed, register_model
 from loraline.report import lineage_rows, release_report
 from loraline.services import configured
 from loraline.settings import Settings
@@ -96,6 +99,21 @@ def register_task(name: str, adapter: FetchedAdapter, base: FetchedBase, validat
     return register_model(name, adapter, base, validation, merged, parity, settings, vllm_parity)
 
 
+@task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate-{lineage[model_name]}-v{lineage[model_version]}")
+def evaluate_task(lineage: dict[str, Any], base_dir: Path, settings: Settings) -> dict[str, Any]:
+    name, version, run_id = lineage["model_name"], str(lineage["model_version"]), lineage["mlflow_run_id"]
+    try:
+        _adapter_dir, base_dir, merged_dir = release_dirs(lineage, settings, Path(base_dir))  # merged again if it was removed
+        report = evaluate_release(merged_dir, base_dir, settings)
+        summary = log_evaluation(name, version, run_id, report, settings)
+    except Exception as e:
+        mark_failed(name, version, "evaluate", str(e), settings)
+        raise
+    get_run_logger().info("task accuracy %.1f%% (base %.1f%%) on %d questions", 100 * report.merged.accuracy,
+                          100 * report.base.accuracy, report.merged.examples)
+    return {**lineage, "evaluation": summary}
+
+
 @task(name="gate", cache_policy=NO_CACHE, task_run_name="gate-{lineage[model_name]}-v{lineage[model_version]}")
 def gate_task(lineage: dict[str, Any], thresholds: GateThresholds, settings: Settings) -> dict[str, Any]:
     decision = gate_release(lineage, thresholds, settings)
@@ -146,9 +164,10 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
     v = validate_task(a, b, settings)
     preflight_task(settings, mode, v.runtime_lora_servable)  # engine and registry answer: refuse before any merge
     existing = find_release_task(name, a, b, settings)
+    want_eval = settings.eval and not (existing or {}).get("evaluation")
     want_bench = settings.bench and not (existing or {}).get("benchmark")
     want_image = mode != "none" and not any(i.get("mode") == mode for i in (existing or {}).get("images", []))
-    if existing is not None and not want_bench and not want_image and "gate" in existing:
+    if existing is not None and not want_eval and not want_bench and not want_image and "gate" in existing:
         # Released and gated before: nothing to do (a re-run never moves an alias back to an older version).
         name_flow_run(f"release-{name}-v{existing['model_version']}-existing")
         return _with_image(existing, mode)
@@ -158,9 +177,11 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
         p = parity_task(a, b, m, settings)
         vp = vllm_parity_task(a, b, m, v, settings) if settings.vllm_parity else ()
         result = register_task(name, a, b, v, m, p, vp, settings)
-    else:  # released before, but its benchmark or image did not finish: do that now
+    else:  # released before, but its evaluation, benchmark or image did not finish: do that now
         result = existing
     name_flow_run(f"release-{name}-v{result['model_version']}")
+    if want_eval:
+        result = evaluate_task(result, b.path, settings)
     if want_bench:
         result = bench_release(result, settings, base_dir=b.path)
     if want_image:

@@ -35,6 +35,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("LORALINE_VLLM_PARITY", "false")
     # The benchmark costs four engine starts; tests/test_benchmark.py and the CLI test run it.
     monkeypatch.setenv("LORALINE_BENCH", "false")
+    monkeypatch.setenv("LORALINE_EVAL_EXAMPLES", "8")  # the task evaluation on 8 of the 24 eval questions
     return h
 
 
@@ -240,7 +241,7 @@ def prefect_services(demo_assets: DemoAssets, tmp_path_factory: pytest.TempPathF
     s = Settings(home=home)
     env = {"LORALINE_ADAPTER": str(demo_assets.checkpoint), "LORALINE_BASE": str(demo_assets.base),
            "LORALINE_MODEL_NAME": "smol-sql", "LORALINE_IMAGE": "none", "LORALINE_VLLM_PARITY": "false",
-           "LORALINE_BENCH": "false", "LORALINE_WATCH_DIRECTORY": str(watch_dir), "LORALINE_WATCH_INTERVAL_S": "20"}
+           "LORALINE_BENCH": "false", "LORALINE_EVAL_EXAMPLES": "8", "LORALINE_WATCH_DIRECTORY": str(watch_dir), "LORALINE_WATCH_INTERVAL_S": "20"}
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "5")

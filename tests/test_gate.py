@@ -46,6 +46,14 @@ def test_decide_names_every_missed_threshold() -> None:
     slow = decide(_lineage(benchmark=bench), "benchmarked", GateThresholds(min_output_tok_s=500))
     assert not slow.passed and "needs >= 500" in slow.reasons[0]
 
+    ev = {"accuracy": 0.25, "base_accuracy": 0.3, "gain": -0.05, "examples": 24, "valid_sql": 20}
+    worse = decide(_lineage(evaluation=ev), "benchmarked", GateThresholds(min_accuracy=0.2, min_accuracy_gain=0.0))
+    assert not worse.passed and [c.name for c in worse.checks if not c.passed] == ["accuracy_gain"]
+    assert "accuracy gain over the base -5.0%; needs >= +0.0%" in worse.reasons[0]
+    low = decide(_lineage(evaluation=ev), "benchmarked", GateThresholds(min_accuracy=0.5))
+    assert "task accuracy 25.0% (24 questions, base 30.0%); needs >= 50.0%" in low.reasons[0]
+    assert "not run (LORALINE_EVAL=false)" in decide(_lineage(), "registered", GateThresholds(min_accuracy=0.5)).reasons[0]
+
     failed = decide(_lineage(), "failed", GateThresholds())
     assert not failed.passed and "a step after registration failed" in failed.reasons[0]
 

@@ -58,10 +58,16 @@ def test_release_registers_a_traced_version_and_is_idempotent(prefect_harness, d
     assert run.data.params["lora.r"] == "8" and run.data.params["adapter.sha256"] == out["adapter"]["sha256"]
     assert run.data.metrics["parity_failed"] == 0 and run.data.metrics["merge_seconds"] > 0
     assert run.data.metrics["merged_bytes"] == out["merged"]["bytes"]
+    # The task evaluation ran on 8 eval questions, merged and base, and is recorded on the run, version and lineage.
+    ev = out["evaluation"]
+    assert ev["examples"] == 8 and 0 <= ev["accuracy"] <= 1 and ev["gain"] == round(ev["accuracy"] - ev["base_accuracy"], 4)
+    assert round(run.data.metrics["eval.accuracy"], 4) == ev["accuracy"] and run.data.metrics["eval.examples"] == 8
+    assert mv.tags["loraline.eval.accuracy"] == str(ev["accuracy"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"lineage.json", "parity.json", "adapter_config.json", "report.md", "gate.json"} <= artifacts
+    assert {"lineage.json", "parity.json", "adapter_config.json", "report.md", "gate.json", "evaluation.json"} <= artifacts
     report = Path(client.download_artifacts(run.info.run_id, "report.md")).read_text()
     assert "# Release smol-sql v1" in report and out["adapter"]["sha256"][:16] in report and "**passed**" in report
+    assert "## Task evaluation" in report and f"| merged | {ev['accuracy']:.1%}" in report
     lineage = json.loads(Path(client.download_artifacts(run.info.run_id, "lineage.json")).read_text())
     assert lineage["merged"]["sha256"] == out["merged"]["sha256"] and lineage["model_version"] == "1"
     # The registered model holds the merged weights, loadable from the registry.

@@ -87,6 +87,9 @@ def emit(data: dict[str, Any], as_json: bool) -> None:
     if isinstance(data.get("parity"), dict):
         p = data["parity"]
         table.add_row("parity", f"{p['identical']} identical, {p['close']} close, {p['failed']} failed of {p['prompts']}")
+    if isinstance(data.get("evaluation"), dict):
+        e = data["evaluation"]
+        table.add_row("task accuracy", f"{e['accuracy']:.1%} of {e['examples']} questions (base {e['base_accuracy']:.1%})")
     if isinstance(data.get("benchmark"), dict):
         b = data["benchmark"]
         table.add_row("benchmark", f"recommended deploy mode: {b['recommendation']} ({b['reason']})")

@@ -66,6 +66,18 @@ def decide(lineage: dict[str, Any], status: str, t: GateThresholds) -> GateDecis
     checks.append(GateCheck("parity", prompts > 0 and int(p.get("failed") or 0) == 0 and share >= t.min_parity_identical,
                             f"HF parity: {p.get('identical')} of {prompts} identical ({share:.0%}), {p.get('failed')} failed; "
                             f"needs >= {t.min_parity_identical:.0%} identical and none failed"))
+    ev = lineage.get("evaluation")
+    if t.min_accuracy > 0 or t.min_accuracy_gain is not None:
+        if not ev:
+            checks.append(GateCheck("evaluation", False, "task evaluation: not run (LORALINE_EVAL=false); the gate requires it"))
+        else:
+            acc, gain = float(ev["accuracy"]), float(ev["gain"])
+            checks.append(GateCheck("accuracy", acc >= t.min_accuracy,
+                                    f"task accuracy {acc:.1%} ({ev['examples']} questions, base {float(ev['base_accuracy']):.1%}); "
+                                    f"needs >= {t.min_accuracy:.1%}"))
+            if t.min_accuracy_gain is not None:
+                checks.append(GateCheck("accuracy_gain", gain >= t.min_accuracy_gain,
+                                        f"accuracy gain over the base {gain:+.1%}; needs >= {t.min_accuracy_gain:+.1%}"))
     vp = lineage.get("vllm_parity") or {}
     if t.require_vllm_parity:
         ok = bool(vp) and all(int(v.get("failed") or 0) == 0 for v in vp.values())

@@ -60,6 +60,11 @@ class GateThresholds(BaseModel):
     min_parity_identical: float = Field(
         default=0.5, ge=0, le=1,
         description="Share of parity prompts whose greedy output from the merged model is identical to base + adapter (peft).")
+    min_accuracy: float = Field(
+        default=0.0, ge=0, le=1, description="Least Text-to-SQL execution accuracy of the merged model (the task evaluation).")
+    min_accuracy_gain: float | None = Field(
+        default=None, ge=-1, le=1,
+        description="Least accuracy gain of the merged model over the base (0: no worse than the base); empty: no limit.")
     require_vllm_parity: bool = Field(
         default=False, description="vLLM's outputs (merged and runtime LoRA) must have been checked against peft and passed.")
     require_benchmark: bool = Field(default=False, description="The release must have been benchmarked.")

@@ -353,6 +353,31 @@ def log_benchmark(name: str, version: str, run_id: str, report: Any, files: Sequ
     return summary
 
 
+def log_evaluation(name: str, version: str, run_id: str, report: Any, settings: Settings) -> dict[str, Any]:
+    """Attach a :class:`~loraline.evaluate.EvalReport` to a release: metrics ``eval.*`` and ``evaluation.json`` on its
+    run, ``loraline.eval.*`` tags on its model version, an ``evaluation`` section in ``lineage.json``."""
+    from mlflow.entities import Metric
+
+    client = use_mlflow(settings)
+    summary = report.summary()
+    now = int(time.time() * 1000)
+    values = {"accuracy": report.merged.accuracy, "base_accuracy": report.base.accuracy, "gain": report.gain,
+              "valid_sql": report.merged.valid, "examples": report.merged.examples,
+              "seconds": report.merged.seconds + report.base.seconds}
+    client.log_batch(run_id, metrics=[Metric(f"eval.{k}", float(v), now, 0) for k, v in values.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "evaluation.json").write_text(json.dumps(report.to_dict(), indent=2))
+        client.log_artifact(run_id, str(d / "evaluation.json"))
+        lineage = read_lineage(client, run_id)
+        lineage["evaluation"] = summary
+        (d / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2))
+        client.log_artifact(run_id, str(d / LINEAGE_FILE))
+    for k in ("accuracy", "base_accuracy", "gain", "examples"):
+        client.set_model_version_tag(name, version, f"{TAG}eval.{k}", str(summary[k]))
+    return summary
+
+
 def mark_failed(name: str, version: str, step: str, reason: str, settings: Settings) -> None:
     """A step after registration failed: say so on the model version (no alias moves on a failed version)."""
     client = use_mlflow(settings)

@@ -54,6 +54,15 @@ def release_report(lineage: dict[str, Any], gate: dict[str, Any] | None = None, 
             "|---|---|---|---|---|", _parity("HF merged", lineage.get("parity") or {})]
     out += [_parity(f"vLLM {k}", v) for k, v in (lineage.get("vllm_parity") or {}).items()]
     out.append("")
+    ev = lineage.get("evaluation")
+    out += ["## Task evaluation (Text-to-SQL, execution on SQLite)", ""]
+    if ev:
+        out += ["| model | accuracy | questions |", "|---|---|---|",
+                f"| merged | {float(ev['accuracy']):.1%} ({ev['valid_sql']} ran) | {ev['examples']} |",
+                f"| base | {float(ev['base_accuracy']):.1%} | {ev['examples']} |", "",
+                f"Gain over the base: {float(ev['gain']):+.1%}. Answers: `evaluation.json` on the MLflow run.", ""]
+    else:
+        out += ["Not run (LORALINE_EVAL=false).", ""]
     bench = lineage.get("benchmark")
     out += ["## Benchmark", ""]
     if bench:

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
         "needs the engine (LORALINE_VLLM_PYTHON).",
     )
 
+    eval: bool = Field(default=True, description="Evaluate every release on the Text-to-SQL task (execution accuracy on SQLite), merged and base.")
+    eval_examples: int = Field(default=24, ge=1, description="How many eval questions the task evaluation answers (the eval split has 24).")
+    eval_max_new_tokens: int = Field(default=64, ge=1, description="Greedy tokens generated per eval answer.")
+
     bench: bool = Field(
         default=True,
         description="Benchmark every release after registering it: HF generate vs vLLM (offline and OpenAI server), "

@@ -1,0 +1,153 @@
+"""Task evaluation: Text-to-SQL execution accuracy of the merged model, and of the base for comparison.
+
+Each eval question (:func:`loraline.text2sql.load_examples`, split ``eval``) is answered greedily by
+the model with the chat template the release ships; the first SQL statement of the answer is run on a
+fresh read-only SQLite database of the task's schema and seed rows, and counts as correct when it
+returns the same rows as the reference SQL (as a multiset: row order is ignored unless the reference
+orders them). A statement that fails, runs over :data:`SQL_TIME_LIMIT_S` or returns more than
+:data:`SQL_ROW_LIMIT` rows counts as wrong. No model output is ever executed anywhere but there.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraline.settings import Settings
+
+SQL_TIME_LIMIT_S = 5.0
+SQL_ROW_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    question: str
+    reference: str
+    predicted: str
+    valid: bool  # the predicted SQL ran
+    correct: bool  # ... and returned the reference's rows
+
+
+@dataclass(frozen=True)
+class EvalScore:
+    model: str  # "merged" | "base"
+    examples: int
+    correct: int
+    valid: int
+    seconds: float
+    items: tuple[EvalItem, ...] = field(default=())
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.examples if self.examples else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"examples": self.examples, "correct": self.correct, "valid": self.valid,
+                "accuracy": round(self.accuracy, 4), "seconds": round(self.seconds, 2)}
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    merged: EvalScore
+    base: EvalScore
+    max_new_tokens: int
+
+    @property
+    def gain(self) -> float:
+        return self.merged.accuracy - self.base.accuracy
+
+    def summary(self) -> dict[str, Any]:
+        return {"task": "text2sql-execution", "accuracy": round(self.merged.accuracy, 4),
+                "base_accuracy": round(self.base.accuracy, 4), "gain": round(self.gain, 4),
+                "examples": self.merged.examples, "valid_sql": self.merged.valid, "max_new_tokens": self.max_new_tokens}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.summary(), "merged": asdict(self.merged), "base": asdict(self.base)}
+
+
+def extract_sql(text: str) -> str:
+    """The first SQL statement of a model answer (code fences and chatter around it dropped)."""
+    fenced = re.search(r"```(?:sql)?\s*(.*?)```", text, flags=re.S | re.I)
+    body = fenced.group(1) if fenced else text
+    m = re.search(r"\b(SELECT|WITH)\b.*", body, flags=re.S | re.I)
+    if not m:
+        return body.strip()
+    return m.group(0).split(";", 1)[0].strip()
+
+
+def run_sql(db: Path, sql: str) -> list[tuple] | None:
+    """Rows of ``sql`` on ``db`` opened read-only, or None when it fails, is too slow or returns too much."""
+    con = sqlite3.connect(f"{Path(db).resolve().as_uri()}?mode=ro", uri=True)
+    deadline = time.monotonic() + SQL_TIME_LIMIT_S
+    con.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)  # non-zero aborts the query
+    try:
+        cur = con.execute(sql)
+        rows = cur.fetchmany(SQL_ROW_LIMIT + 1)
+        return None if len(rows) > SQL_ROW_LIMIT else rows
+    except (sqlite3.Error, sqlite3.Warning, ValueError):
+        return None
+    finally:
+        con.close()
+
+
+def same_result(reference_sql: str, got: list[tuple] | None, want: list[tuple] | None) -> bool:
+    if got is None or want is None:
+        return False
+    if re.search(r"\border\s+by\b", reference_sql, flags=re.I):
+        return got == want
+    return Counter(got) == Counter(want)
+
+
+def score(model: str, questions: list[tuple[str, str]], answers: list[str], db: Path, seconds: float) -> EvalScore:
+    items = []
+    for (q, ref), ans in zip(questions, answers, strict=True):
+        sql = extract_sql(ans)
+        got = run_sql(db, sql) if sql else None
+        items.append(EvalItem(q, ref, sql, got is not None, same_result(ref, got, run_sql(db, ref))))
+    return EvalScore(model, len(items), sum(i.correct for i in items), sum(i.valid for i in items), seconds, tuple(items))
+
+
+def generate_answers(model_dir: Path, tokenizer_dir: Path, questions: list[str], settings: Settings, batch: int = 8) -> list[str]:
+    """Greedy answers of the model at ``model_dir`` (transformers, safetensors only) to each question."""
+    import torch
+
+    from loraline.models import load_causal_lm, load_tokenizer
+    from loraline.text2sql import render_prompt
+
+    tok = load_tokenizer(tokenizer_dir, tokenizer_dir, settings)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = load_causal_lm(model_dir, settings)
+    out: list[str] = []
+    with torch.inference_mode():
+        for i in range(0, len(questions), batch):
+            prompts = [render_prompt(tok, q) for q in questions[i:i + batch]]
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(**enc, max_new_tokens=settings.eval_max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+            out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def evaluate_release(merged_dir: Path, base_dir: Path, settings: Settings) -> EvalReport:
+    """Execution accuracy of the merged model and of the base on the first ``eval_examples`` eval questions."""
+    from loraline.text2sql import create_database, load_examples
+
+    examples = load_examples("eval")[: settings.eval_examples]
+    questions = [(e.question, e.sql) for e in examples]
+    with tempfile.TemporaryDirectory() as tmp:
+        db = create_database(Path(tmp) / "task.db")
+        scores = []
+        for name, model_dir in (("merged", merged_dir), ("base", base_dir)):
+            t = time.perf_counter()
+            # The merged model's tokenizer (and chat template) for both: the prompt is the same, only the weights differ.
+            answers = generate_answers(Path(model_dir), Path(merged_dir), [q for q, _ in questions], settings)
+            scores.append(score(name, questions, answers, db, time.perf_counter() - t))
+    return EvalReport(merged=scores[0], base=scores[1], max_new_tokens=settings.eval_max_new_tokens)
