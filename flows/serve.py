@@ -50,7 +50,8 @@ def release_defaults(settings: Settings) -> dict[str, Any]:
 def deployments(settings: Settings) -> list[Any]:
     common = {"tags": TAGS, "entrypoint_type": EntrypointType.MODULE_PATH}
     rel = release_defaults(settings)
-    watched = settings.watch_directory or settings.watch_experiment
+    # Scheduled only when there is something to watch and a base to release on (else a run would fail every interval).
+    watched = bool((settings.watch_directory or settings.watch_experiment) and rel.get("base"))
     watch_params = {k: v for k, v in {"base": rel.get("base"), "name": settings.model_name, "directory": settings.watch_directory,
                                       "experiment": settings.watch_experiment, "image": rel["image"],
                                       "benchmark": rel["benchmark"]}.items() if v is not None}

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from browser import chromium_available, click_text, close_mlflow_assistant, input_values, open_browser, screenshot, \
-    scroll_to_text, wait_for_text
+from browser import chromium_available, click_text, close_mlflow_assistant, foreign_requests, input_values, open_browser, \
+    screenshot, scroll_to_text, wait_for_text
 
 NAME = "smol-sql"
 
@@ -80,3 +80,20 @@ def test_mlflow_ui_shows_the_model_version_with_its_lineage(released) -> None:
         screenshot(drv, "mlflow-version")
         scroll_to_text(drv, "loraline.merged.sha256")
         screenshot(drv, "mlflow-version-tags")
+
+
+def test_the_uis_ask_nothing_of_other_hosts(released) -> None:
+    """The UIs as a user opens them (the root URLs): every request the browser makes goes to 127.0.0.1 (the Prefect
+    server of `services up` defaults to its V1 UI: V2 loads Amplitude analytics whatever the settings say)."""
+    s, _run, _dep = released
+    with open_browser(record_network=True) as drv:
+        drv.get(f"{s.prefect_url}/")
+        wait_for_text(drv, ["Dashboard", "Deployments"], name="prefect-home")
+        assert "/v2" not in drv.current_url, drv.current_url
+        drv.get(f"{s.prefect_url}/deployments")
+        wait_for_text(drv, ["release", "watch", "trace"], name="prefect-deployments")
+        screenshot(drv, "prefect-deployments")
+        drv.get(f"{s.mlflow_url}/#/models")
+        close_mlflow_assistant(drv)
+        wait_for_text(drv, [NAME], name="mlflow-models")
+        assert foreign_requests(drv) == []

@@ -328,6 +328,9 @@ def start_prefect(settings: Settings, port: int = 0) -> str:
         "PREFECT_UI_API_URL": f"{url}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+        # The V2 UI (3.8's default at /) loads Amplitude analytics from the browser, whatever the analytics setting
+        # says (seen: requests to sr-client-cfg.amplitude.com); V1 makes none, so it is the default here.
+        "PREFECT_SERVER_UI_V2_ENABLED": "false",
         "PREFECT_UI_STATIC_DIRECTORY": str(d / "ui"),  # the UI bundle is copied here, not into the venv
         "DO_NOT_TRACK": "1",
     }
