@@ -75,6 +75,18 @@ def mlflow_state(settings: Settings) -> dict[str, object]:
     return {"versions": [(v.name, str(v.version)) for v in versions], "aliases": aliases, "running": running}
 
 
+def adapter_version(src: Path, dst: Path) -> Path:
+    """Another version of an adapter: a copy with one LoRA B entry nudged by 1e-3 (a new digest, the same behaviour)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    t = load_file(str(dst / "adapter_model.safetensors"))
+    k = next(k for k in sorted(t) if "lora_B" in k)
+    t[k][0, 0] += 1e-3
+    save_file(t, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from mlflow import MlflowClient
-from safetensors.torch import load_file, save_file
+from conftest import adapter_version
 
 NAME = "smol-sql"
 
@@ -117,16 +117,6 @@ def _by_id(flow_run_id: Any):
     return FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
 
 
-def _nudged(src: Path, dst: Path) -> Path:
-    """A new adapter version: the demo checkpoint with one LoRA B entry nudged (a new digest)."""
-    shutil.copytree(src, dst)
-    t = load_file(str(dst / "adapter_model.safetensors"))
-    k = next(k for k in sorted(t) if "lora_B" in k)
-    t[k][0, 0] += 1e-3
-    save_file(t, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
 def _watch_runs(after: float) -> list[Any]:
     """Completed scheduled (not manually started) watch runs that started after ``after`` (epoch seconds)."""
     from prefect.client.orchestration import get_client
@@ -147,7 +137,7 @@ def test_watch_schedule_releases_each_new_digest_once(prefect_services) -> None:
     s = prefect_services
     client = MlflowClient(s.mlflow_url, s.mlflow_url)
     # Written to the watched directory: a new adapter version, and the same one again (a duplicate digest).
-    _nudged(s.demo.checkpoint, s.watch_dir / "run-7" / "checkpoint-200")
+    adapter_version(s.demo.checkpoint, s.watch_dir / "run-7" / "checkpoint-200")
     shutil.copytree(s.watch_dir / "run-7" / "checkpoint-200", s.watch_dir / "copy-of-200")
     t0 = time.time()
     deadline = t0 + 600

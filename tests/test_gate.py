@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from safetensors.torch import load_file, save_file
 
+from conftest import adapter_version
 from loraline.gate import decide
 from loraline.params import GateThresholds
 from loraline.settings import Settings
@@ -67,16 +66,6 @@ def test_thresholds_refuse_nonsense_with_the_field_named() -> None:
         GateThresholds.model_validate({"unknown_field": 1})
 
 
-def _second_adapter(src: Path, dst: Path) -> Path:
-    """Another adapter version: the same checkpoint with one LoRA B entry nudged (a new digest, same behaviour)."""
-    shutil.copytree(src, dst)
-    t = load_file(str(dst / "adapter_model.safetensors"))
-    k = next(k for k in sorted(t) if "lora_B" in k)
-    t[k][0, 0] += 1e-3
-    save_file(t, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
 def test_gate_moves_aliases_only_for_passing_releases(prefect_harness, demo_assets, settings: Settings, tmp_path: Path) -> None:
     from flows.release import release
 
@@ -85,7 +74,7 @@ def test_gate_moves_aliases_only_for_passing_releases(prefect_harness, demo_asse
     assert aliases(client) == {"candidate": "1", "champion": "1"}
 
     # v2 misses a threshold (vLLM parity is off in tests): kept and tagged, no alias moves.
-    v2 = _second_adapter(demo_assets.checkpoint, tmp_path / "v2")
+    v2 = adapter_version(demo_assets.checkpoint, tmp_path / "v2")
     out = release(adapter=str(v2), base=str(demo_assets.base), name=NAME, gate=GateThresholds(require_vllm_parity=True))
     assert out["model_version"] == "2" and out["gate"]["passed"] is False and out["gate"]["aliases_moved"] == {}
     assert aliases(client) == {"candidate": "1", "champion": "1"}
@@ -96,13 +85,13 @@ def test_gate_moves_aliases_only_for_passing_releases(prefect_harness, demo_asse
     assert "**failed**; aliases moved: none" in report and "| vllm_parity | NO |" in report
 
     # v3 passes but is not promoted: only candidate moves.
-    v3 = _second_adapter(v2, tmp_path / "v3")
+    v3 = adapter_version(v2, tmp_path / "v3")
     out3 = release(adapter=str(v3), base=str(demo_assets.base), name=NAME, gate={"promote": False})
     assert out3["model_version"] == "3" and out3["gate"]["aliases_moved"] == {"candidate": "3"}
     assert aliases(client) == {"candidate": "3", "champion": "1"}
 
     # v4 passes and is promoted: champion moves, and the version names the one it replaced.
-    v4 = _second_adapter(v3, tmp_path / "v4")
+    v4 = adapter_version(v3, tmp_path / "v4")
     out4 = release(adapter=str(v4), base=str(demo_assets.base), name=NAME)
     assert aliases(client) == {"candidate": "4", "champion": "4"}
     assert client.get_model_version(NAME, "4").tags["loraline.gate.previous_champion"] == "1"
