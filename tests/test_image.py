@@ -53,7 +53,7 @@ def test_release_builds_pushes_smoke_tests_and_traces_a_merged_image(image_servi
     # The flow ran on the Prefect server of `services up` (its UI lists the run), not on an ephemeral one.
     import httpx
 
-    runs = httpx.post(f"{svc.prefect_url}/api/flow_runs/filter", json={"flow_runs": {"name": {"any_": ["release-smol-img"]}}},
+    runs = httpx.post(f"{svc.prefect_url}/api/flow_runs/filter", json={"flow_runs": {"name": {"any_": ["release-smol-img-v1"]}}},
                       timeout=30).json()
     assert runs and all(r["state_type"] == "COMPLETED" for r in runs), runs
 
