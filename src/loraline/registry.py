@@ -26,6 +26,8 @@ from loraline.validation import ValidationReport
 TAG = "loraline."
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 LINEAGE_FILE = "lineage.json"
+# Store URI schemes MLflow 3 accepts (mlflow.tracking._tracking_service.utils); +driver suffixes are allowed.
+MLFLOW_SCHEMES = ("file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
 
 
 def check_model_name(name: str) -> str:
@@ -43,6 +45,11 @@ def use_mlflow(settings: Settings) -> Any:
     from mlflow import MlflowClient
 
     settings.ensure_dirs()
+    for what, uri in (("LORALINE_TRACKING_URI", settings.resolved_tracking_uri), ("LORALINE_REGISTRY_URI", settings.resolved_registry_uri)):
+        scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+        if scheme and scheme not in MLFLOW_SCHEMES:
+            raise RegistryError(f"{what} {redact(uri)!r}: MLflow does not know the scheme {scheme!r}; use sqlite:///PATH, "
+                                "http(s)://HOST:PORT (an MLflow server), postgresql://, mysql:// or file:///PATH")
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
     mlflow.set_registry_uri(settings.resolved_registry_uri)
     return MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)

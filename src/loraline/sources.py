@@ -210,6 +210,57 @@ def _is_hub_blob(link: Path, target: Path) -> bool:
     return "snapshots" in parts and target.parent.name == "blobs" and target.parent.parent in link.parents
 
 
+ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip")
+ARCHIVE_MAX_BYTES = 64 * 1024**3  # what an adapter archive may unpack to (a bomb is refused before it fills the disk)
+
+
+def _safe_member(name: str, source: str) -> str:
+    """An archive member's name, refused when it is absolute or climbs out of the archive ('..')."""
+    parts = Path(name.replace("\\", "/")).parts
+    if name.startswith(("/", "\\")) or (parts and parts[0].endswith(":")) or ".." in parts:
+        raise InvalidAdapter(f"adapter source {source!r}: archive member {name!r} is an absolute path or climbs out with "
+                             "'..'; nothing was extracted — re-create the archive from inside the adapter directory")
+    return name
+
+
+def _extract_archive(path: Path, dst: Path, source: str) -> Path:
+    """Unpack a .tar[.gz]/.zip adapter archive into ``dst``: regular files and directories only, every name checked
+    before anything is written (no absolute paths, no '..', no links or devices), total size capped."""
+    import tarfile
+    import zipfile
+
+    dst.mkdir(parents=True)
+    if path.name.endswith(".zip"):
+        if not zipfile.is_zipfile(path):
+            raise InvalidAdapter(f"adapter source {source!r}: {path} is not a readable zip archive; copy it again")
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            for i in infos:
+                _safe_member(i.filename, source)
+                if (i.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise InvalidAdapter(f"adapter source {source!r}: archive member {i.filename!r} is a symlink; "
+                                         "nothing was extracted — archive the real files")
+            if sum(i.file_size for i in infos) > ARCHIVE_MAX_BYTES:
+                raise InvalidAdapter(f"adapter source {source!r}: the archive unpacks to more than {ARCHIVE_MAX_BYTES} bytes")
+            z.extractall(dst)
+        return dst
+    try:
+        with tarfile.open(path) as t:
+            members = t.getmembers()
+            for m in members:
+                _safe_member(m.name, source)
+                if not (m.isfile() or m.isdir()):
+                    raise InvalidAdapter(f"adapter source {source!r}: archive member {m.name!r} is a "
+                                         f"{'link' if m.issym() or m.islnk() else 'special file'}; nothing was extracted — "
+                                         "archive the real files")
+            if sum(m.size for m in members) > ARCHIVE_MAX_BYTES:
+                raise InvalidAdapter(f"adapter source {source!r}: the archive unpacks to more than {ARCHIVE_MAX_BYTES} bytes")
+            t.extractall(dst, filter="data")  # the stdlib's own guard too (Python >= 3.11.4)
+    except tarfile.TarError as e:
+        raise InvalidAdapter(f"adapter source {source!r}: {path} is not a readable archive ({e}); copy it again") from e
+    return dst
+
+
 def fetch_adapter(source: str, settings: Settings) -> FetchedAdapter:
     """Fetch an adapter and keep its adapter + tokenizer files under ``<home>/adapters/<sha256>``.
 
@@ -225,9 +276,17 @@ def fetch_adapter(source: str, settings: Settings) -> FetchedAdapter:
             root = Path(src.location)
             if not root.exists():
                 raise SourceError(f"adapter source {source!r}: {root} does not exist; check the path")
-            if not root.is_dir():
-                raise SourceError(f"adapter source {source!r}: {root} is a file; pass the directory that holds adapter_config.json")
-            resolved = str(root)
+            if root.is_file() and root.name.endswith(ARCHIVES):
+                resolved = str(root)
+                root = _extract_archive(root, tmpdir / "archive", source)
+                hits = list(root.rglob("adapter_config.json"))
+                if len(hits) == 1:  # e.g. checkpoint-100/ inside the archive: that is the adapter
+                    root = hits[0].parent
+            elif not root.is_dir():
+                raise SourceError(f"adapter source {source!r}: {root} is a file; pass the directory that holds adapter_config.json "
+                                  f"(or an archive of it: {', '.join(ARCHIVES)})")
+            else:
+                resolved = str(root)
         elif src.kind == "hf":
             root = _hub_snapshot(src, settings, list(KEPT_FILES) + ["trainer_state.json"])
             revision = root.name
