@@ -120,9 +120,16 @@ def merge_adapter(adapter: FetchedAdapter, base: FetchedBase, settings: Settings
         del merged, peft_model
         sha = digest_dir(stage)
         size = dir_bytes(stage)
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
+        # Two releases of the same adapter may merge at once: the merge is deterministic, so an identical result
+        # already in place is kept (a reader may be using it); a different one is moved aside, never deleted in place.
+        if not (out.exists() and digest_dir(out) == sha):
+            if out.exists():
+                out.rename(Path(tmp) / "replaced")
+            try:
+                stage.rename(out)
+            except OSError:
+                if not (out.exists() and digest_dir(out) == sha):  # another process put a different result there
+                    raise
     seconds = time.perf_counter() - t0
     result = MergedModel(out, sha, dtype, size, n_params, tied, seconds)
     record = result.to_dict()
