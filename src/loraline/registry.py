@@ -9,7 +9,9 @@ is marked FAILED: a failed release leaves no model version, alias or RUNNING run
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -99,11 +101,66 @@ def read_lineage(client: Any, run_id: str) -> dict[str, Any]:
         return json.loads(Path(local).read_text())
 
 
+def owner() -> str:
+    """The process registering a release (run tag ``loraline.owner``): host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+FINISH_WAIT_S = 300.0  # how long a release waits for another process's registration of the same digests
+
+
+def _owner_dead(owner: str | None) -> bool:
+    """True when ``owner`` (host:pid) is a process on this host that no longer runs."""
+    host, _, pid = (owner or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's (or an unknown) process: it may still be registering
+    try:
+        os.kill(int(pid), 0)
+        return False
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+
+
+def _abandon(client: Any, name: str, mv: Any, run: Any) -> None:
+    """Undo what a registering process killed mid-way left: its version goes, its run is marked FAILED."""
+    client.delete_model_version(name, mv.version)
+    client.set_tag(run.info.run_id, f"{TAG}status", "interrupted")
+    client.set_terminated(run.info.run_id, "FAILED")
+
+
+def settled_release(client: Any, name: str, versions: Sequence[Any], wait_s: float = FINISH_WAIT_S) -> dict[str, Any] | None:
+    """The lineage of the oldest finished release among ``versions``, waiting for one still being registered by a live
+    process; versions left by a process that was killed while registering (run RUNNING, owner gone) are removed."""
+    deadline = time.monotonic() + wait_s
+    pending = list(versions)
+    while pending:
+        still = []
+        for mv in pending:
+            run = client.get_run(mv.run_id)
+            if run.info.status == "FINISHED":
+                return {**read_lineage(client, mv.run_id), "existing": True}
+            if run.info.status == "RUNNING" and not _owner_dead(run.data.tags.get(f"{TAG}owner")):
+                still.append(mv)
+            else:  # killed (or failed without its rollback): nothing of it may stay
+                _abandon(client, name, mv, run)
+        if not still:
+            return None
+        if time.monotonic() > deadline:
+            runs = ", ".join(f"{mv.run_id} (owner {client.get_run(mv.run_id).data.tags.get(f'{TAG}owner')})" for mv in still)
+            raise RegistryError(f"{name}: another release of the same adapter and base is still registering (runs {runs}); "
+                                "wait for it, or end that run in the MLflow UI if its process is gone")
+        time.sleep(1.0)
+        pending = still
+    return None
+
+
 def find_release(name: str, adapter: FetchedAdapter, base: FetchedBase, settings: Settings) -> dict[str, Any] | None:
     """The lineage of the existing release of this adapter digest onto this base digest as ``name``, if any."""
     client = use_mlflow(settings)
     found = find_versions(client, name=name, adapter_sha=adapter.sha256, base_sha=base.sha256)
-    return {**read_lineage(client, found[0].run_id), "existing": True} if found else None
+    return settled_release(client, name, found) if found else None
 
 
 def _parity_line(p: ParityReport) -> str:
@@ -265,7 +322,8 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
         created_model = True
 
     tags = _tags(adapter, base, merged, validation, parity, vllm_parity)
-    run = mlflow.start_run(experiment_id=exp, run_name=f"release {name} adapter {adapter.sha256[:12]}", tags=tags)
+    run = mlflow.start_run(experiment_id=exp, run_name=f"release {name} adapter {adapter.sha256[:12]}",
+                           tags={**tags, f"{TAG}owner": owner()})
     run_id = run.info.run_id
     version = None
     try:
@@ -287,12 +345,16 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
         version = mv.version
         # Two releases of the same digests racing: the oldest version wins, the newer is undone.
         same = find_versions(client, name=name, adapter_sha=adapter.sha256, base_sha=base.sha256)
-        if same and int(same[0].version) < int(version):
+        older = [v for v in same if int(v.version) < int(version)]
+        if older:
             client.delete_model_version(name, version)
             version = None
             mlflow.set_tag(f"{TAG}status", "duplicate")
             mlflow.end_run("KILLED")
-            return {**read_lineage(client, same[0].run_id), "existing": True}
+            winner = settled_release(client, name, older)  # waits while the older one finishes its registration
+            if winner is None:
+                raise RegistryError(f"{name}: the release of this adapter registered at the same time was interrupted; run the release again")
+            return winner
         lineage = build_lineage(name=name, version=str(version), run_id=run_id, settings=settings, adapter=adapter,
                                 base=base, merged=merged, validation=validation, parity=parity, vllm_parity=vllm_parity)
         mlflow.log_dict(lineage, LINEAGE_FILE)
