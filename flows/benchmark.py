@@ -14,13 +14,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import artifact_key, progress
+from flows.common import artifact_key, flow_settings, mark_failed_quietly, progress
 from loraline.benchmark import release_dirs, run_benchmark
 from loraline.plots import write_plots
 from loraline.lineage import release_of
-from loraline.registry import log_benchmark, mark_failed
+from loraline.registry import log_benchmark
 from loraline.params import BenchmarkWorkload
-from loraline.services import configured
 from loraline.settings import Settings
 
 
@@ -34,7 +33,7 @@ def benchmark_task(name: str, version: str, run_id: str, adapter_dir: Path, base
         with tempfile.TemporaryDirectory() as tmp:
             summary = log_benchmark(name, version, run_id, report, write_plots(report, Path(tmp)), settings)
     except Exception as e:
-        mark_failed(name, version, "benchmark", str(e), settings)
+        mark_failed_quietly(name, version, "benchmark", e, settings)
         raise
     links = (f"\nMLflow run `{run_id}` (plots under `benchmark/`), model version `models:/{name}/{version}`; "
              f"trace: `loraline trace models:/{name}/{version}`.\n")
@@ -70,7 +69,7 @@ def benchmark(model: str, workload: BenchmarkWorkload | None = None) -> dict[str
         model: the release: models:/NAME/VERSION, models:/NAME@ALIAS, or any ref `loraline trace` takes (its newest release).
         workload: lengths, prompts, repeats and concurrency levels; default LORALINE_BENCH_*.
     """
-    settings = configured(Settings())
+    settings = flow_settings()
     if workload is not None:
         settings = workload.apply(settings)
     return bench_release(release_of(model, settings), settings)

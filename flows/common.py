@@ -7,6 +7,15 @@ import sys
 from typing import Callable
 
 from prefect import get_run_logger
+from pydantic import SecretStr
+
+from loraline.registry import mark_failed
+from loraline.services import configured
+from loraline.settings import Settings
+
+# Prefect Secret blocks a flow reads a secret from when the environment does not set it.
+SECRET_BLOCKS = {"hf_token": "loraline-hf-token", "registry_password": "loraline-registry-password",
+                 "mlflow_tracking_password": "loraline-mlflow-password"}
 
 
 def artifact_key(*parts: str) -> str:
@@ -24,6 +33,33 @@ def progress(step: str) -> Callable[[str], None]:
         sys.stderr.flush()
 
     return say
+
+
+def flow_settings() -> Settings:
+    """The settings a flow runs with: the environment (LORALINE_*), the services of `loraline services up` where unset,
+    and each secret the environment leaves unset from its Prefect Secret block (:data:`SECRET_BLOCKS`), if that exists.
+    Secrets stay ``SecretStr``: never logged, never in a flow's parameters."""
+    from prefect.blocks.system import Secret
+
+    settings = configured(Settings())
+    update = {}
+    for field, block in SECRET_BLOCKS.items():
+        if getattr(settings, field) is not None:
+            continue
+        try:
+            update[field] = SecretStr(str(Secret.load(block).get()))
+        except ValueError:  # no such block
+            continue
+    return settings.model_copy(update=update) if update else settings
+
+
+def mark_failed_quietly(name: str, version: str, step: str, error: BaseException, settings: Settings) -> None:
+    """Tag the version ``loraline.status=failed`` (step, reason); if MLflow itself is what failed, say so in the run
+    log instead of hiding the step's own error behind MLflow's."""
+    try:
+        mark_failed(name, version, step, str(error), settings)
+    except Exception as e:  # noqa: BLE001 - the step's error is the one raised
+        get_run_logger().error("could not mark models:/%s/%s failed (step %s): %s", name, version, step, e)
 
 
 def name_flow_run(name: str) -> None:

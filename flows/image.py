@@ -1,8 +1,9 @@
 """The image steps of a release (build + push, smoke test) and the stand-alone ``image`` flow. Wiring only.
 
 Nothing is tagged on the model version until the image is pushed and its smoke test passed. A
-failed build or push marks the version ``loraline.status=failed`` (step ``image``); a failed smoke
-test also deletes the pushed manifest from the registry (step ``smoke``). A re-run builds again.
+failed build or push marks the version ``loraline.status=failed`` (step ``image``). Push, smoke test
+and the MLflow record are one Prefect transaction: if the smoke test (step ``smoke``) or the record
+fails, the rollback hook of the push deletes the pushed manifest from the registry. A re-run builds again.
 """
 
 from __future__ import annotations
@@ -11,17 +12,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.transactions import Transaction, get_transaction, transaction
 
-from flows.common import artifact_key, progress
+from flows.common import artifact_key, flow_settings, mark_failed_quietly, progress
 from loraline.benchmark import release_dirs
 from loraline.engine import vllm_lora_rank
 from loraline.image import Image, build_image, delete_manifest, preflight
 from loraline.lineage import release_of
-from loraline.registry import log_image, mark_failed
-from loraline.services import configured
+from loraline.registry import log_image
 from loraline.settings import Settings
 from loraline.smoke import smoke_test
 
@@ -35,11 +36,31 @@ def preflight_task(settings: Settings, mode: str, runtime_lora_servable: bool) -
 def image_task(name: str, version: str, mode: str, lineage: dict[str, Any], adapter_dir: Path, base_dir: Path,
                merged_dir: Path, settings: Settings) -> Image:
     try:
-        return build_image(lineage, mode, settings, adapter_dir=adapter_dir, base_dir=base_dir, merged_dir=merged_dir,
-                           lora_rank=vllm_lora_rank(adapter_dir), progress=progress("image"))
+        img = build_image(lineage, mode, settings, adapter_dir=adapter_dir, base_dir=base_dir, merged_dir=merged_dir,
+                          lora_rank=vllm_lora_rank(adapter_dir), progress=progress("image"))
     except Exception as e:
-        mark_failed(name, version, "image", str(e), settings)
+        mark_failed_quietly(name, version, "image", e, settings)
         raise
+    txn = get_transaction()
+    if txn is not None:  # for the rollback hook: the pushed manifest to delete if the smoke test or the record fails
+        txn.set("pushed", {"repository": img.repository, "digest": img.digest, "pinned": img.pinned})
+        txn.set("settings", settings)
+    return img
+
+
+@image_task.on_rollback
+def _unpush(txn: Transaction) -> None:
+    """The image was pushed but a later step of the image transaction failed: delete the manifest from the registry,
+    so no tag is left that MLflow does not know (nothing half-released to pull)."""
+    pushed = txn.get("pushed", None)
+    if not pushed:
+        return
+    logger = get_run_logger()
+    settings: Settings = txn.get("settings")
+    if delete_manifest(pushed["repository"], pushed["digest"], settings.registry_auth):
+        logger.warning("rolled back the push: deleted %s from the registry", pushed["pinned"])
+    else:
+        logger.error("could not delete %s from the registry: delete it by hand (nothing in MLflow names it)", pushed["pinned"])
 
 
 @task(name="smoke", cache_policy=NO_CACHE, task_run_name="smoke-{name}-v{version}-{image.mode}")
@@ -47,8 +68,16 @@ def smoke_task(name: str, version: str, image: Image, merged_dir: Path, settings
     try:
         return smoke_test(image, merged_dir, settings, progress("smoke"))
     except Exception as e:
-        gone = delete_manifest(image.repository, image.digest)
-        mark_failed(name, version, "smoke", f"{e}" + ("" if gone else f" (could not delete {image.pinned} from the registry)"), settings)
+        mark_failed_quietly(name, version, "smoke", e, settings)
+        raise
+
+
+@task(name="record-image", cache_policy=NO_CACHE, task_run_name="record-image-{name}-v{version}-{image.mode}")
+def record_image_task(name: str, version: str, run_id: str, image: Image, settings: Settings) -> dict[str, Any]:
+    try:
+        return log_image(name, version, run_id, image.to_dict(), settings)
+    except Exception as e:
+        mark_failed_quietly(name, version, "image", e, settings)
         raise
 
 
@@ -56,17 +85,19 @@ def image_release(lineage: dict[str, Any], settings: Settings, mode: str, base_d
     """Build, push and smoke-test the ``mode`` image of the release ``lineage`` describes; record it."""
     name, version, run_id = lineage["model_name"], str(lineage["model_version"]), lineage["mlflow_run_id"]
     adapter_dir, base_dir, merged_dir = release_dirs(lineage, settings, base_dir)
-    img = image_task(name, version, mode, lineage, adapter_dir, base_dir, merged_dir, settings)
-    if settings.image_smoke:
-        img = replace(img, smoke=smoke_task(name, version, img, merged_dir, settings))
-    entry = log_image(name, version, run_id, img.to_dict(), settings)
+    with transaction():  # push, smoke test, record in MLflow: if a later one fails, the push is rolled back
+        img = image_task(name, version, mode, lineage, adapter_dir, base_dir, merged_dir, settings)
+        if settings.image_smoke:
+            img = replace(img, smoke=smoke_task(name, version, img, merged_dir, settings))
+        entry = record_image_task(name, version, run_id, img, settings)
     smoke = img.smoke or {}
     parity = "; ".join(f"{k}: {v['identical']} identical, {v['close']} close of {v['prompts']}"
                        for k, v in (smoke.get("parity") or {}).items()) or "skipped"
     create_markdown_artifact(
         key=artifact_key("image", name, mode),
         markdown=(f"## Serving image of models:/{name}/{version} ({mode})\n\n"
-                  f"```\ndocker pull {img.pinned}\ndocker run --gpus all --ipc=host -p 8000:8000 {img.pinned}\n```\n\n"
+                  f"```\ndocker pull {img.pinned}\ndocker run --gpus all --ipc=host -p 8000:8000 -e VLLM_API_KEY {img.pinned}\n```\n\n"
+                  f"`VLLM_API_KEY` (from your environment) guards `/v1`; `/health` and `/metrics` stay open.\n\n"
                   f"| | |\n|---|---|\n| tag | `{img.ref}` |\n| digest | `{img.digest}` |\n| served model | `{img.served_model_name}` |\n"
                   f"| size | {img.size_bytes / 1e9:.2f} GB ({img.compressed_bytes / 1e9:.2f} GB compressed, {img.layers} layers) |\n"
                   f"| uploaded by this push | {img.pushed_bytes / 1e6:,.1f} MB |\n| build / push | {img.build_seconds:.1f} s / {img.push_seconds:.1f} s |\n"
@@ -87,7 +118,7 @@ def image(model: str, mode: Literal["merged", "lora"] = "merged") -> dict[str, A
         model: the release: models:/NAME/VERSION, models:/NAME@ALIAS, or any ref `loraline trace` takes.
         mode: merged (merged weights baked in) or lora (base layer + adapter layer, runtime LoRA).
     """
-    settings = configured(Settings())
+    settings = flow_settings()
     lineage = release_of(model, settings)
     preflight(settings, mode, bool(lineage["lora"]["runtime_lora_servable"]))
     return image_release(lineage, settings, mode)

@@ -15,20 +15,20 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.transactions import Transaction, get_transaction, transaction
 
 from flows.benchmark import bench_release
-from flows.common import artifact_key, name_flow_run
+from flows.common import artifact_key, flow_settings, mark_failed_quietly, name_flow_run
 from flows.image import image_release, preflight_task
 from loraline.benchmark import release_dirs
 from loraline.evaluate import evaluate_release
-from loraline.gate import gate_release
+from loraline.gate import gate_release, undo_gate
 from loraline.image import image_mode
 from loraline.merge import MergedModel, merge_adapter, merged_path
 from loraline.parity import ParityReport, check_parity, check_vllm_parity, parity_prompts, require_parity
 from loraline.params import BenchmarkWorkload, GateThresholds, ImageMode
-from loraline.registry import check_model_name, experiment_of, find_release, log_evaluation, log_report, mark_failed, register_model
+from loraline.registry import check_model_name, experiment_of, find_release, log_evaluation, log_report, register_model, reopen
 from loraline.report import lineage_rows, release_report
-from loraline.services import configured
 from loraline.settings import Settings
 from loraline.sources import FetchedAdapter, FetchedBase, fetch_adapter, fetch_base
 from loraline.validation import ValidationReport, validate_adapter
@@ -107,7 +107,7 @@ def evaluate_task(lineage: dict[str, Any], base_dir: Path, settings: Settings) -
         report = evaluate_release(merged_dir, base_dir, settings)
         summary = log_evaluation(name, version, run_id, report, settings)
     except Exception as e:
-        mark_failed(name, version, "evaluate", str(e), settings)
+        mark_failed_quietly(name, version, "evaluate", e, settings)
         raise
     get_run_logger().info("task accuracy %.1f%% (base %.1f%%) on %d questions", 100 * report.merged.accuracy,
                           100 * report.base.accuracy, report.merged.examples)
@@ -116,21 +116,46 @@ def evaluate_task(lineage: dict[str, Any], base_dir: Path, settings: Settings) -
 
 @task(name="gate", cache_policy=NO_CACHE, task_run_name="gate-{lineage[model_name]}-v{lineage[model_version]}")
 def gate_task(lineage: dict[str, Any], thresholds: GateThresholds, settings: Settings) -> dict[str, Any]:
+    reopen(lineage["model_name"], str(lineage["model_version"]), "report", settings)  # its report failed last time: redone now
     decision = gate_release(lineage, thresholds, settings)
     verdict = "passed" if decision.passed else "failed: " + "; ".join(decision.reasons)
     get_run_logger().info("gate %s; aliases moved: %s", verdict, decision.aliases_moved or "none")
+    txn = get_transaction()
+    if txn is not None:  # for the rollback hook: what to put back if a later step of the release fails
+        txn.set("gate", decision.to_dict())
+        txn.set("settings", settings)
     return decision.to_dict()
+
+
+@gate_task.on_rollback
+def _undo_gate(txn: Transaction) -> None:
+    """A step after the gate failed: the aliases the gate moved go back (nothing half-released stays named)."""
+    logger = get_run_logger()
+    decision, settings = txn.get("gate", None), txn.get("settings", None)
+    if not decision or not decision.get("aliases_moved"):
+        return
+    try:
+        restored = undo_gate(decision, "a step after the gate failed (see the release's flow run)", settings)
+        logger.warning("rolled back the gate of models:/%s/%s: %s", decision["model_name"], decision["model_version"],
+                       ", ".join(f"{a} -> {('v' + v) if v else 'unset'}" for a, v in restored.items()) or "nothing to restore")
+    except Exception as e:  # noqa: BLE001 - logged; the step's own error fails the flow
+        logger.error("could not roll back the gate of models:/%s/%s (%s): check its aliases in the MLflow UI",
+                     decision["model_name"], decision["model_version"], e)
 
 
 @task(name="report", cache_policy=NO_CACHE, task_run_name="report-{lineage[model_name]}-v{lineage[model_version]}")
 def report_task(lineage: dict[str, Any], gate: dict[str, Any] | None, settings: Settings) -> str:
     name, version, run_id = lineage["model_name"], str(lineage["model_version"]), lineage["mlflow_run_id"]
-    markdown = release_report(lineage, gate, experiment_of(run_id, settings))
-    log_report(name, version, run_id, markdown, gate, settings)
-    create_markdown_artifact(key=artifact_key("release", name), markdown=markdown,
-                             description=f"Release report of models:/{name}/{version}")
-    create_table_artifact(key=artifact_key("lineage", name), table=lineage_rows(lineage),
-                          description=f"Lineage of models:/{name}/{version}: checkpoint to serving image")
+    try:
+        markdown = release_report(lineage, gate, experiment_of(run_id, settings))
+        log_report(name, version, run_id, markdown, gate, settings)
+        create_markdown_artifact(key=artifact_key("release", name), markdown=markdown,
+                                 description=f"Release report of models:/{name}/{version}")
+        create_table_artifact(key=artifact_key("lineage", name), table=lineage_rows(lineage),
+                              description=f"Lineage of models:/{name}/{version}: checkpoint to serving image")
+    except Exception as e:
+        mark_failed_quietly(name, version, "report", e, settings)
+        raise
     return markdown
 
 
@@ -151,7 +176,7 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
         benchmark: the benchmark workload; empty: LORALINE_BENCH_*.
         gate: what the release must show before the aliases move; empty: the defaults.
     """
-    settings = configured(Settings())  # the MLflow server, engine and registry of `loraline services up`, if running
+    settings = flow_settings()  # the MLflow server, engine and registry of `loraline services up`, if running
     if image is not None:
         settings = settings.model_copy(update={"image": image})
     if benchmark is not None:
@@ -167,7 +192,8 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
     want_eval = settings.eval and not (existing or {}).get("evaluation")
     want_bench = settings.bench and not (existing or {}).get("benchmark")
     want_image = mode != "none" and not any(i.get("mode") == mode for i in (existing or {}).get("images", []))
-    if existing is not None and not want_eval and not want_bench and not want_image and "gate" in existing:
+    redo_report = (existing or {}).get("failed_step") == "report"
+    if existing is not None and not want_eval and not want_bench and not want_image and "gate" in existing and not redo_report:
         # Released and gated before: nothing to do (a re-run never moves an alias back to an older version).
         name_flow_run(f"release-{name}-v{existing['model_version']}-existing")
         return _with_image(existing, mode)
@@ -186,8 +212,9 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
         result = bench_release(result, settings, base_dir=b.path)
     if want_image:
         result = image_release(result, settings, mode, base_dir=b.path)
-    decision = gate_task(result, thresholds, settings)
-    report_task(result, decision, settings)
+    with transaction():  # the gate's alias moves are rolled back if the report fails
+        decision = gate_task(result, thresholds, settings)
+        report_task(result, decision, settings)
     return {**_with_image(result, mode), "gate": decision}
 
 

@@ -7,10 +7,9 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import artifact_key
+from flows.common import artifact_key, flow_settings
 from loraline.lineage import trace as trace_ref
 from loraline.report import lineage_rows
-from loraline.services import configured
 from loraline.settings import Settings
 
 
@@ -22,7 +21,7 @@ def trace(ref: str) -> dict[str, Any]:
         ref: models:/NAME/VERSION, models:/NAME@ALIAS, an adapter directory, an adapter or merged-model sha256, or a
             serving image HOST:PORT/NAME:TAG or HOST:PORT/NAME@sha256:DIGEST (its labels are read from the registry).
     """
-    settings = configured(Settings())
+    settings = flow_settings()
     chain = trace_ref(ref, settings)
     name, version = chain["model_name"], chain["model_version"]
     rows = lineage_rows(chain)

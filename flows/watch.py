@@ -12,10 +12,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import artifact_key
+from flows.common import artifact_key, flow_settings
 from flows.release import release
 from loraline.params import BenchmarkWorkload, GateThresholds, ImageMode
-from loraline.services import configured
 from loraline.settings import Settings
 from loraline.watch import Candidate, adapter_sources, scan
 
@@ -40,7 +39,7 @@ def watch(base: str, name: str = "smol-sql", directory: str | None = None, exper
         benchmark: benchmark workload for each release (empty: LORALINE_BENCH_*).
         gate: gate thresholds for each release (empty: the defaults).
     """
-    settings = configured(Settings())
+    settings = flow_settings()
     logger = get_run_logger()
     found = scan_task(name, directory, experiment, settings)
     rows, failed = [], []

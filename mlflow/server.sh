@@ -31,7 +31,8 @@
 #     MLFLOW_CORS_ALLOWED_ORIGINS=https://mlflow.example.com, and authentication: pass
 #     `--app-name basic-auth`, with the first admin's password in MLFLOW_AUTH_ADMIN_PASSWORD (read
 #     once, when the user store is empty) and the auth store/permissions in the ini that
-#     MLFLOW_AUTH_CONFIG_PATH names; serve it behind a TLS-terminating proxy (basic auth sends the
+#     MLFLOW_AUTH_CONFIG_PATH names, and a random MLFLOW_FLASK_SERVER_SECRET_KEY (its CSRF key, required);
+#     serve it behind a TLS-terminating proxy (basic auth sends the
 #     password with every request). Use more MLFLOW_WORKERS with Postgres.
 #
 # This script never prints its inputs' secrets: the one line it prints shows URIs with any

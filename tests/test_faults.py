@@ -90,3 +90,192 @@ def test_sigkill_then_rerun_completes_with_one_clean_version(point: str, demo_as
     third = json.loads(release(home, demo_assets).stdout)
     assert third["model_version"] == out["model_version"] and third["existing"] is True
     assert mlflow_state(s) == state
+
+
+def test_report_failure_rolls_the_gate_back_and_a_rerun_completes(prefect_harness, demo_assets, settings: Settings,
+                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate moved the aliases, then the report failed (fault injected: Prefect refuses the lineage table artifact):
+    the Prefect transaction's rollback hook puts the aliases back; the version says why; the re-run completes."""
+    import flows.release as fr
+    from conftest import adapter_version
+
+    name = "smol-rollback"
+    kw = dict(base=str(demo_assets.base), name=name)
+    fr.release(adapter=str(demo_assets.checkpoint), **kw)
+    client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
+    aliases = lambda: {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}  # noqa: E731
+    assert aliases() == {"candidate": "1", "champion": "1"}
+
+    real = fr.create_table_artifact
+
+    def refused(*a, **k):
+        raise RuntimeError("injected fault: the Prefect API refused the lineage artifact")
+
+    monkeypatch.setattr(fr, "create_table_artifact", refused)
+    v2 = adapter_version(demo_assets.checkpoint, tmp_path / "v2")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        fr.release(adapter=str(v2), **kw)
+    # The gate had passed v2 and moved both aliases; the rollback put them back on v1.
+    assert aliases() == {"candidate": "1", "champion": "1"}
+    tags = client.get_model_version(name, "2").tags
+    assert tags["loraline.gate"] == "rolled-back" and "a step after the gate failed" in tags["loraline.gate.rollback"]
+    assert tags["loraline.status"] == "failed" and tags["loraline.failed.step"] == "report"
+    assert "injected fault" in tags["loraline.failed.reason"]
+    assert mlflow_state(settings)["running"] == []
+
+    # The re-run redoes the gate and the report (nothing else): v2 becomes candidate and champion, status restored.
+    monkeypatch.setattr(fr, "create_table_artifact", real)
+    out = fr.release(adapter=str(v2), **kw)
+    assert out["model_version"] == "2" and out["gate"]["passed"] is True
+    assert aliases() == {"candidate": "2", "champion": "2"}
+    tags = client.get_model_version(name, "2").tags
+    assert tags["loraline.gate"] == "passed" and tags["loraline.status"] == "registered"
+    assert not [k for k in tags if k.startswith("loraline.failed")], tags
+    assert [v.version for v in client.search_model_versions(f"name = '{name}'")] != [] and \
+        sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) == ["1", "2"]
+
+
+@pytest.mark.parametrize("point", ["registration", "evaluation"])
+def test_mlflow_server_killed_mid_release_then_rerun_completes(point: str, demo_assets, tmp_path: Path) -> None:
+    """The MLflow server (mlflow/server.sh, as `services up` starts it) is SIGKILLed while a `loraline release` runs:
+    during registration (the run is RUNNING) or after it (the version exists, the evaluation runs). The release fails
+    saying the server does not answer; the server comes back on the same store; the re-run completes with one version,
+    no run left RUNNING, the aliases on it."""
+    import time
+
+    from loraline import services
+
+    svc = Settings(home=tmp_path / "svc")
+    url = services.start_mlflow(svc)
+    port = int(url.rsplit(":", 1)[1])
+    home = tmp_path / "home"
+    env = {**os.environ, "LORALINE_HOME": str(home), "LORALINE_TRACKING_URI": url, "LORALINE_VLLM_PARITY": "false",
+           "LORALINE_BENCH": "false", "LORALINE_IMAGE": "none", "LORALINE_EVAL_EXAMPLES": "4",
+           "PREFECT_HOME": str(tmp_path / "prefect"),
+           # MLflow's client retries a dead server with backoff (about 2 minutes by default): shorten it here.
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    cmd = [str(Path(sys.executable).with_name("loraline")), "release", "--adapter", str(demo_assets.checkpoint),
+           "--base", str(demo_assets.base), "--name", NAME, "--json"]
+    client = MlflowClient(url, url)
+
+    def seen() -> bool:  # the moment to kill the server
+        try:
+            exp = client.get_experiment_by_name(NAME)
+            if exp is None:
+                return False
+            runs = client.search_runs([exp.experiment_id])
+            if point == "registration":
+                return any(r.info.status == "RUNNING" for r in runs)
+            return any(r.info.status == "FINISHED" for r in runs) and bool(client.search_model_versions(f"name = '{NAME}'"))
+        except Exception:  # noqa: BLE001 - the server is busy with the release's upload: ask again
+            return False
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not seen():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the release never reached the point"
+        time.sleep(0.2)
+    pid = int((svc.home / "services" / "mlflow" / "pid").read_text())
+    os.killpg(pid, signal.SIGKILL)
+    try:
+        _out, err = proc.communicate(timeout=600)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # Prefect's ephemeral API server, if the CLI left it
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 1, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(f"Error: the MLflow server at {url} does not answer"), err[-3000:]
+
+    # The server comes back on the same store and port; the re-run completes.
+    assert services.start_mlflow(svc, port=port) == url
+    try:
+        again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0, again.stderr[-3000:]
+        out = json.loads(again.stdout)
+        versions = client.search_model_versions(f"name = '{NAME}'")
+        assert [str(v.version) for v in versions] == [str(out["model_version"])]
+        runs = client.search_runs([client.get_experiment_by_name(NAME).experiment_id])
+        assert not [r for r in runs if r.info.status == "RUNNING"], [(r.info.run_id, r.info.status) for r in runs]
+        assert {k: str(v) for k, v in client.get_registered_model(NAME).aliases.items()} == {
+            "candidate": str(out["model_version"]), "champion": str(out["model_version"])}
+        tags = client.get_model_version(NAME, str(out["model_version"])).tags
+        assert tags["loraline.gate"] == "passed" and tags["loraline.eval.examples"] == "4"
+        if point == "registration":  # the killed release's run: ended FAILED, marked interrupted
+            assert [(r.info.status, r.data.tags.get("loraline.status")) for r in runs if r.info.status != "FINISHED"] == [
+                ("FAILED", "interrupted")]
+        if point == "evaluation":  # the version of the killed release, finished now
+            assert out["existing"] is True and str(out["model_version"]) == "1"
+    finally:
+        services.down(svc)
+
+
+def process_groups() -> dict[int, list[str]]:
+    """Every live process's group id -> the command lines in that group (from /proc)."""
+    groups: dict[int, list[str]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] == "Z":
+                continue
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        groups.setdefault(int(fields[2]), []).append(cmd)
+    return groups
+
+
+def runner_groups() -> set[int]:
+    from loraline.engine import RUNNER
+
+    return {g for g, cmds in process_groups().items() if any(str(RUNNER) in c for c in cmds)}
+
+
+@pytest.mark.parametrize("fault", ["hang", "crash"])
+def test_engine_subprocess_hanging_or_crashing_is_killed_with_its_whole_group(fault: str, demo_merged, vllm_python: Path,
+                                                                             home: Path) -> None:
+    """The vLLM engine subprocess hangs past LORALINE_ENGINE_TIMEOUT_S, or crashes (SIGKILL to its leader once vLLM has
+    started its engine-core child): a clear error with the engine's log, and no process of its group left behind."""
+    import threading
+    import time
+
+    from loraline.engine import run_generate
+    from loraline.errors import EngineError
+
+    _, _, merged = demo_merged
+    before = runner_groups()
+    if fault == "hang":
+        settings = Settings(engine_timeout_s=8)  # vLLM is still importing / starting: a hang, as far as we can tell
+        expect = r"did not finish within 8s and was killed; raise LORALINE_ENGINE_TIMEOUT_S"
+    else:
+        settings = Settings()
+        expect = r"failed: exit status -9, no result line"
+        seen: dict[str, object] = {}
+
+        def crash() -> None:  # once the runner's group has a second process (vLLM's engine core), kill the leader
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                for g in runner_groups() - before:
+                    if len(process_groups().get(g, [])) >= 2:
+                        seen["group"], seen["size"] = g, len(process_groups()[g])
+                        os.kill(g, signal.SIGKILL)
+                        return
+                time.sleep(0.2)
+
+        killer = threading.Thread(target=crash, daemon=True)
+        killer.start()
+    with pytest.raises(EngineError, match=expect) as err:
+        run_generate(merged.path, [[1, 2, 3]], settings, max_tokens=4)
+    assert "engine log" in str(err.value)
+    if fault == "crash":
+        killer.join(timeout=10)
+        assert seen.get("size", 0) >= 2, seen  # the engine had a child when its leader died
+    time.sleep(1)
+    left = {g: process_groups().get(g) for g in runner_groups() - before}
+    if fault == "crash":
+        left[seen["group"]] = process_groups().get(seen["group"])  # type: ignore[index]
+    assert not any(left.values()), left  # no orphan: not the runner, not vLLM's engine core

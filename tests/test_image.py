@@ -74,6 +74,7 @@ def test_release_builds_pushes_smoke_tests_and_traces_a_merged_image(image_servi
     entry = next(i for i in out["images"] if i["mode"] == "merged")
     smoke = entry["smoke"]
     assert smoke["ready_seconds"] > 0 and "smol-img" in smoke["served_models"]
+    assert smoke["api_key_enforced"] is True  # /v1 answered 401 without the key the container ran with
     for name, p in smoke["parity"].items():
         assert p["failed"] == 0 and p["identical"] + p["close"] == p["prompts"] > 0, (name, p)
     assert set(smoke["parity"]) == {"image-merged", "image-merged-stream"}
@@ -273,6 +274,29 @@ def test_image_faults_leave_no_image_tag_and_a_rerun_succeeds(image_services, de
 
     finally:
         proxy.close()
+
+    # Pushed, then recording it in MLflow fails (fault injected in place of an MLflow server going away after the
+    # push): the push, the smoke test and the record are one Prefect transaction, and the push's rollback hook deletes
+    # the manifest: no tag in the registry that MLflow does not know, no image tag on the version.
+    import flows.image as fi
+
+    real_log_image = fi.log_image
+
+    def record_fails(*a, **k):
+        raise RuntimeError("injected fault: MLflow went away after the push")
+
+    monkeypatch.setattr(fi, "log_image", record_fails)
+    monkeypatch.setenv("LORALINE_IMAGE_REGISTRY", image_services.registry)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        release(**kw)
+    monkeypatch.setattr(fi, "log_image", real_log_image)
+    tags = client.get_model_version("smol-fault", "1").tags
+    assert not [k for k in tags if k.startswith("loraline.image")], tags
+    assert tags["loraline.status"] == "failed" and tags["loraline.failed.step"] == "image"
+    listed = httpx.get(f"http://{image_services.registry}/v2/smol-fault/tags/list").json()
+    assert "v1-merged" not in (listed.get("tags") or []), listed
+    assert mlflow_state(settings)["aliases"] == []
+
     # The registry is reachable again (its own address: a push through the proxy's address would upload the base
     # layers again, Docker mounts known blobs only within one registry host): the re-run builds and pushes the image
     # of the same version.

@@ -6,6 +6,9 @@ against :class:`~loraline.params.GateThresholds`, and then either
 - passes: ``candidate`` moves to the version, and (``promote``) ``champion`` too; the version and
   its run are tagged ``loraline.gate=passed`` (and ``loraline.gate.previous_champion``), or
 - fails: the version and run are tagged ``loraline.gate=failed`` with the reasons; no alias moves.
+
+:func:`undo_gate` takes a passing gate back (the release flow's rollback hook, when a step after the gate
+fails): each alias it moved returns to the version it named before, unless another release moved it since.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class GateDecision:
     checks: tuple[GateCheck, ...]
     aliases_moved: dict[str, str] = field(default_factory=dict)  # alias -> version it now names
     previous_champion: str | None = None
+    previous_aliases: dict[str, str] = field(default_factory=dict)  # alias -> version before the gate ('' = unset)
 
     @property
     def reasons(self) -> list[str]:
@@ -133,4 +137,30 @@ def gate_release(lineage: dict[str, Any], thresholds: GateThresholds, settings: 
         client.set_model_version_tag(name, version, TAG + k, v)
         client.set_tag(mv.run_id, TAG + k, v)
     return GateDecision(**{**asdict(decision), "checks": decision.checks, "aliases_moved": moved,
-                           "previous_champion": previous})
+                           "previous_champion": previous,
+                           "previous_aliases": {a: aliases.get(a, "") for a in (CANDIDATE, CHAMPION)}})
+
+
+def undo_gate(decision: dict[str, Any], reason: str, settings: Settings) -> dict[str, str]:
+    """Take back what a passing :func:`gate_release` moved (``decision`` is its ``to_dict()``): every alias it moved
+    to the version goes back to the version it named before, or is removed if it named none; an alias another release
+    has moved since is left alone. The version and its run are tagged ``loraline.gate=rolled-back`` with ``reason``.
+    Returns alias -> where it points now ('' = unset) for the aliases put back."""
+    client = use_mlflow(settings)
+    name, version = str(decision["model_name"]), str(decision["model_version"])
+    now = {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
+    before = decision.get("previous_aliases") or {}
+    restored: dict[str, str] = {}
+    for alias, moved_to in (decision.get("aliases_moved") or {}).items():
+        if now.get(alias) != str(moved_to):
+            continue  # moved by another release since: theirs
+        if before.get(alias):
+            client.set_registered_model_alias(name, alias, before[alias])
+        else:
+            client.delete_registered_model_alias(name, alias)
+        restored[alias] = before.get(alias, "")
+    mv = client.get_model_version(name, version)
+    for k, v in {"gate": "rolled-back", "gate.rollback": reason[:4000]}.items():
+        client.set_model_version_tag(name, version, TAG + k, v)
+        client.set_tag(mv.run_id, TAG + k, v)
+    return restored

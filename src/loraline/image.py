@@ -12,8 +12,10 @@ The build context is written as a tar with every file 0644 and a fixed mtime (tr
 safetensors 0600, which the image's non-root user could not read; the legacy builder has no
 ``COPY --chmod``). Labels carry the lineage (OCI ``org.opencontainers.image.*`` and
 ``org.loraline.*``), so :func:`registry_image` can trace an image from the registry alone.
-Built with the Docker SDK against ``settings.docker_host``; pushed to ``settings.image_registry``;
-registry credentials are Docker's own (``docker login``), never passed through loraline.
+Built with the Docker SDK against ``settings.docker_host``; pushed to ``settings.image_registry``
+with ``settings.registry_auth`` (LORALINE_REGISTRY_USERNAME/PASSWORD or a Prefect Secret block) when
+set, else Docker's own credentials (``docker login``). Credentials are never build args, labels or
+files in the context: nothing secret is in a layer or in ``docker history``.
 """
 
 from __future__ import annotations
@@ -122,10 +124,13 @@ def check_registry(settings: Settings) -> str:
         raise ImageError(f"LORALINE_IMAGE_REGISTRY={redact(reg)!r} must be HOST[:PORT][/NAMESPACE] without a scheme or "
                          "credentials; log in with `docker login HOST` instead")
     try:
-        r = httpx.get(registry_url(reg) + "/v2/", timeout=10)
+        r = httpx.get(registry_url(reg) + "/v2/", timeout=10, auth=settings.registry_auth)
     except httpx.HTTPError as e:
         raise ImageError(f"the image registry {reg} does not answer ({_short(e)}): start it (`loraline services up`) "
                          "or fix LORALINE_IMAGE_REGISTRY; nothing was built or tagged") from e
+    if r.status_code == 401 and settings.registry_auth and "basic" in r.headers.get("www-authenticate", "").lower():
+        raise ImageError(f"the image registry {reg} refused LORALINE_REGISTRY_USERNAME={settings.registry_username!r} and its "
+                         "password (401): fix the credentials (or the Prefect Secret block loraline-registry-password)")
     if r.status_code not in (200, 401):  # 401: it wants a token; the push authenticates with Docker's credentials
         raise ImageError(f"the image registry {reg} answered {r.status_code} on /v2/: is it a Docker registry?")
     return reg
@@ -229,6 +234,7 @@ def labels(lineage: dict[str, Any], mode: str, base_image: str) -> dict[str, str
         LABEL + "base.source": b["source"],
         LABEL + "merged.sha256": m["sha256"],
         LABEL + "version": __version__,
+        **({OCI + "base.digest": base_image.rsplit("@", 1)[1]} if "@sha256:" in base_image else {}),
     }
     return {k: redact(str(v)) for k, v in out.items()}
 
@@ -304,6 +310,9 @@ def _build_and_push(client: Any, lineage: dict[str, Any], mode: str, settings: S
     name, version = lineage["model_name"], str(lineage["model_version"])
     repo, tag = repository(settings, name), image_tag(version, mode)
     base_labels = ensure_base(client, settings.image_base, progress)
+    if "@sha256:" not in settings.image_base:
+        progress(f"the base image {settings.image_base} is not pinned by digest: a re-pushed tag changes what this "
+                 "release is built on; pin it with LORALINE_IMAGE_BASE=REF@sha256:...")
     cpu_base = base_labels.get(LABEL + "base") == "cpu"
     args = build_args(lineage, mode, settings, cpu_base=cpu_base, model_dir=merged_dir if mode == "merged" else base_dir,
                       lora_rank=lora_rank)
@@ -335,9 +344,9 @@ def _build_and_push(client: Any, lineage: dict[str, Any], mode: str, settings: S
     progress(f"built {repo}:{tag} in {build_s:.1f} s ({img.attrs['Size'] / 1e9:.2f} GB); pushing")
 
     t0 = time.perf_counter()
-    digest, statuses = push(client, repo, tag, progress)
+    digest, statuses = push(client, repo, tag, progress, auth=settings.registry_auth)
     push_s = time.perf_counter() - t0
-    manifest = registry_manifest(f"{repo}@{digest}")[1]
+    manifest = registry_manifest(f"{repo}@{digest}", auth=settings.registry_auth)[1]
     layer_sizes = [int(layer["size"]) for layer in manifest.get("layers", [])]
     diff_ids = img.attrs["RootFS"]["Layers"]
     pushed = sum(size for size, diff in zip(layer_sizes, diff_ids) if statuses.get(diff.split(":")[-1][:12]) == "Pushed")
@@ -349,7 +358,15 @@ def _build_and_push(client: Any, lineage: dict[str, Any], mode: str, settings: S
                  push_seconds=push_s, base_image=settings.image_base, labels=lab)
 
 
-def push(client: Any, repo: str, tag: str, progress: Progress = lambda _m: None) -> tuple[str, dict[str, str]]:
+Auth = tuple[str, str] | None  # registry (user, password); None: Docker's own credentials / anonymous
+
+
+def auth_config(auth: Auth) -> dict[str, str] | None:
+    """The Docker SDK's ``auth_config`` for a push or pull (None: the engine's own, from ``docker login``)."""
+    return {"username": auth[0], "password": auth[1]} if auth else None
+
+
+def push(client: Any, repo: str, tag: str, progress: Progress = lambda _m: None, auth: Auth = None) -> tuple[str, dict[str, str]]:
     """Push ``repo:tag``; the manifest digest and each layer's final status (Pushed / Layer already exists)."""
     from docker.errors import APIError
 
@@ -357,7 +374,7 @@ def push(client: Any, repo: str, tag: str, progress: Progress = lambda _m: None)
     digest = None
     last = 0.0
     try:
-        for ev in client.api.push(repo, tag=tag, stream=True, decode=True):
+        for ev in client.api.push(repo, tag=tag, stream=True, decode=True, auth_config=auth_config(auth)):
             if "error" in ev:
                 raise ImageError(f"docker push of {repo}:{tag} failed: {ev['error'].strip()}; nothing was tagged on the "
                                  "model version; re-run the release when the registry is reachable")
@@ -392,34 +409,38 @@ def parse_ref(ref: str) -> tuple[str, str, str]:
     return m["host"], m["repo"], m["digest"] or m["tag"] or "latest"
 
 
-def _registry_get(host: str, path: str, accept: str | None = None) -> Any:
-    """GET a registry API path, with the anonymous bearer-token dance registries like Docker Hub and GHCR want."""
+def _registry_get(host: str, path: str, accept: str | None = None, auth: Auth = None) -> Any:
+    """GET a registry API path: basic auth with ``auth``, or the bearer-token dance registries like Docker Hub and GHCR
+    want (anonymous, or with ``auth``)."""
     import httpx
 
     headers = {"Accept": accept} if accept else {}
     url = registry_url(host) + path
     with httpx.Client(timeout=30, follow_redirects=True) as http:
-        r = http.get(url, headers=headers)
+        r = http.get(url, headers=headers, auth=auth)
         if r.status_code == 401 and "bearer" in r.headers.get("www-authenticate", "").lower():
             params = dict(re.findall(r'(\w+)="([^"]*)"', r.headers["www-authenticate"]))
             realm = params.pop("realm", "")
-            tok = http.get(realm, params=params).json()
+            tok = http.get(realm, params=params, auth=auth).json()
             headers["Authorization"] = f"Bearer {tok.get('token') or tok.get('access_token')}"
             r = http.get(url, headers=headers)
         return r
 
 
-def registry_manifest(ref: str) -> tuple[str, dict[str, Any]]:
+def registry_manifest(ref: str, auth: Auth = None) -> tuple[str, dict[str, Any]]:
     """(digest, manifest) of ``ref`` from its registry; an index resolves to its linux/amd64 manifest."""
     import httpx
 
     host, repo, ref_part = parse_ref(ref)
     try:
-        r = _registry_get(host, f"/v2/{repo}/manifests/{ref_part}", _MANIFESTS)
+        r = _registry_get(host, f"/v2/{repo}/manifests/{ref_part}", _MANIFESTS, auth)
     except httpx.HTTPError as e:
         raise ImageError(f"the registry {host} does not answer ({_short(e)}); is it running?") from e
     if r.status_code == 404:
         raise ImageError(f"{ref} is not in the registry {host} (404): check the name and tag or digest")
+    if r.status_code == 401:
+        raise ImageError(f"the registry {host} wants credentials for {ref} (401): set LORALINE_REGISTRY_USERNAME and "
+                         "LORALINE_REGISTRY_PASSWORD (or the Prefect Secret block loraline-registry-password)")
     if r.status_code != 200:
         raise ImageError(f"the registry {host} answered {r.status_code} for {ref}: {r.text[:200]}")
     manifest = r.json()
@@ -427,15 +448,15 @@ def registry_manifest(ref: str) -> tuple[str, dict[str, Any]]:
     if "manifests" in manifest:  # an index: pick the linux/amd64 image
         pick = next((m for m in manifest["manifests"] if m.get("platform", {}).get("architecture") == "amd64"),
                     manifest["manifests"][0])
-        return registry_manifest(f"{host}/{repo}@{pick['digest']}")
+        return registry_manifest(f"{host}/{repo}@{pick['digest']}", auth)
     return digest, manifest
 
 
-def registry_image(ref: str) -> dict[str, Any]:
+def registry_image(ref: str, auth: Auth = None) -> dict[str, Any]:
     """An image's digest, labels and layer sizes, read from its registry (nothing is pulled or run)."""
     host, repo, _ = parse_ref(ref)
-    digest, manifest = registry_manifest(ref)
-    r = _registry_get(host, f"/v2/{repo}/blobs/{manifest['config']['digest']}")
+    digest, manifest = registry_manifest(ref, auth)
+    r = _registry_get(host, f"/v2/{repo}/blobs/{manifest['config']['digest']}", auth=auth)
     if r.status_code != 200:
         raise ImageError(f"the registry {host} answered {r.status_code} for the config of {ref}")
     config = r.json()
@@ -450,13 +471,13 @@ def registry_image(ref: str) -> dict[str, Any]:
     }
 
 
-def delete_manifest(repo: str, digest: str) -> bool:
+def delete_manifest(repo: str, digest: str, auth: Auth = None) -> bool:
     """Remove a pushed manifest (a release that failed after its push leaves no tag behind). True when gone."""
     import httpx
 
     host, name, _ = parse_ref(f"{repo}@{digest}")
     try:
-        r = httpx.delete(f"{registry_url(host)}/v2/{name}/manifests/{digest}", timeout=30)
+        r = httpx.delete(f"{registry_url(host)}/v2/{name}/manifests/{digest}", timeout=30, auth=auth)
     except httpx.HTTPError:
         return False
     return r.status_code in (202, 404)

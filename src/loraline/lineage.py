@@ -81,7 +81,7 @@ def _trace_image(client: Any, ref: str, settings: Settings) -> dict[str, Any]:
     from loraline.image import LABEL, registry_image
 
     try:
-        img = registry_image(ref)
+        img = registry_image(ref, settings.registry_auth)
     except ImageError as e:
         raise TraceError(f"cannot trace {ref!r}: {e}") from e
     labels = img["labels"]

@@ -52,6 +52,12 @@ def use_mlflow(settings: Settings) -> Any:
         if scheme and scheme not in MLFLOW_SCHEMES:
             raise RegistryError(f"{what} {redact(uri)!r}: MLflow does not know the scheme {scheme!r}; use sqlite:///PATH, "
                                 "http(s)://HOST:PORT (an MLflow server), postgresql://, mysql:// or file:///PATH")
+    # MLflow's REST client reads basic-auth credentials from its environment variables only: hand them over there
+    # (from a Prefect Secret block, or LORALINE_MLFLOW_TRACKING_*); they never go into params, tags or logs.
+    if settings.mlflow_tracking_username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = settings.mlflow_tracking_username
+    if settings.mlflow_tracking_password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = settings.mlflow_tracking_password.get_secret_value()
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
     mlflow.set_registry_uri(settings.resolved_registry_uri)
     return MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
@@ -130,6 +136,18 @@ def _abandon(client: Any, name: str, mv: Any, run: Any) -> None:
     client.set_terminated(run.info.run_id, "FAILED")
 
 
+def end_dead_runs(client: Any, experiment: str, adapter_sha: str, base_sha: str) -> list[str]:
+    """Runs of these digests left RUNNING by a process that died before it created a version (killed, or its MLflow
+    server went away): marked FAILED with ``loraline.status=interrupted``. Returns their ids."""
+    runs = client.search_runs([experiment], f"attributes.status = 'RUNNING' and tags.`{TAG}adapter.sha256` = '{adapter_sha}' "
+                                            f"and tags.`{TAG}base.sha256` = '{base_sha}'")
+    dead = [r for r in runs if _owner_dead(r.data.tags.get(f"{TAG}owner"))]
+    for r in dead:
+        client.set_tag(r.info.run_id, f"{TAG}status", "interrupted")
+        client.set_terminated(r.info.run_id, "FAILED")
+    return [r.info.run_id for r in dead]
+
+
 def settled_release(client: Any, name: str, versions: Sequence[Any], wait_s: float = FINISH_WAIT_S) -> dict[str, Any] | None:
     """The lineage of the oldest finished release among ``versions``, waiting for one still being registered by a live
     process; versions left by a process that was killed while registering (run RUNNING, owner gone) are removed."""
@@ -140,7 +158,9 @@ def settled_release(client: Any, name: str, versions: Sequence[Any], wait_s: flo
         for mv in pending:
             run = client.get_run(mv.run_id)
             if run.info.status == "FINISHED":
-                return {**read_lineage(client, mv.run_id), "existing": True}
+                tags = client.get_model_version(name, mv.version).tags or {}
+                return {**read_lineage(client, mv.run_id), "existing": True, "status": tags.get(f"{TAG}status"),
+                        "failed_step": tags.get(f"{TAG}failed.step")}
             if run.info.status == "RUNNING" and not _owner_dead(run.data.tags.get(f"{TAG}owner")):
                 still.append(mv)
             else:  # killed (or failed without its rollback): nothing of it may stay
@@ -321,6 +341,7 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
         client.create_registered_model(name, tags={f"{TAG}managed": "true"}, description=f"LoRA releases served by vLLM ({name}); made by loraline")
         created_model = True
 
+    end_dead_runs(client, exp, adapter.sha256, base.sha256)
     tags = _tags(adapter, base, merged, validation, parity, vllm_parity)
     run = mlflow.start_run(experiment_id=exp, run_name=f"release {name} adapter {adapter.sha256[:12]}",
                            tags={**tags, f"{TAG}owner": owner()})
@@ -450,15 +471,30 @@ def log_evaluation(name: str, version: str, run_id: str, report: Any, settings: 
 def mark_failed(name: str, version: str, step: str, reason: str, settings: Settings) -> None:
     """A step after registration failed: say so on the model version (no alias moves on a failed version)."""
     client = use_mlflow(settings)
+    status = (client.get_model_version(name, version).tags or {}).get(f"{TAG}status")
+    if status and status != "failed":  # what the version was before this failure (reopen() puts it back)
+        client.set_model_version_tag(name, version, f"{TAG}failed.previous_status", status)
     client.set_model_version_tag(name, version, f"{TAG}status", "failed")
     client.set_model_version_tag(name, version, f"{TAG}failed.step", step)
     client.set_model_version_tag(name, version, f"{TAG}failed.reason", redact(reason)[:4000])
 
 
+def reopen(name: str, version: str, step: str, settings: Settings) -> bool:
+    """A release re-runs ``step``, the step that failed last time (e.g. ``report``): the version gets back the status it
+    had before that failure and loses the failure tags. Returns whether it was failed at ``step``."""
+    client = use_mlflow(settings)
+    tags = client.get_model_version(name, version).tags or {}
+    if tags.get(f"{TAG}status") != "failed" or tags.get(f"{TAG}failed.step") != step:
+        return False
+    client.set_model_version_tag(name, version, f"{TAG}status", tags.get(f"{TAG}failed.previous_status") or "registered")
+    clear_failed(client, name, version)
+    return True
+
+
 def clear_failed(client: Any, name: str, version: str) -> None:
     """A step that failed before has now succeeded: drop the failure tags."""
     tags = client.get_model_version(name, version).tags or {}
-    for key in (f"{TAG}failed.step", f"{TAG}failed.reason"):
+    for key in (f"{TAG}failed.step", f"{TAG}failed.reason", f"{TAG}failed.previous_status"):
         if key in tags:
             client.delete_model_version_tag(name, version, key)
 
@@ -487,7 +523,7 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
         "pushed_bytes": image["pushed_bytes"],
         "build_seconds": round(image["build_seconds"], 2),
         "push_seconds": round(image["push_seconds"], 2),
-        "smoke": {k: smoke[k] for k in ("ready_seconds", "pull_seconds", "served_models", "parity") if k in smoke} or None,
+        "smoke": {k: smoke[k] for k in ("ready_seconds", "pull_seconds", "served_models", "api_key_enforced", "parity") if k in smoke} or None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     now = int(time.time() * 1000)

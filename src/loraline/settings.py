@@ -26,7 +26,11 @@ class Settings(BaseSettings):
     registry_uri: str | None = Field(default=None, description="MLflow registry URI; default: the tracking URI.")
     max_lora_rank: int = Field(default=64, description="Largest LoRA rank a release accepts; one of vLLM's --max-lora-rank values.")
     trust_remote_code: bool = Field(default=False, description="Allow model code from the base repo to run. Off unless you ask.")
-    hf_token: SecretStr | None = Field(default=None, description="Hugging Face token for private Hub repos (never logged).")
+    hf_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("LORALINE_HF_TOKEN", "HF_TOKEN"),
+        description="Hugging Face token for private Hub repos (never logged); flows also read it from the Prefect Secret "
+        "block `loraline-hf-token`.",
+    )
     hf_cache_dir: Path | None = Field(default=None, description="Hugging Face Hub cache directory; default: huggingface_hub's.")
     hf_offline: bool = Field(default=False, description="Resolve Hub repos from the local cache only.")
     parity_prompts: int = Field(default=8, ge=1, description="How many eval questions the parity check generates on.")
@@ -87,7 +91,22 @@ class Settings(BaseSettings):
     image_registry: str | None = Field(
         default=None,
         description="Where images are pushed: HOST[:PORT][/NAMESPACE] (the repository is <registry>/<model name>); "
-        "default: the registry `loraline services up` started. Credentials come from `docker login`, never from here.",
+        "default: the registry `loraline services up` started. Credentials: LORALINE_REGISTRY_USERNAME/PASSWORD, "
+        "or `docker login`; never in this value.",
+    )
+    registry_username: str | None = Field(default=None, description="User for the image registry (push, smoke-test pull, trace); with registry_password.")
+    registry_password: SecretStr | None = Field(
+        default=None, description="Password or token for the image registry (never logged); flows also read it from the "
+        "Prefect Secret block `loraline-registry-password`.",
+    )
+    mlflow_tracking_username: str | None = Field(
+        default=None, validation_alias=AliasChoices("LORALINE_MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_USERNAME"),
+        description="User for an MLflow server with auth (`mlflow server --app-name basic-auth`).",
+    )
+    mlflow_tracking_password: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("LORALINE_MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_PASSWORD"),
+        description="Password for the MLflow server (never logged); flows also read it from the Prefect Secret block "
+        "`loraline-mlflow-password`.",
     )
     image_base: str = Field(
         default="vllm/vllm-openai:v0.24.0",
@@ -142,6 +161,13 @@ class Settings(BaseSettings):
     @property
     def resolved_registry_uri(self) -> str:
         return self.registry_uri or self.resolved_tracking_uri
+
+    @property
+    def registry_auth(self) -> tuple[str, str] | None:
+        """(user, password) for the image registry, when both are set."""
+        if self.registry_username and self.registry_password:
+            return self.registry_username, self.registry_password.get_secret_value()
+        return None
 
     @property
     def artifact_root(self) -> Path:

@@ -6,11 +6,16 @@ Docker's 64 MiB default) with the server bound to 127.0.0.1 on a free port; wait
 plain and streaming, greedy, with ``logprobs``: each answer must agree with the merged model's HF
 greedy output under the parity rule (:func:`loraline.parity.judge`). The container is always
 stopped and removed.
+
+The container runs with an API key (``-e VLLM_API_KEY``, a fresh random one per smoke test, never
+logged): ``/v1/models`` must answer 401 without it, ``/health`` must answer without it (vLLM's key
+guards ``/v1`` — and ``/v2``, ``/inference`` — only), and every other request carries it.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from loraline.errors import ImageError
-from loraline.image import Image, docker_client
+from loraline.image import Image, auth_config, docker_client
 from loraline.parity import Generation, ParityReport, report
 from loraline.settings import Settings
 
@@ -100,7 +105,7 @@ def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Cal
     try:
         t0 = time.perf_counter()
         try:
-            client.images.pull(image.pinned)
+            client.images.pull(image.pinned, auth_config=auth_config(settings.registry_auth))
         except APIError as e:
             raise ImageError(f"pulling {image.pinned} back from the registry failed: {e.explanation or e}") from e
         pull_s = time.perf_counter() - t0
@@ -108,13 +113,19 @@ def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Cal
         url = f"http://127.0.0.1:{port}"
         progress(f"docker run {image.pinned} on 127.0.0.1:{port}")
         t0 = time.perf_counter()
+        api_key = secrets.token_urlsafe(24)  # the container's only; gone with it
         container = client.containers.run(
             image.pinned, command=["--host", "127.0.0.1", "--port", str(port)], detach=True, network_mode="host",
             ipc_mode="host", name=f"loraline-smoke-{uuid.uuid4().hex[:8]}", labels={"org.loraline.smoke": image.ref},
+            environment={"VLLM_API_KEY": api_key},
         )
-        with httpx.Client(timeout=120) as http, _with_log(container):
+        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {api_key}"}) as http, _with_log(container):
             ready_s = _wait_ready(http, url, container, settings.smoke_timeout_s, t0)
             progress(f"ready in {ready_s:.1f} s")
+            unauthorized = httpx.get(f"{url}/v1/models", timeout=30).status_code
+            if unauthorized != 401:
+                raise ImageError(f"{image.pinned} answered {unauthorized} to /v1/models without its API key "
+                                 "(VLLM_API_KEY was set): the served endpoint is not guarded")
             models = [m["id"] for m in http.get(f"{url}/v1/models").json().get("data", [])]
             if image.served_model_name not in models:
                 raise ImageError(f"{image.pinned} serves {models}, not {image.served_model_name!r}")
@@ -129,7 +140,7 @@ def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Cal
             for rep in reports:
                 require_parity(rep)
         return {"pinned": image.pinned, "pull_seconds": round(pull_s, 2), "ready_seconds": round(ready_s, 2),
-                "served_models": models, "user": user, "parity": {r.b: r.summary() for r in reports},
+                "served_models": models, "user": user, "api_key_enforced": True, "parity": {r.b: r.summary() for r in reports},
                 "answers": [r.b_text for r in reports[0].results]}
     finally:
         if container is not None:
