@@ -273,6 +273,23 @@ def archive_symlink(c: Ctx):
     return lambda: c.release_steps(path), InvalidAdapter, "archive member 'checkpoint-100/tokenizer.model' is a link; nothing was extracted"
 
 
+def hub_link_outside(c: Ctx):
+    # A Hub cache snapshot (offline, pinned to a commit) whose weights file links outside the repo's blobs.
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snap = c.tmp / "hub" / "models--acme--smol-lora" / "snapshots" / sha
+    shutil.copytree(c.demo.checkpoint, snap)
+    outside = c.tmp / "outside.safetensors"
+    (snap / "adapter_model.safetensors").rename(outside)
+    (snap / "adapter_model.safetensors").symlink_to(outside)
+    return (lambda: c.release_steps(f"hf://acme/smol-lora@{sha}", hf_cache_dir=c.tmp / "hub", hf_offline=True),
+            InvalidAdapter, f"adapter_model.safetensors is a symlink to {outside}, outside the adapter directory")
+
+
+def mlflow_artifact_traversal(c: Ctx):
+    return (lambda: c.release_steps("runs:/0123456789abcdef0123456789abcdef/../../../etc"), SourceError,
+            "MLflow source 'runs:/0123456789abcdef0123456789abcdef/../../../etc': '..' climbs out of the run's artifacts")
+
+
 def bad_source_scheme(c: Ctx):
     return lambda: c.release_steps("s3://bucket/adapters/run-7"), SourceError, "s3:// sources are not supported yet"
 
@@ -314,7 +331,8 @@ CASES = {f.__name__: f for f in [
     pickle_only, corrupt_header, oversized_header, truncated_weights, truncated_config, config_not_an_object,
     nan_weights, inf_weights, other_base_shapes, other_base_revision, target_missing, rank_zero, rank_above_setting,
     rank_above_vllm, rank_not_in_vllm_set, not_lora, remote_code_base, pickle_only_base, no_tokenizer,
-    missing_weights, empty_dir, symlink_outside, archive_traversal, archive_absolute, archive_symlink,
+    missing_weights, empty_dir, symlink_outside, archive_traversal, archive_absolute, archive_symlink, hub_link_outside,
+    mlflow_artifact_traversal,
     bad_source_scheme, missing_path, invalid_model_name, unknown_alias, wrong_mlflow_uri, registry_with_credentials,
 ]}
 

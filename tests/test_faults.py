@@ -279,3 +279,33 @@ def test_engine_subprocess_hanging_or_crashing_is_killed_with_its_whole_group(fa
     if fault == "crash":
         left[seen["group"]] = process_groups().get(seen["group"])  # type: ignore[index]
     assert not any(left.values()), left  # no orphan: not the runner, not vLLM's engine core
+
+
+def test_evaluation_failure_marks_the_version_and_the_rerun_restores_it(prefect_harness, demo_assets, settings: Settings,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step after registration fails (the task evaluation; fault injected): the version stays, marked failed with the
+    step and reason, no alias moves; the re-run evaluates the same version, its status comes back, the gate passes."""
+    import flows.release as fr
+
+    name = "smol-evalfail"
+
+    def broken(*a, **k):
+        raise RuntimeError("injected fault: the evaluation database is unreadable")
+
+    real = fr.evaluate_release
+    monkeypatch.setattr(fr, "evaluate_release", broken)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        fr.release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=name)
+    client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
+    tags = client.get_model_version(name, "1").tags
+    assert tags["loraline.status"] == "failed" and tags["loraline.failed.step"] == "evaluate"
+    assert "injected fault" in tags["loraline.failed.reason"] and tags["loraline.failed.previous_status"] == "registered"
+    state = mlflow_state(settings)
+    assert state["aliases"] == [] and state["running"] == [] and state["versions"] == [(name, "1")]
+
+    monkeypatch.setattr(fr, "evaluate_release", real)
+    out = fr.release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=name)
+    assert out["model_version"] == "1" and out["existing"] is True and out["gate"]["passed"] is True
+    tags = client.get_model_version(name, "1").tags
+    assert tags["loraline.status"] == "registered" and not [k for k in tags if k.startswith("loraline.failed")]
+    assert mlflow_state(settings)["aliases"] == ["candidate", "champion"]

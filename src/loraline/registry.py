@@ -465,6 +465,7 @@ def log_evaluation(name: str, version: str, run_id: str, report: Any, settings: 
         client.log_artifact(run_id, str(d / LINEAGE_FILE))
     for k in ("accuracy", "base_accuracy", "gain", "examples"):
         client.set_model_version_tag(name, version, f"{TAG}eval.{k}", str(summary[k]))
+    reopen(name, version, "evaluate", settings)  # it failed last time: the status it had before comes back
     return summary
 
 

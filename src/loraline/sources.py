@@ -96,6 +96,9 @@ def parse_source(raw: str) -> Source:
             raise SourceError(f"hub source {raw!r}: expected hf://ORG/NAME[@REVISION], e.g. hf://HuggingFaceTB/SmolLM2-360M@main")
         return Source("hf", raw, repo, rev or "main")
     if s.startswith(MLFLOW_SCHEMES):
+        if ".." in s.replace("\\", "/").split("/"):
+            raise SourceError(f"MLflow source {raw!r}: '..' climbs out of the run's artifacts; name the artifact folder "
+                              "itself, e.g. runs:/RUN_ID/checkpoint-100")
         return Source("mlflow", raw, s)
     if s.startswith("s3://"):
         raise SourceError(f"source {raw!r}: s3:// sources are not supported yet; download it and pass the local directory")
