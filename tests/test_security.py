@@ -8,19 +8,19 @@ the Docker engine of `loraline services up`, Prefect's test harness and its Secr
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from test_services import tiny_rootfs
 
 from loraline.errors import ImageError
 from loraline.server import free_port
@@ -85,15 +85,8 @@ def test_registry_credentials_come_from_a_prefect_secret_block(image_services, a
 
     addr, user, password = auth_registry
     client = docker.DockerClient(base_url=image_services.docker_host, timeout=600)
-    # A tiny image (one file, imported: nothing is pulled) to push.
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        data = b"loraline registry auth test\n"
-        info = tarfile.TarInfo("hello.txt")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
     repo = f"{addr}/tiny"
-    client.api.import_image_from_data(buf.getvalue(), repository=repo, tag="v1")
+    client.api.import_image_from_data(tiny_rootfs(), repository=repo, tag="v1")  # one file: nothing is pulled
 
     # Anonymous: refused by the registry, and said so.
     with pytest.raises(ImageError, match=r"docker push of 127\.0\.0\.1:\d+/tiny:v1 failed: .*(auth|credentials)"):
