@@ -296,9 +296,13 @@ def listening(port: int) -> list[str]:
 
 
 def test_services_listen_on_loopback_only(image_services) -> None:
-    """`loraline services up`: the MLflow server and the registry listen on 127.0.0.1, not on every interface."""
+    """`loraline services up`: the MLflow server, the Prefect server and the registry listen on 127.0.0.1, not on every
+    interface (the Docker engine listens on a unix socket only)."""
     from urllib.parse import urlparse
 
-    for what, port in (("mlflow", urlparse(image_services.mlflow_url).port), ("registry", int(image_services.registry.split(":")[1]))):
+    ports = [("mlflow", urlparse(image_services.mlflow_url).port), ("registry", int(image_services.registry.split(":")[1])),
+             ("prefect", urlparse(image_services.prefect_url).port)]
+    assert image_services.docker_host.startswith("unix://")
+    for what, port in ports:
         addrs = listening(port)
         assert addrs == ["0100007F"], (what, port, addrs)  # 127.0.0.1 in /proc/net/tcp's little-endian hex
