@@ -73,7 +73,7 @@ demo: setup $(DEMO)/checkpoint-100/adapter_config.json
 	@$(BIN)/python -c 'import json,sys; r=json.load(open(sys.argv[1])); s=json.load(open(sys.argv[2])); \
 	  print("Released models:/%s/%s. Where to look:" % (r["model_name"], r["model_version"])); \
 	  print("  serving image: docker pull %s   (export DOCKER_HOST=%s)" % (r["image"]["pinned"], s["docker_host"])); \
-	  print("                 docker run --network host --ipc=host %s --port 8000   (CPU base; add --gpus all on a GPU base)" % r["image"]["pinned"]); \
+	  print("                 docker run --network host --ipc=host -e VLLM_API_KEY %s --port 8000   (CPU base; add --gpus all on a GPU base; VLLM_API_KEY from your shell guards /v1)" % r["image"]["pinned"]); \
 	  print("  MLflow UI:     %s/#/models/%s/versions/%s" % (s["mlflow_url"], r["model_name"], r["model_version"])); \
 	  print("  Prefect UI:    %s/runs   (the release flow run, its tasks, logs and artifacts)" % s["prefect_url"]); \
 	  print("                 %s/deployments   (%s: Run > Custom run opens the typed form)" % (s["prefect_url"], ", ".join(s["deployments"]))); \
