@@ -262,7 +262,7 @@ def test_canary_secrets_appear_nowhere_a_release_writes(image_services, auth_mlf
     assert labels["org.opencontainers.image.base.name"] == base
     assert labels["org.opencontainers.image.base.digest"] == base.rsplit("@", 1)[1]
     # The image runs as the non-root user and its smoke test ran with an API key that guarded /v1.
-    assert result["images"][0]["smoke"]["api_key_enforced"] is True
+    assert result["images"][0]["smoke"]["v1_status_without_key"] == 401
     assert dclient is not None and json.loads(inspect)["Config"]["User"] == "10001"
 
 

@@ -43,7 +43,7 @@ class GateDecision:
     checks: tuple[GateCheck, ...]
     aliases_moved: dict[str, str] = field(default_factory=dict)  # alias -> version it now names
     previous_champion: str | None = None
-    previous_aliases: dict[str, str] = field(default_factory=dict)  # alias -> version before the gate ('' = unset)
+    previous_candidate: str | None = None
 
     @property
     def reasons(self) -> list[str]:
@@ -137,8 +137,7 @@ def gate_release(lineage: dict[str, Any], thresholds: GateThresholds, settings: 
         client.set_model_version_tag(name, version, TAG + k, v)
         client.set_tag(mv.run_id, TAG + k, v)
     return GateDecision(**{**asdict(decision), "checks": decision.checks, "aliases_moved": moved,
-                           "previous_champion": previous,
-                           "previous_aliases": {a: aliases.get(a, "") for a in (CANDIDATE, CHAMPION)}})
+                           "previous_champion": previous, "previous_candidate": aliases.get(CANDIDATE)})
 
 
 def undo_gate(decision: dict[str, Any], reason: str, settings: Settings) -> dict[str, str]:
@@ -149,16 +148,16 @@ def undo_gate(decision: dict[str, Any], reason: str, settings: Settings) -> dict
     client = use_mlflow(settings)
     name, version = str(decision["model_name"]), str(decision["model_version"])
     now = {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
-    before = decision.get("previous_aliases") or {}
+    before = {CANDIDATE: decision.get("previous_candidate") or "", CHAMPION: decision.get("previous_champion") or ""}
     restored: dict[str, str] = {}
     for alias, moved_to in (decision.get("aliases_moved") or {}).items():
         if now.get(alias) != str(moved_to):
             continue  # moved by another release since: theirs
-        if before.get(alias):
+        if before[alias]:
             client.set_registered_model_alias(name, alias, before[alias])
         else:
             client.delete_registered_model_alias(name, alias)
-        restored[alias] = before.get(alias, "")
+        restored[alias] = before[alias]
     mv = client.get_model_version(name, version)
     for k, v in {"gate": "rolled-back", "gate.rollback": reason[:4000]}.items():
         client.set_model_version_tag(name, version, TAG + k, v)

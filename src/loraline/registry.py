@@ -129,11 +129,16 @@ def _owner_dead(owner: str | None) -> bool:
         return False
 
 
+def _end_interrupted(client: Any, run_id: str) -> None:
+    """End the run of a release whose process died mid-way: FAILED, ``loraline.status=interrupted``."""
+    client.set_tag(run_id, f"{TAG}status", "interrupted")
+    client.set_terminated(run_id, "FAILED")
+
+
 def _abandon(client: Any, name: str, mv: Any, run: Any) -> None:
     """Undo what a registering process killed mid-way left: its version goes, its run is marked FAILED."""
     client.delete_model_version(name, mv.version)
-    client.set_tag(run.info.run_id, f"{TAG}status", "interrupted")
-    client.set_terminated(run.info.run_id, "FAILED")
+    _end_interrupted(client, run.info.run_id)
 
 
 def end_dead_runs(client: Any, experiment: str, adapter_sha: str, base_sha: str) -> list[str]:
@@ -143,8 +148,7 @@ def end_dead_runs(client: Any, experiment: str, adapter_sha: str, base_sha: str)
                                             f"and tags.`{TAG}base.sha256` = '{base_sha}'")
     dead = [r for r in runs if _owner_dead(r.data.tags.get(f"{TAG}owner"))]
     for r in dead:
-        client.set_tag(r.info.run_id, f"{TAG}status", "interrupted")
-        client.set_terminated(r.info.run_id, "FAILED")
+        _end_interrupted(client, r.info.run_id)
     return [r.info.run_id for r in dead]
 
 
@@ -524,7 +528,7 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
         "pushed_bytes": image["pushed_bytes"],
         "build_seconds": round(image["build_seconds"], 2),
         "push_seconds": round(image["push_seconds"], 2),
-        "smoke": {k: smoke[k] for k in ("ready_seconds", "pull_seconds", "served_models", "api_key_enforced", "parity") if k in smoke} or None,
+        "smoke": {k: smoke[k] for k in ("ready_seconds", "pull_seconds", "served_models", "v1_status_without_key", "parity") if k in smoke} or None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     now = int(time.time() * 1000)

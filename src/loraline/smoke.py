@@ -140,7 +140,7 @@ def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Cal
             for rep in reports:
                 require_parity(rep)
         return {"pinned": image.pinned, "pull_seconds": round(pull_s, 2), "ready_seconds": round(ready_s, 2),
-                "served_models": models, "user": user, "api_key_enforced": True, "parity": {r.b: r.summary() for r in reports},
+                "served_models": models, "user": user, "v1_status_without_key": unauthorized, "parity": {r.b: r.summary() for r in reports},
                 "answers": [r.b_text for r in reports[0].results]}
     finally:
         if container is not None:
