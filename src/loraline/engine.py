@@ -319,7 +319,9 @@ def _run_runner(engine: Engine, request: dict[str, Any], settings: Settings, wha
 def kill_group(proc: subprocess.Popen[Any], *, grace_s: float) -> None:
     """Stop a process started with ``start_new_session=True`` and everything in its group.
 
-    SIGTERM first (with ``grace_s`` for the leader and its group to exit), then SIGKILL.
+    SIGTERM first (with ``grace_s`` for the leader and its group to exit), then SIGKILL, then wait (up to 30 s) until
+    no live process of the group is left: a killed engine core takes a while to give its memory back, and the caller
+    may start the next engine as soon as this returns.
     """
     pgid = proc.pid  # a session leader's group id is its pid
     if grace_s > 0 and proc.poll() is None:
@@ -336,6 +338,9 @@ def kill_group(proc: subprocess.Popen[Any], *, grace_s: float) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
+    deadline = time.monotonic() + 30
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def require_dir(path: Path, marker: str, what: str) -> None:
@@ -352,11 +357,20 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (zombies, which hold no memory, do not count)."""
     try:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    return True
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 def _tail(text: str, lines: int = 40) -> str:
