@@ -319,9 +319,9 @@ def _run_runner(engine: Engine, request: dict[str, Any], settings: Settings, wha
 def kill_group(proc: subprocess.Popen[Any], *, grace_s: float) -> None:
     """Stop a process started with ``start_new_session=True`` and everything in its group.
 
-    SIGTERM first (with ``grace_s`` for the leader and its group to exit), then SIGKILL, then wait (up to 30 s) until
-    no live process of the group is left: a killed engine core takes a while to give its memory back, and the caller
-    may start the next engine as soon as this returns.
+    SIGTERM first (with ``grace_s`` for the leader and its group to exit), then SIGKILL, then wait until no process of
+    the group runs (up to 30 s: a killed engine core takes a while to give its memory back, and the caller may start
+    the next engine as soon as this returns) and its orphaned zombies are reaped (up to 10 s more).
     """
     pgid = proc.pid  # a session leader's group id is its pid
     if grace_s > 0 and proc.poll() is None:
@@ -331,16 +331,14 @@ def kill_group(proc: subprocess.Popen[Any], *, grace_s: float) -> None:
             proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             pass
-        while _group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _wait_group_gone(pgid, deadline - time.monotonic())
     _signal_group(pgid, signal.SIGKILL)
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
-    deadline = time.monotonic() + 30
-    while _group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_group_gone(pgid, 30, zombies=False)
+    _wait_group_gone(pgid, 10)
 
 
 def require_dir(path: Path, marker: str, what: str) -> None:
@@ -356,12 +354,15 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether a process of group ``pgid`` is still running (zombies, which hold no memory, do not count)."""
+def _group_alive(pgid: int, *, zombies: bool = True) -> bool:
+    """Whether group ``pgid`` still has a process; with ``zombies=False`` only one still running counts (an orphaned
+    zombie holds no memory and is reaped by init, here within about 2 s)."""
     try:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
         return False
+    if zombies:
+        return True
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat.read_text()
@@ -371,6 +372,12 @@ def _group_alive(pgid: int) -> bool:
         if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
             return True
     return False
+
+
+def _wait_group_gone(pgid: int, timeout_s: float, *, zombies: bool = True) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(pgid, zombies=zombies) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _tail(text: str, lines: int = 40) -> str:
