@@ -9,8 +9,9 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import adapter_version
-from loraline.gate import decide
+from loraline.gate import ChampionScore, decide
 from loraline.params import GateThresholds
+from loraline.report import release_report
 from loraline.settings import Settings
 
 
@@ -30,7 +31,8 @@ def _lineage(**over) -> dict:
 
 def test_decide_names_every_missed_threshold() -> None:
     ok = decide(_lineage(), "registered", GateThresholds())
-    assert ok.passed and [c.name for c in ok.checks] == ["status", "parity"]
+    assert ok.passed and [c.name for c in ok.checks] == ["status", "parity", "champion"]
+    assert ok.checks[-1].detail == "champion: none yet; this release is compared with no one"
 
     d = decide(_lineage(), "registered", GateThresholds(min_parity_identical=0.9, require_vllm_parity=True,
                                                          min_output_tok_s=100, require_image=True))
@@ -55,6 +57,49 @@ def test_decide_names_every_missed_threshold() -> None:
 
     failed = decide(_lineage(), "failed", GateThresholds())
     assert not failed.passed and "a step after registration failed" in failed.reasons[0]
+
+
+def test_decide_refuses_a_challenger_worse_than_the_champion() -> None:
+    ev = {"accuracy": 0.625, "base_accuracy": 0.125, "gain": 0.5, "examples": 8, "valid_sql": 7}
+    challenger = _lineage(model_version="2", evaluation=ev)
+    champion = ChampionScore(version="1", accuracy=0.875)
+
+    refused = decide(challenger, "released", GateThresholds(), champion)
+    assert not refused.passed and [c.name for c in refused.checks if not c.passed] == ["champion"]
+    assert refused.reasons == ["task accuracy 62.5% (v2) is below champion v1's 87.5% (tolerance 0.0%)"]
+    assert refused.to_dict()["champion"] == {"version": "1", "accuracy": 0.875}
+
+    # Within the tolerance (25 points), equal, or better: passes and says so.
+    lenient = decide(challenger, "released", GateThresholds(champion_tolerance=0.25), champion)
+    assert lenient.passed and lenient.checks[-1].detail == "task accuracy 62.5% (v2) is not below champion v1's 87.5% (tolerance 25.0%)"
+    assert decide(challenger, "released", GateThresholds(), ChampionScore("1", 0.625)).passed
+    # One tolerance point short of the gap still fails: the comparison is not a rounding accident.
+    assert not decide(challenger, "released", GateThresholds(champion_tolerance=0.24), champion).passed
+
+    # No champion yet, the champion is this version, a champion never evaluated: nothing to compare, passes.
+    assert decide(challenger, "released", GateThresholds(), None).passed
+    same = decide(challenger, "released", GateThresholds(), ChampionScore("2", 0.875))
+    assert same.passed and same.checks[-1].detail == "champion: this version (v2) is the champion already"
+    unknown = decide(challenger, "released", GateThresholds(), ChampionScore("1", None))
+    assert unknown.passed and "champion v1 has no task evaluation" in unknown.checks[-1].detail
+    # A challenger that was not evaluated cannot show it is not worse.
+    blind = decide(_lineage(model_version="2"), "released", GateThresholds(), champion)
+    assert not blind.passed and "champion v1 scored 87.5%" in blind.reasons[0]
+    # Disabled: no champion check at all.
+    off = decide(challenger, "released", GateThresholds(champion_tolerance=None), champion)
+    assert off.passed and "champion" not in [c.name for c in off.checks]
+
+    # The release report shows the comparison.
+    md = release_report(_report_lineage(challenger), refused.to_dict())
+    assert "| champion v1 | 87.5% | |" in md
+    assert "Champion–challenger: task accuracy 62.5% (v2) is below champion v1's 87.5% (tolerance 0.0%) — **refused**." in md
+    assert "| champion | NO | task accuracy 62.5% (v2) is below champion v1's 87.5%" in md
+
+
+def _report_lineage(lineage: dict) -> dict:
+    """A lineage with what the report's lineage table reads."""
+    part = {"source": "/x", "sha256": "0" * 64, "path": "/x"}
+    return {**lineage, "mlflow_run_id": "r", "tracking_uri": "sqlite:///x.db", "adapter": part, "base": part, "merged": part}
 
 
 def test_thresholds_refuse_nonsense_with_the_field_named() -> None:
@@ -103,3 +148,43 @@ def test_gate_moves_aliases_only_for_passing_releases(prefect_harness, demo_asse
     assert again["model_version"] == "1" and again["existing"] is True
     assert aliases(client) == {"candidate": "4", "champion": "4"}
     assert first["gate"]["passed"] is True
+
+
+def test_gate_refuses_a_challenger_worse_than_the_champion(prefect_harness, demo_assets, settings: Settings,
+                                                           tmp_path: Path) -> None:
+    """Champion–challenger on a real MLflow registry: v1 becomes champion; v2 scores below it, so the gate refuses v2
+    and `champion` stays on v1; with a tolerance covering the gap the same release passes."""
+    from flows.release import release
+    from loraline.evaluate import EvalReport, EvalScore
+    from loraline.gate import gate_release
+    from loraline.registry import log_evaluation
+
+    name = "smol-champ"
+    client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
+    v1 = release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=name)
+    assert v1["gate"]["passed"] and v1["gate"]["checks"][-1]["detail"] == "champion: none yet; this release is compared with no one"
+    assert {k: str(v) for k, v in client.get_registered_model(name).aliases.items()} == {"candidate": "1", "champion": "1"}
+
+    # The demo model scores 0 on the task (README): v1's evaluation is recorded again as a model answering 7 of the 8
+    # questions, through the same call the release's evaluate step makes (tag, metrics, lineage.json).
+    better = EvalReport(merged=EvalScore("merged", 8, 7, 8, 1.0), base=EvalScore("base", 8, 1, 5, 1.0), max_new_tokens=64)
+    log_evaluation(name, "1", v1["mlflow_run_id"], better, settings)
+
+    v2 = release(adapter=str(adapter_version(demo_assets.checkpoint, tmp_path / "v2")), base=str(demo_assets.base), name=name)
+    assert v2["model_version"] == "2" and v2["evaluation"]["accuracy"] == 0.0
+    assert v2["gate"]["passed"] is False and v2["gate"]["aliases_moved"] == {}
+    assert v2["gate"]["reasons"] == ["task accuracy 0.0% (v2) is below champion v1's 87.5% (tolerance 0.0%)"]
+    assert v2["gate"]["champion"] == {"version": "1", "accuracy": 0.875}
+    assert {k: str(v) for k, v in client.get_registered_model(name).aliases.items()} == {"candidate": "1", "champion": "1"}
+    mv2 = client.get_model_version(name, "2")
+    assert mv2.tags["loraline.gate"] == "failed" and "below champion v1's 87.5%" in mv2.tags["loraline.gate.reasons"]
+    report = Path(client.download_artifacts(v2["mlflow_run_id"], "report.md")).read_text()
+    assert "| champion v1 | 87.5% | |" in report and "— **refused**." in report
+
+    # A tolerance that covers the gap lets the same release through; the champion's accuracy now comes from its
+    # lineage.json (its tag removed), and v2 replaces v1 as champion.
+    client.delete_model_version_tag(name, "1", "loraline.eval.accuracy")
+    d = gate_release(v2, GateThresholds(champion_tolerance=0.9), settings)
+    assert d.passed and d.checks[-1].detail == "task accuracy 0.0% (v2) is not below champion v1's 87.5% (tolerance 90.0%)"
+    assert {k: str(v) for k, v in client.get_registered_model(name).aliases.items()} == {"candidate": "2", "champion": "2"}
+    assert client.get_model_version(name, "2").tags["loraline.gate.previous_champion"] == "1"

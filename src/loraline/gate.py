@@ -1,7 +1,9 @@
 """The release gate: the only code that moves the registry aliases ``candidate`` and ``champion``.
 
 The gate reads what a release recorded (its lineage and the model version's status), checks it
-against :class:`~loraline.params.GateThresholds`, and then either
+against :class:`~loraline.params.GateThresholds` — and against the current ``champion``: champion–challenger, the
+release's task accuracy may be at most ``champion_tolerance`` below the champion's (read from the champion version's
+``loraline.eval.accuracy`` tag, else its ``lineage.json``) — and then either
 
 - passes: ``candidate`` moves to the version, and (``promote``) ``champion`` too; the version and
   its run are tagged ``loraline.gate=passed`` (and ``loraline.gate.previous_champion``), or
@@ -18,7 +20,7 @@ from typing import Any
 
 from loraline.errors import LoralineError
 from loraline.params import GateThresholds
-from loraline.registry import TAG, use_mlflow
+from loraline.registry import TAG, read_lineage, use_mlflow
 from loraline.settings import Settings
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -36,6 +38,15 @@ class GateCheck:
 
 
 @dataclass(frozen=True)
+class ChampionScore:
+    """The current ``champion`` version as the champion–challenger check sees it: its task accuracy (None when it
+    was never evaluated)."""
+
+    version: str
+    accuracy: float | None
+
+
+@dataclass(frozen=True)
 class GateDecision:
     model_name: str
     model_version: str
@@ -44,6 +55,7 @@ class GateDecision:
     aliases_moved: dict[str, str] = field(default_factory=dict)  # alias -> version it now names
     previous_champion: str | None = None
     previous_candidate: str | None = None
+    champion: ChampionScore | None = None  # what the champion-challenger check compared against
 
     @property
     def reasons(self) -> list[str]:
@@ -59,8 +71,30 @@ def best_server_tok_s(lineage: dict[str, Any], path: str = "vllm-server-merged")
     return max(values) if values else None
 
 
-def decide(lineage: dict[str, Any], status: str, t: GateThresholds) -> GateDecision:
-    """Check a release against the thresholds (no side effects)."""
+def champion_check(lineage: dict[str, Any], champion: ChampionScore | None, tolerance: float) -> GateCheck:
+    """Champion–challenger: the release's task accuracy must be at least the champion's minus ``tolerance``."""
+    version = str(lineage["model_version"])
+    ev = lineage.get("evaluation") or {}
+    if champion is None:
+        return GateCheck("champion", True, "champion: none yet; this release is compared with no one")
+    if champion.version == version:
+        return GateCheck("champion", True, f"champion: this version (v{version}) is the champion already")
+    if champion.accuracy is None:
+        return GateCheck("champion", True, f"champion v{champion.version} has no task evaluation: nothing to compare with")
+    if ev.get("accuracy") is None:
+        return GateCheck("champion", False, f"task evaluation: not run (LORALINE_EVAL=false); champion v{champion.version} "
+                                            f"scored {champion.accuracy:.1%} and the comparison needs this release's accuracy")
+    acc = float(ev["accuracy"])
+    # Accuracies are recorded rounded to 4 places: compare at that precision, not at float noise.
+    ok = round(acc - (champion.accuracy - tolerance), 4) >= 0
+    where = "is not below" if ok else "is below"
+    return GateCheck("champion", ok, f"task accuracy {acc:.1%} (v{version}) {where} champion v{champion.version}'s "
+                                     f"{champion.accuracy:.1%} (tolerance {tolerance:.1%})")
+
+
+def decide(lineage: dict[str, Any], status: str, t: GateThresholds, champion: ChampionScore | None = None) -> GateDecision:
+    """Check a release against the thresholds (no side effects). ``champion``: the current ``champion`` version and
+    its task accuracy (None: there is none), for the champion–challenger check (``t.champion_tolerance``)."""
     checks: list[GateCheck] = []
     checks.append(GateCheck("status", status != "failed",
                             f"status is {status!r}" + (" (a step after registration failed)" if status == "failed" else "")))
@@ -101,8 +135,20 @@ def decide(lineage: dict[str, Any], status: str, t: GateThresholds) -> GateDecis
         checks.append(GateCheck("image", bool(smoked), "serving image: " + (
             ", ".join(f"{i['mode']} {i['pinned']} smoke-tested" for i in smoked) if smoked
             else "none pushed and smoke-tested; the gate requires one")))
+    if t.champion_tolerance is not None:
+        checks.append(champion_check(lineage, champion, t.champion_tolerance))
     return GateDecision(model_name=str(lineage["model_name"]), model_version=str(lineage["model_version"]),
-                        passed=all(c.passed for c in checks), checks=tuple(checks))
+                        passed=all(c.passed for c in checks), checks=tuple(checks), champion=champion)
+
+
+def champion_score(client: Any, name: str, version: str) -> ChampionScore:
+    """The task accuracy of ``models:/name/version``: its ``loraline.eval.accuracy`` tag, else its ``lineage.json``."""
+    mv = client.get_model_version(name, version)
+    tag = (mv.tags or {}).get(f"{TAG}eval.accuracy")
+    if tag not in (None, "", "None"):
+        return ChampionScore(str(version), float(tag))
+    ev = read_lineage(client, mv.run_id).get("evaluation") or {}
+    return ChampionScore(str(version), float(ev["accuracy"]) if ev.get("accuracy") is not None else None)
 
 
 def gate_release(lineage: dict[str, Any], thresholds: GateThresholds, settings: Settings) -> GateDecision:
@@ -118,9 +164,13 @@ def gate_release(lineage: dict[str, Any], thresholds: GateThresholds, settings: 
     if mv.run_id != lineage.get("mlflow_run_id"):
         raise GateError(f"models:/{name}/{version} belongs to run {mv.run_id}, not {lineage.get('mlflow_run_id')}: "
                         "the lineage given to the gate is not this version's")
-    decision = decide(lineage, (mv.tags or {}).get(f"{TAG}status", "unknown"), thresholds)
     aliases = {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
     previous = aliases.get(CHAMPION)
+    try:
+        champion = champion_score(client, name, previous) if previous and thresholds.champion_tolerance is not None else None
+    except MlflowException as e:
+        raise GateError(f"cannot read the evaluation of the champion models:/{name}/{previous}: {e.message}") from e
+    decision = decide(lineage, (mv.tags or {}).get(f"{TAG}status", "unknown"), thresholds, champion)
     moved: dict[str, str] = {}
     if decision.passed:
         client.set_registered_model_alias(name, CANDIDATE, version)
@@ -136,7 +186,7 @@ def gate_release(lineage: dict[str, Any], thresholds: GateThresholds, settings: 
     for k, v in tags.items():
         client.set_model_version_tag(name, version, TAG + k, v)
         client.set_tag(mv.run_id, TAG + k, v)
-    return GateDecision(**{**asdict(decision), "checks": decision.checks, "aliases_moved": moved,
+    return GateDecision(**{**asdict(decision), "checks": decision.checks, "champion": decision.champion, "aliases_moved": moved,
                            "previous_champion": previous, "previous_candidate": aliases.get(CANDIDATE)})
 
 

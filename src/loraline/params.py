@@ -73,5 +73,10 @@ class GateThresholds(BaseModel):
         description="Least output tokens/s of the merged model on vLLM's OpenAI server (best concurrency level); empty: no limit.")
     require_image: bool = Field(
         default=False, description="A serving image must have been pushed and have passed its smoke test.")
+    champion_tolerance: float | None = Field(
+        default=0.0, ge=0, le=1,
+        description="Champion–challenger: the release's task accuracy may be at most this much below the current "
+                    "`champion`'s (0: no worse than the champion; 0.05: up to 5 points worse); empty: no comparison. "
+                    "Passes when there is no champion yet or the champion is this version.")
     promote: bool = Field(
         default=True, description="Move `champion` to a release that passes (off: only `candidate` moves).")

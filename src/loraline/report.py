@@ -59,8 +59,21 @@ def release_report(lineage: dict[str, Any], gate: dict[str, Any] | None = None, 
     if ev:
         out += ["| model | accuracy | questions |", "|---|---|---|",
                 f"| merged | {float(ev['accuracy']):.1%} ({ev['valid_sql']} ran) | {ev['examples']} |",
-                f"| base | {float(ev['base_accuracy']):.1%} | {ev['examples']} |", "",
-                f"Gain over the base: {float(ev['gain']):+.1%}. Answers: `evaluation.json` on the MLflow run.", ""]
+                f"| base | {float(ev['base_accuracy']):.1%} | {ev['examples']} |"]
+        served = ev.get("served") or {}
+        if ev.get("served_accuracy") is not None:
+            out.append(f"| served image ({served.get('mode')}, `{served.get('model')}` through the openai client) | "
+                       f"{float(ev['served_accuracy']):.1%} ({served.get('valid')} ran) | {served.get('examples')} |")
+        champion = (gate or {}).get("champion") or {}
+        if champion and str(champion.get("version")) != str(version):
+            acc = champion.get("accuracy")
+            out.append(f"| champion v{champion['version']} | {'not evaluated' if acc is None else f'{float(acc):.1%}'} | |")
+        out += ["", f"Gain over the base: {float(ev['gain']):+.1%}. Answers: `evaluation.json` on the MLflow run"
+                + (f", the served ones in `image/{served.get('mode')}.json`." if served else ".")]
+        check = next((c for c in (gate or {}).get("checks", []) if c["name"] == "champion"), None)
+        if check is not None:
+            out.append(f"Champion–challenger: {check['detail']} — **{'passed' if check['passed'] else 'refused'}**.")
+        out.append("")
     else:
         out += ["Not run (LORALINE_EVAL=false).", ""]
     bench = lineage.get("benchmark")
