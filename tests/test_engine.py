@@ -47,6 +47,27 @@ def test_missing_or_broken_engine_python_names_the_setting_and_the_fix(tmp_path:
         assert "LORALINE_VLLM_PYTHON" in str(err.value) and "make setup" in str(err.value)
 
 
+def test_the_engine_make_setup_built_is_found_from_a_plain_shell(tmp_path: Path) -> None:
+    """`.venv/bin/loraline` run from a shell that exported nothing finds the .venv-vllm `make setup` made (issue 13)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "LORALINE_VLLM_PYTHON"}
+    env["LORALINE_HOME"] = str(tmp_path / "home")
+    code = ("import json; from loraline.engine import find_engine; from loraline.settings import Settings; "
+            "e = find_engine(Settings()); print(json.dumps({'python': str(e.python), 'vllm': e.vllm_version}))")
+    # The orchestrator's Python, from another directory: nothing but its venv's place says where the engine is.
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["python"] == str(Path(sys.prefix).absolute().parent / ".venv-vllm" / "bin" / "python")
+    assert found["python"] == str(repo / ".venv-vllm" / "bin" / "python") and found["vllm"]
+    # An explicit setting still wins over the venv found beside (here: one that cannot `import vllm`).
+    env["LORALINE_VLLM_PYTHON"] = sys.executable
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and f"LORALINE_VLLM_PYTHON={sys.executable} cannot `import vllm`" in proc.stderr
+
+
 @pytest.mark.slow
 def test_runner_with_runtime_lora_returns_the_requested_tokens_and_logprobs(demo_merged, engine_settings: Settings) -> None:
     # One engine start covers the runner's contract; the merged model goes through the same

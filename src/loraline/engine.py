@@ -16,13 +16,14 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from loraline.errors import EngineError
-from loraline.settings import VLLM_MAX_LORA_RANKS, Settings
+from loraline.settings import VLLM_MAX_LORA_RANKS, VLLM_VENV, Settings
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 RESULT_MARKER = "LORALINE_RESULT "
@@ -50,12 +51,16 @@ class Engine:
 def find_engine(settings: Settings) -> Engine:
     """The engine environment named by ``settings.vllm_python``, checked by importing vllm in it.
 
+    Unset, ``settings.vllm_python`` is the ``.venv-vllm`` that ``make setup`` made, when one is found
+    (:func:`loraline.settings.default_vllm_python`); an explicit setting always wins.
+
     The check takes seconds (``import vllm``), so its answer is kept for the life of this
     process, per Python path and modification time.
     """
     python = settings.vllm_python
     if python is None:
-        raise EngineError(f"no vLLM engine is configured (LORALINE_VLLM_PYTHON is not set); {_FIX}")
+        raise EngineError(f"no vLLM engine is configured (LORALINE_VLLM_PYTHON is not set, and no {VLLM_VENV}/bin/python "
+                          f"was found beside {Path(sys.prefix).absolute()} or in the checkout); {_FIX}")
     python = Path(python).expanduser()
     if len(python.parts) == 1 and shutil.which(str(python)):  # a bare name such as "python3": look it up on PATH
         python = Path(shutil.which(str(python)) or python)

