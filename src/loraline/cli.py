@@ -84,6 +84,11 @@ def emit(data: dict[str, Any], as_json: bool) -> None:
             d = data[part]
             table.add_row(f"{part}.sha256", str(d.get("sha256")))
             table.add_row(f"{part}.source" if "source" in d else f"{part}.path", str(d.get("source", d.get("path"))))
+            if isinstance(d.get("gguf"), dict):  # a base converted from a GGUF file
+                g = d["gguf"]
+                table.add_row(f"{part}.gguf.sha256", str(g.get("sha256")))
+                table.add_row(f"{part}.gguf.origin", str(g.get("origin")))
+                table.add_row(f"{part}.gguf.converter", ", ".join(f"{k} {v}" for k, v in (g.get("converter") or {}).items()))
     if isinstance(data.get("parity"), dict):
         p = data["parity"]
         table.add_row("parity", f"{p['identical']} identical, {p['close']} close, {p['failed']} failed of {p['prompts']}")
@@ -136,8 +141,9 @@ def demo_init(directory: Path, steps: int) -> None:
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def trace(ref: str, as_json: bool) -> None:
-    """Print the release chain of REF: an adapter dir or digest, models:/NAME/VERSION, models:/NAME@ALIAS, or a serving
-    image (HOST:PORT/NAME:TAG, HOST:PORT/NAME@sha256:..., or its sha256 digest) read from its registry's labels."""
+    """Print the release chain of REF: an adapter dir or digest, a base's .gguf file or its sha256, models:/NAME/VERSION,
+    models:/NAME@ALIAS, or a serving image (HOST:PORT/NAME:TAG, HOST:PORT/NAME@sha256:..., or its sha256 digest) read
+    from its registry's labels."""
     settings = load_settings()
     quiet_third_parties(settings)
     from loraline.lineage import trace as trace_ref

@@ -29,8 +29,8 @@ def _chain(client: Any, mv: Any) -> dict[str, Any]:
 def trace(ref: str, settings: Settings) -> dict[str, Any]:
     """Every release chain ``ref`` belongs to; the newest one's fields are also at the top level.
 
-    ``ref`` is an adapter directory, an adapter or merged-model sha256, ``models:/NAME/VERSION``
-    or ``models:/NAME@ALIAS``.
+    ``ref`` is an adapter directory, an adapter or merged-model sha256, a base's ``.gguf`` file or its sha256,
+    ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``.
     """
     from mlflow.exceptions import MlflowException
 
@@ -44,7 +44,11 @@ def trace(ref: str, settings: Settings) -> dict[str, Any]:
         elif s := _SHA.match(ref.lower()):
             sha = s["sha"]
             versions = (find_versions(client, adapter_sha=sha) or find_versions(client, merged_sha=sha)
-                        or _image_versions(client, f"sha256:{sha}"))
+                        or find_versions(client, gguf_sha=sha) or _image_versions(client, f"sha256:{sha}"))
+        elif ref.lower().endswith(".gguf") and Path(ref).is_file():  # a GGUF file some base was converted from
+            from loraline.digest import sha256_file
+
+            versions = find_versions(client, gguf_sha=sha256_file(Path(ref)))
         elif Path(ref).is_dir():
             try:
                 sha = adapter_digest(Path(ref))
@@ -55,7 +59,7 @@ def trace(ref: str, settings: Settings) -> dict[str, Any]:
             return _trace_image(client, ref, settings)
         else:
             raise TraceError(
-                f"cannot trace {ref!r}: give an adapter directory, a sha256 digest, models:/NAME/VERSION, models:/NAME@ALIAS "
+                f"cannot trace {ref!r}: give an adapter directory, a base's .gguf file, a sha256 digest, models:/NAME/VERSION, models:/NAME@ALIAS "
                 "or an image reference HOST[:PORT]/NAME:TAG or HOST[:PORT]/NAME@sha256:DIGEST"
             )
     except MlflowException as e:

