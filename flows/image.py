@@ -20,6 +20,7 @@ from prefect.transactions import Transaction, get_transaction, transaction
 from flows.common import artifact_key, flow_settings, mark_failed_quietly, progress
 from loraline.benchmark import release_dirs
 from loraline.engine import vllm_lora_rank
+from loraline.evaluate import with_served
 from loraline.image import Image, build_image, delete_manifest, preflight
 from loraline.lineage import release_of
 from loraline.registry import log_image
@@ -93,6 +94,10 @@ def image_release(lineage: dict[str, Any], settings: Settings, mode: str, base_d
     smoke = img.smoke or {}
     parity = "; ".join(f"{k}: {v['identical']} identical, {v['close']} close of {v['prompts']}"
                        for k, v in (smoke.get("parity") or {}).items()) or "skipped"
+    served = (entry.get("smoke") or {}).get("evaluation")
+    served_line = (f"{served['accuracy']:.1%} ({served['correct']} of {served['examples']} questions through the openai client; "
+                   f"{served['stream_identical']} of {served['streamed']} streamed answers equal the plain ones)"
+                   if served else "not run")
     create_markdown_artifact(
         key=artifact_key("image", name, mode),
         markdown=(f"## Serving image of models:/{name}/{version} ({mode})\n\n"
@@ -102,12 +107,15 @@ def image_release(lineage: dict[str, Any], settings: Settings, mode: str, base_d
                   f"| size | {img.size_bytes / 1e9:.2f} GB ({img.compressed_bytes / 1e9:.2f} GB compressed, {img.layers} layers) |\n"
                   f"| uploaded by this push | {img.pushed_bytes / 1e6:,.1f} MB |\n| build / push | {img.build_seconds:.1f} s / {img.push_seconds:.1f} s |\n"
                   f"| smoke: start to ready | {smoke.get('ready_seconds', 'skipped')} s |\n"
-                  f"| smoke: parity | {parity} |\n\n"
+                  f"| smoke: parity | {parity} |\n| smoke: task accuracy served | {served_line} |\n\n"
                   f"MLflow run `{run_id}`; trace: `loraline trace {img.pinned}`.\n"),
         description=f"Serving image of models:/{name}/{version} ({mode})",
     )
-    return {**lineage, "images": [i for i in lineage.get("images", []) if i.get("mode") != mode] + [entry],
-            "image": {"ref": img.ref, "digest": img.digest, "mode": mode, "pinned": img.pinned}}
+    out = {**lineage, "images": [i for i in lineage.get("images", []) if i.get("mode") != mode] + [entry],
+           "image": {"ref": img.ref, "digest": img.digest, "mode": mode, "pinned": img.pinned}}
+    if served and lineage.get("evaluation"):  # as log_image wrote it into lineage.json
+        out["evaluation"] = with_served(lineage["evaluation"], served)
+    return out
 
 
 @flow(name="image", flow_run_name="image-{model}-{mode}", log_prints=True)

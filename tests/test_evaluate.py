@@ -39,3 +39,35 @@ def test_model_sql_cannot_change_or_hang_the_database(db: Path) -> None:
     assert run_sql(db, "SELECT count(*) FROM sqlite_master") == before
     # A runaway recursive query is cut off by the time limit (or the row limit) instead of hanging the release.
     assert run_sql(db, "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c") is None
+
+
+@pytest.mark.slow
+def test_served_evaluation_asks_like_a_users_openai_client(demo_merged, vllm_python: Path, settings) -> None:
+    """The served task evaluation: vLLM's OpenAI server with an API key, asked through the official openai client; its
+    answers (chat template applied server-side) are the merged model's HF greedy answers, and streaming changes none."""
+    import secrets
+
+    import openai
+
+    from loraline.evaluate import STREAM_CHECKS, eval_questions, evaluate_served, generate_answers
+    from loraline.server import serve_openai
+
+    _adapter, _base, merged = demo_merged
+    key = secrets.token_urlsafe(16)
+    with serve_openai(merged.path, settings, served_model_name="smol-sql", extra_args=["--api-key", key]) as server:
+        with openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-the-key", max_retries=0) as stranger:
+            with pytest.raises(openai.AuthenticationError):
+                evaluate_served(stranger, "smol-sql", settings)
+        with openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0) as client:
+            served = evaluate_served(client, "smol-sql", settings)
+
+    questions = eval_questions(settings)
+    assert served.score.examples == len(questions) == settings.eval_examples == 8
+    assert served.streamed == STREAM_CHECKS and served.stream_mismatches == ()
+    # What the server answers is what the release measured on the merged model (same chat template, greedy).
+    hf = generate_answers(merged.path, merged.path, [q for q, _ in questions], settings)
+    served_sql = [i.predicted for i in served.score.items]
+    hf_sql = [extract_sql(a) for a in hf]
+    same = sum(a == b for a, b in zip(served_sql, hf_sql))
+    assert same >= len(questions) // 2, list(zip(served_sql, hf_sql))
+    assert served.summary()["stream_identical"] == STREAM_CHECKS and served.summary()["model"] == "smol-sql"

@@ -6,6 +6,11 @@ fresh read-only SQLite database of the task's schema and seed rows, and counts a
 returns the same rows as the reference SQL (as a multiset: row order is ignored unless the reference
 orders them). A statement that fails, runs over :data:`SQL_TIME_LIMIT_S` or returns more than
 :data:`SQL_ROW_LIMIT` rows counts as wrong. No model output is ever executed anywhere but there.
+
+The served container is scored the same way (:func:`evaluate_served`, run by the smoke test of each image while its
+container runs): the same questions as chat messages through the official ``openai`` client — what a user's client
+sends — greedy, with the chat template the image ships applied by vLLM server-side. Every question is asked plainly;
+the first :data:`STREAM_CHECKS` are also streamed, and a streamed answer must equal the plain one.
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from loraline.settings import Settings
 
 SQL_TIME_LIMIT_S = 5.0
 SQL_ROW_LIMIT = 10_000
+STREAM_CHECKS = 3  # served questions also asked streaming: the streamed answer must equal the plain one
 
 
 @dataclass(frozen=True)
@@ -63,12 +69,42 @@ class EvalReport:
         return self.merged.accuracy - self.base.accuracy
 
     def summary(self) -> dict[str, Any]:
+        # served_accuracy/served: filled in by the smoke test of a serving image (with_served); None until one ran.
         return {"task": "text2sql-execution", "accuracy": round(self.merged.accuracy, 4),
                 "base_accuracy": round(self.base.accuracy, 4), "gain": round(self.gain, 4),
-                "examples": self.merged.examples, "valid_sql": self.merged.valid, "max_new_tokens": self.max_new_tokens}
+                "examples": self.merged.examples, "valid_sql": self.merged.valid, "max_new_tokens": self.max_new_tokens,
+                "served_accuracy": None, "served": None}
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.summary(), "merged": asdict(self.merged), "base": asdict(self.base)}
+
+
+@dataclass(frozen=True)
+class ServedEval:
+    """The task evaluation of a running serving container, asked through the ``openai`` client."""
+
+    model: str  # the served model name the client asked for
+    score: EvalScore
+    streamed: int  # questions also asked streaming
+    stream_mismatches: tuple[tuple[str, str, str], ...]  # (question, plain answer, streamed answer) that differ
+    max_new_tokens: int
+
+    def summary(self) -> dict[str, Any]:
+        return {"model": self.model, **self.score.summary(), "streamed": self.streamed,
+                "stream_identical": self.streamed - len(self.stream_mismatches), "max_new_tokens": self.max_new_tokens}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.summary(), "items": [asdict(i) for i in self.score.items],
+                "stream_mismatches": [list(m) for m in self.stream_mismatches]}
+
+
+def with_served(evaluation: dict[str, Any] | None, served: dict[str, Any]) -> dict[str, Any] | None:
+    """The lineage's ``evaluation`` section with a serving image's evaluation (``served``: :meth:`ServedEval.summary`
+    plus the image's ``mode`` and ``pinned``) as ``served_accuracy`` and ``served``. None when the release was never
+    evaluated (LORALINE_EVAL=false): the served score then stays on the image's smoke record only."""
+    if not evaluation:
+        return evaluation
+    return {**evaluation, "served_accuracy": served["accuracy"], "served": served}
 
 
 def extract_sql(text: str) -> str:
@@ -136,12 +172,18 @@ def generate_answers(model_dir: Path, tokenizer_dir: Path, questions: list[str],
     return out
 
 
+def eval_questions(settings: Settings) -> list[tuple[str, str]]:
+    """(question, reference SQL) of the first ``eval_examples`` eval questions: what every evaluation asks."""
+    from loraline.text2sql import load_examples
+
+    return [(e.question, e.sql) for e in load_examples("eval")[: settings.eval_examples]]
+
+
 def evaluate_release(merged_dir: Path, base_dir: Path, settings: Settings) -> EvalReport:
     """Execution accuracy of the merged model and of the base on the first ``eval_examples`` eval questions."""
-    from loraline.text2sql import create_database, load_examples
+    from loraline.text2sql import create_database
 
-    examples = load_examples("eval")[: settings.eval_examples]
-    questions = [(e.question, e.sql) for e in examples]
+    questions = eval_questions(settings)
     with tempfile.TemporaryDirectory() as tmp:
         db = create_database(Path(tmp) / "task.db")
         scores = []
@@ -151,3 +193,44 @@ def evaluate_release(merged_dir: Path, base_dir: Path, settings: Settings) -> Ev
             answers = generate_answers(Path(model_dir), Path(merged_dir), [q for q, _ in questions], settings)
             scores.append(score(name, questions, answers, db, time.perf_counter() - t))
     return EvalReport(merged=scores[0], base=scores[1], max_new_tokens=settings.eval_max_new_tokens)
+
+
+def ask_served(client: Any, model: str, question: str, max_new_tokens: int, *, stream: bool) -> str:
+    """One greedy chat completion of ``question`` (as :func:`loraline.text2sql.chat_messages`) from an OpenAI-compatible
+    server through ``client`` (an ``openai.OpenAI``), plain or streamed; the answer's text."""
+    from loraline.text2sql import chat_messages
+
+    kw: dict[str, Any] = {"model": model, "messages": chat_messages(question), "temperature": 0.0,
+                          "max_completion_tokens": max_new_tokens}
+    if not stream:
+        return client.chat.completions.create(**kw).choices[0].message.content or ""
+    parts: list[str] = []
+    with client.chat.completions.create(**kw, stream=True) as chunks:
+        for chunk in chunks:
+            parts += [c.delta.content or "" for c in chunk.choices if c.delta is not None]
+    return "".join(parts)
+
+
+def evaluate_served(client: Any, model: str, settings: Settings, progress: Callable[[str], None] = lambda _m: None) -> ServedEval:
+    """Execution accuracy of the served ``model`` (a running vLLM OpenAI server, through ``client``, an ``openai.OpenAI``
+    with its base URL and API key) on the same questions as :func:`evaluate_release`, scored the same way. The first
+    :data:`STREAM_CHECKS` questions are asked again streaming; answers that differ are returned in
+    ``stream_mismatches`` (the caller decides whether that fails)."""
+    from loraline.text2sql import create_database
+
+    questions = eval_questions(settings)
+    n = settings.eval_max_new_tokens
+    t = time.perf_counter()
+    answers = [ask_served(client, model, q, n, stream=False) for q, _ in questions]
+    seconds = time.perf_counter() - t
+    streamed = questions[:STREAM_CHECKS]
+    progress(f"served {model}: {len(answers)} answers in {seconds:.1f} s; {len(streamed)} asked again streaming")
+    mismatches = []
+    for (q, _), plain in zip(streamed, answers):
+        got = ask_served(client, model, q, n, stream=True)
+        if got != plain:
+            mismatches.append((q, plain, got))
+    with tempfile.TemporaryDirectory() as tmp:
+        db = create_database(Path(tmp) / "task.db")
+        result = score(f"served:{model}", questions, answers, db, seconds)
+    return ServedEval(model, result, len(streamed), tuple(mismatches), n)

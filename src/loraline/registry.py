@@ -552,7 +552,10 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
               "compressed_bytes": image["compressed_bytes"], "pushed_bytes": image["pushed_bytes"]}
     if "ready_seconds" in smoke:
         values["ready_seconds"] = smoke["ready_seconds"]
-    client.log_batch(run_id, metrics=[Metric(f"image.{mode}.{k}", float(v), now, 0) for k, v in values.items()])
+    metrics = [Metric(f"image.{mode}.{k}", float(v), now, 0) for k, v in values.items()]
+    if served:
+        metrics += [Metric(f"eval.served_{k}", float(served[k]), now, 0) for k in ("accuracy", "examples", "correct", "valid", "seconds")]
+    client.log_batch(run_id, metrics=metrics)
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / f"{mode}.json"
         p.write_text(json.dumps(image, indent=2, default=str))
@@ -574,6 +577,10 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
     return entry
 
 
+    # The task evaluation of the served container (smoke test): its summary, without the answers (image/<mode>.json has them).
+    served = {k: v for k, v in (smoke.get("evaluation") or {}).items() if k not in ("items", "stream_mismatches")} or None
+    if served:
+        entry["smoke"] = {**(entry["smoke"] or {}), "evaluation": served}
 def experiment_of(run_id: str, settings: Settings) -> str:
     """The experiment id of a release's run (for MLflow UI links)."""
     return str(use_mlflow(settings).get_run(run_id).info.experiment_id)
@@ -586,11 +593,17 @@ def log_report(name: str, version: str, run_id: str, markdown: str, gate: dict[s
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         (d / "report.md").write_text(markdown)
+        if served and lineage.get("evaluation"):
+            from loraline.evaluate import with_served
+
+            lineage["evaluation"] = with_served(lineage.get("evaluation"), served)
         client.log_artifact(run_id, str(d / "report.md"))
         if gate is not None:
             (d / "gate.json").write_text(json.dumps(gate, indent=2))
             client.log_artifact(run_id, str(d / "gate.json"))
             lineage = read_lineage(client, run_id)
+    if served:
+        tags.update({"eval.served_accuracy": str(served["accuracy"]), "eval.served_mode": mode})
             lineage["gate"] = gate
             (d / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2))
             client.log_artifact(run_id, str(d / LINEAGE_FILE))

@@ -7,6 +7,11 @@ plain and streaming, greedy, with ``logprobs``: each answer must agree with the 
 greedy output under the parity rule (:func:`loraline.parity.judge`). The container is always
 stopped and removed.
 
+While the container runs, the release's task evaluation is run against it too (:func:`loraline.evaluate.evaluate_served`,
+unless LORALINE_EVAL=false): the eval questions through the official ``openai`` client with the container's key, as a
+user's client asks them; its accuracy is what the image serves (``evaluation.served_accuracy`` in the lineage). A
+streamed answer that differs from the plain one fails the smoke test.
+
 The container runs with an API key (``-e VLLM_API_KEY``, a fresh random one per smoke test, never
 logged): ``/v1/models`` must answer 401 without it, ``/health`` must answer without it (vLLM's key
 guards ``/v1`` — and ``/v2``, ``/inference`` — only), and every other request carries it.
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from loraline.errors import ImageError
+from loraline.evaluate import ServedEval
 from loraline.image import Image, auth_config, docker_client
 from loraline.parity import Generation, ParityReport, report
 from loraline.settings import Settings
@@ -139,9 +145,13 @@ def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Cal
             user = container.attrs.get("Config", {}).get("User", "")
             for rep in reports:
                 require_parity(rep)
-        return {"pinned": image.pinned, "pull_seconds": round(pull_s, 2), "ready_seconds": round(ready_s, 2),
-                "served_models": models, "user": user, "v1_status_without_key": unauthorized, "parity": {r.b: r.summary() for r in reports},
-                "answers": [r.b_text for r in reports[0].results]}
+            served = evaluate_image(image, f"{url}/v1", api_key, settings, progress) if settings.eval else None
+        out = {"pinned": image.pinned, "pull_seconds": round(pull_s, 2), "ready_seconds": round(ready_s, 2),
+               "served_models": models, "user": user, "v1_status_without_key": unauthorized, "parity": {r.b: r.summary() for r in reports},
+               "answers": [r.b_text for r in reports[0].results]}
+        if served is not None:
+            out["evaluation"] = {"mode": image.mode, "pinned": image.pinned, **served.to_dict()}
+        return out
     finally:
         if container is not None:
             try:
@@ -149,6 +159,30 @@ def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Cal
             finally:
                 container.remove(force=True)
         client.close()
+
+
+def evaluate_image(image: Image, base_url: str, api_key: str, settings: Settings,
+                   progress: Callable[[str], None] = lambda _m: None) -> ServedEval:
+    """The task evaluation of the running container of ``image`` at ``base_url`` (``http://HOST:PORT/v1``), asked
+    through the official ``openai`` client with the container's API key, as a user's client would."""
+    import openai
+
+    from loraline.evaluate import evaluate_served
+
+    progress(f"task evaluation of the served {image.served_model_name!r} through the openai client")
+    try:
+        with openai.OpenAI(base_url=base_url, api_key=api_key, timeout=120, max_retries=0) as client:
+            served = evaluate_served(client, image.served_model_name, settings, progress)
+    except openai.OpenAIError as e:
+        raise ImageError(f"the task evaluation of {image.pinned} through the openai client failed: {e}") from e
+    if served.stream_mismatches:
+        q, plain, streamed = served.stream_mismatches[0]
+        raise ImageError(f"{image.pinned}: {len(served.stream_mismatches)} of {served.streamed} streamed answers differ from "
+                         f"the plain (greedy) answer to the same question, e.g. {q!r}: plain {plain[:200]!r}, "
+                         f"streamed {streamed[:200]!r}")
+    progress(f"served accuracy {served.score.accuracy:.1%} ({served.score.correct} of {served.score.examples}, "
+             f"{served.score.valid} ran); {served.streamed} streamed answers equal the plain ones")
+    return served
 
 
 @contextmanager
