@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from loraline.errors import EngineError
+from loraline.models import context_length
 from loraline.settings import VLLM_MAX_LORA_RANKS, VLLM_VENV, Settings
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
@@ -37,6 +38,9 @@ _PROBE = (
 )
 _PROBE_TIMEOUT_S = 300  # `import vllm` only; independent of engine_timeout_s, which bounds real work
 _probed: dict[tuple[str, int], "Engine"] = {}
+# The longest context CPU engines are started with (the model's own when shorter): KV cache for one full-length
+# sequence stays small in the RAM share a CPU engine reserves (VLLM_CPU_KVCACHE_SPACE).
+CPU_MAX_MODEL_LEN = 2048
 
 
 @dataclass(frozen=True)
@@ -118,20 +122,34 @@ def engine_env(settings: Settings, engine: Engine | None) -> dict[str, str]:
     return env
 
 
-def default_engine_args(engine: Engine, settings: Settings) -> dict[str, Any]:
-    """``LLM(...)`` keyword arguments (and server flags) suited to the engine's device.
+def max_model_len(model_dir: Path, device: str) -> int | None:
+    """The context an engine on ``device`` serves ``model_dir`` with: on CPU the model's own, capped at
+    :data:`CPU_MAX_MODEL_LEN`; elsewhere None (vLLM derives it from the model, RoPE scaling included).
+
+    Never more than the model's context (:func:`loraline.models.context_length`): vLLM refuses a ``max_model_len``
+    above the one it derives, so a base with 512 positions gets 512, not the cap.
+    """
+    if device != "cpu":
+        return None
+    context = context_length(Path(model_dir))
+    return min(context, CPU_MAX_MODEL_LEN) if context else CPU_MAX_MODEL_LEN
+
+
+def default_engine_args(engine: Engine, settings: Settings, model_dir: Path) -> dict[str, Any]:
+    """``LLM(...)`` keyword arguments (and server flags) suited to the engine's device and the model.
 
     CPU: eager mode (torch.compile on CPU needs minutes and a C++ compiler), a small share of
-    host RAM (on CPU ``gpu_memory_utilization`` is a fraction of RAM), a 2048-token context,
-    and the in-process executor. ``dtype="auto"`` everywhere: the model's declared dtype, the
-    one the HF reference runs in. On CUDA, vLLM's own defaults.
+    host RAM (on CPU ``gpu_memory_utilization`` is a fraction of RAM), the model's context up
+    to 2048 tokens (:func:`max_model_len`), and the in-process executor. ``dtype="auto"``
+    everywhere: the model's declared dtype, the one the HF reference runs in. On CUDA, vLLM's
+    own defaults.
     """
     args: dict[str, Any] = {"dtype": "auto", "seed": 0}
     if engine.device == "cpu":
         args.update(
             enforce_eager=True,
             gpu_memory_utilization=0.2,
-            max_model_len=2048,
+            max_model_len=max_model_len(model_dir, engine.device),
             distributed_executor_backend="uni",
         )
     return args
@@ -176,7 +194,7 @@ def run_generate(
         "max_tokens": max_tokens,
         "logprobs": logprobs,
         "ignore_eos": ignore_eos,
-        "engine": {**default_engine_args(engine, settings), **(engine_args or {})},
+        "engine": {**default_engine_args(engine, settings, model_dir), **(engine_args or {})},
     }
     what = f"vLLM on {model_dir}" + (f" with LoRA {lora[1]}" if lora else "")
     response, _ = _run_runner(engine, request, settings, what)
@@ -241,7 +259,7 @@ def run_bench(
         "mode": "bench",
         "model": str(Path(model_dir).resolve()),
         "lora": None if lora is None else {"name": lora[0], "path": str(Path(lora[1]).resolve()), "max_lora_rank": int(lora[2])},
-        "engine": {**default_engine_args(engine, settings), **(engine_args or {})},
+        "engine": {**default_engine_args(engine, settings, model_dir), **(engine_args or {})},
         "sampling": dict(sampling or {}),
         "workloads": [
             {

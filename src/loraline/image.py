@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from loraline import __version__
+from loraline.engine import max_model_len
 from loraline.errors import ImageError
 from loraline.settings import Settings, redact
 
@@ -239,11 +240,12 @@ def labels(lineage: dict[str, Any], mode: str, base_image: str) -> dict[str, str
     return {k: redact(str(v)) for k, v in out.items()}
 
 
-def _max_model_len(model_dir: Path, settings: Settings) -> int:
+def _max_model_len(model_dir: Path, settings: Settings, *, cpu_base: bool) -> int | None:
+    """``--max-model-len`` of the image: the setting, else what the engine would use (the model's context, capped on a
+    CPU base; None on a GPU base: vLLM derives it from the model when the server starts)."""
     if settings.image_max_model_len:
         return settings.image_max_model_len
-    cfg = json.loads((model_dir / "config.json").read_text())
-    return int(cfg.get("max_position_embeddings") or 2048)
+    return max_model_len(model_dir, "cpu" if cpu_base else "cuda")
 
 
 def build_args(lineage: dict[str, Any], mode: str, settings: Settings, *, cpu_base: bool, model_dir: Path,
@@ -261,7 +263,7 @@ def build_args(lineage: dict[str, Any], mode: str, settings: Settings, *, cpu_ba
         "MODEL_NAME": name,
         "MODEL_DIR": f"/models/{name}" if mode == "merged" else "/models/base",
         "SERVED_MODEL_NAME": name if mode == "merged" else f"{name}-base",
-        "MAX_MODEL_LEN": str(_max_model_len(model_dir, settings)),
+        "MAX_MODEL_LEN": str(_max_model_len(model_dir, settings, cpu_base=cpu_base) or ""),  # empty: the model's own
         "GPU_MEMORY_UTILIZATION": str(util),
         "VLLM_ARGS": " ".join(args),
         "SERVE_UID": str(SERVE_UID),

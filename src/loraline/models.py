@@ -18,6 +18,32 @@ def base_dtype_name(model_dir: Path) -> str:
     return name if name in _DTYPES else "float32"
 
 
+# The config.json keys that bound a model's context, as vLLM reads them (ModelArchConfigConvertor): the smallest wins.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+
+
+def context_length(model_dir: Path) -> int | None:
+    """The longest sequence (prompt + output, in tokens) a model takes, from its config.json; None when it does not say.
+
+    The smallest of :data:`CONTEXT_KEYS` (each architecture names it its own way: ``max_position_embeddings``,
+    GPT-2's ``n_positions``, MPT's ``max_seq_len``, ...), looked up in the text config of multimodal models
+    (``text_config``) too, and the tokenizer's ``model_max_length`` when tokenizer_config.json gives a real one, as
+    vLLM does. A sliding window does not shorten it (vLLM serves the full context). RoPE scaling that would lengthen
+    it is not applied: a length at most vLLM's own is always accepted, a longer one never.
+    """
+    model_dir = Path(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    configs = [cfg] + [cfg[k] for k in ("text_config", "llm_config", "language_config") if isinstance(cfg.get(k), dict)]
+    found = [int(c[k]) for c in configs for k in CONTEXT_KEYS if isinstance(c.get(k), (int, float)) and c[k] > 0]
+    tok = model_dir / "tokenizer_config.json"
+    if tok.is_file():
+        limit = json.loads(tok.read_text(encoding="utf-8")).get("model_max_length")
+        if isinstance(limit, (int, float)) and 0 < limit < 1e9:  # transformers writes 1e30 for "no limit"
+            found.append(int(limit))
+    return min(found) if found else None
+
+
 def load_causal_lm(model_dir: Path, settings: Settings, dtype_name: str | None = None) -> Any:
     """A transformers causal LM from safetensors only, in the given (or declared) dtype, in eval mode."""
     import torch

@@ -10,7 +10,7 @@ rule judges vLLM's outputs against HF's in later steps: :func:`judge` is engine-
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -52,6 +52,7 @@ class ParityReport:
     max_new_tokens: int
     seconds: float
     results: tuple[PromptParity, ...] = field(default=())
+    max_model_len: int | None = None  # the context the vLLM engine ran with (vLLM sides only)
 
     @property
     def passed(self) -> bool:
@@ -179,8 +180,9 @@ def hf_peft_generations(adapter_dir: Path, base_dir: Path, tokenizer_dir: Path, 
 
 
 def vllm_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], settings: Settings, *,
-                     lora: tuple[str, Path, int] | None = None) -> list[Generation]:
-    """Greedy generations by vLLM's offline engine (out of process), with runtime LoRA when ``lora`` is given."""
+                     lora: tuple[str, Path, int] | None = None) -> tuple[list[Generation], int | None]:
+    """Greedy generations by vLLM's offline engine (out of process), with runtime LoRA when ``lora`` is given, and
+    the ``max_model_len`` the engine ran with (None if it did not say)."""
     from loraline.engine import run_generate
 
     response = run_generate(
@@ -191,7 +193,7 @@ def vllm_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], setti
         max_tokens=settings.parity_max_new_tokens,
         logprobs=settings.parity_top_k,
     )
-    return [
+    generations = [
         Generation(
             tokens=tuple(out["token_ids"]),
             logprobs=tuple(out["chosen_logprobs"]),
@@ -200,6 +202,8 @@ def vllm_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], setti
         )
         for out in response["outputs"]
     ]
+    context = (response.get("config") or {}).get("max_model_len")
+    return generations, int(context) if isinstance(context, int) else None
 
 
 def check_vllm_parity(adapter_dir: Path, base_dir: Path, merged_dir: Path, prompts: Sequence[str],
@@ -221,14 +225,16 @@ def check_vllm_parity(adapter_dir: Path, base_dir: Path, merged_dir: Path, promp
     hf_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    merged = vllm_generations(merged_dir, ids, settings)
+    merged, context = vllm_generations(merged_dir, ids, settings)
     merged_report = report("hf-peft", "vllm-merged", prompts, reference, merged, seconds=hf_s + time.perf_counter() - t0, **kw)
+    merged_report = replace(merged_report, max_model_len=context)
 
     if not runtime_lora:  # DoRA, modules_to_save, ...: vLLM cannot serve it as base + LoRA (validation said why)
         return (merged_report,)
     t0 = time.perf_counter()
-    runtime = vllm_generations(base_dir, ids, settings, lora=("adapter", adapter_dir, vllm_lora_rank(adapter_dir)))
+    runtime, context = vllm_generations(base_dir, ids, settings, lora=("adapter", adapter_dir, vllm_lora_rank(adapter_dir)))
     lora_report = report("hf-peft", "vllm-lora", prompts, reference, runtime, seconds=hf_s + time.perf_counter() - t0, **kw)
+    lora_report = replace(lora_report, max_model_len=context)
     return merged_report, lora_report
 
 

@@ -274,6 +274,8 @@ def _gguf_tags(base: FetchedBase) -> dict[str, str]:
         m.update({f"{key}_parity_identical": float(p.identical), f"{key}_parity_close": float(p.close),
                   f"{key}_parity_failed": float(p.failed), f"{key}_parity_max_abs_logprob_diff": p.max_abs_logprob_diff,
                   f"{key}_parity_seconds": p.seconds})
+        if p.max_model_len:  # the context the engine ran the model with (the model's own, capped on CPU)
+            m[f"{key}_max_model_len"] = float(p.max_model_len)
     if adapter.training_step is not None:
         m["training_step"] = float(adapter.training_step)
     if adapter.training_loss is not None:

@@ -81,7 +81,7 @@ def serve_openai(
         require_dir(path, "adapter_config.json", "LoRA adapter")
     engine = find_engine(settings)
     port = port or free_port()
-    engine_args = default_engine_args(engine, settings)
+    engine_args = default_engine_args(engine, settings, model_dir)
     cmd = [
         str(engine.python), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(Path(model_dir).resolve()),

@@ -14,7 +14,8 @@ and writes one response as the last line of stdout, prefixed with ``LORALINE_RES
 (vLLM logs to stdout and stderr too, so the caller looks for the prefix)::
 
     {"vllm_version": ..., "outputs": [{"token_ids": [...], "logprobs": [{"<id>": lp, ...}, ...],
-     "chosen_logprobs": [...], "text": ...}], "timings": {"engine_start_s": ..., "generate_s": ...}}
+     "chosen_logprobs": [...], "text": ...}], "config": {"max_model_len": ..., ...} (best effort),
+     "timings": {"engine_start_s": ..., "generate_s": ...}}
 
 On failure the line is ``LORALINE_RESULT {"error": ..., "traceback": ...}`` and the exit status 1.
 Sampling is greedy (temperature 0); the logprobs are vLLM's raw ones (before any processing),
@@ -93,6 +94,7 @@ def generate(request: dict) -> dict:
     from vllm import SamplingParams
 
     llm, lora_request, engine_start_s = start_engine(request)
+    config = _engine_config(llm)
 
     params = SamplingParams(
         temperature=0.0,
@@ -126,6 +128,7 @@ def generate(request: dict) -> dict:
     return {
         "vllm_version": vllm.__version__,
         "outputs": outputs,
+        "config": config,
         "timings": {"engine_start_s": round(engine_start_s, 3), "generate_s": round(generate_s, 3)},
     }
 
