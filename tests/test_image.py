@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -307,3 +309,60 @@ def test_image_faults_leave_no_image_tag_and_a_rerun_succeeds(image_services, de
     assert tags["loraline.image.digest"] == out["image"]["digest"] and tags["loraline.status"] == "released"
     assert "loraline.failed.step" not in tags and "loraline.failed.reason" not in tags
     assert mlflow_state(settings)["versions"] == [("smol-fault", "1")]
+
+
+@pytest.fixture()
+def engine_and_registry(tmp_path: Path):
+    """A Docker engine and a registry of their own (Debian's dockerd and docker-registry on 127.0.0.1), no base image
+    built: seconds to start, stopped at the end."""
+    from loraline import services
+
+    s = Settings(home=tmp_path / "services-home")
+    try:
+        yield services.start_docker(s), services.start_registry(s)
+    finally:
+        services.down(s)
+
+
+def test_a_base_image_the_engine_cannot_pull_is_refused_before_any_merge(engine_and_registry, demo_assets, home: Path,
+                                                                        tmp_path: Path) -> None:
+    """Issue 13: `--image merged` on a base image nobody can pull failed only at the image build, after the merge,
+    the registration and the whole benchmark. Now the preflight asks the engine (image present, or the manifest
+    pullable) and the release is refused before anything is merged or registered."""
+    import docker
+
+    from loraline.errors import ImageError
+    from loraline.image import check_base_image, preflight
+    from test_services import tiny_rootfs
+
+    docker_host, registry = engine_and_registry
+    missing = f"{registry}/no-such-vllm-base:v0"
+    settings = Settings(docker_host=docker_host, image_registry=registry, image_base=missing)
+    t0 = time.perf_counter()
+    with pytest.raises(ImageError, match=rf"LORALINE_IMAGE_BASE={re.escape(missing)} is not in the Docker engine and "
+                                         r"cannot be pulled .*docker/base-cpu/build\.sh REF"):
+        preflight(settings, "merged")
+    assert time.perf_counter() - t0 < 15  # the registry's answer, not a pull or a timeout
+
+    # A base the engine has passes, and one only the registry has passes without being pulled.
+    client = docker.DockerClient(base_url=docker_host)
+    try:
+        client.api.import_image_from_data(tiny_rootfs(), repository=f"{registry}/tiny-base", tag="v1")
+        assert check_base_image(client, f"{registry}/tiny-base:v1") == "present"
+        assert not [e for e in client.images.push(f"{registry}/tiny-base", tag="v1", stream=True, decode=True) if "error" in e]
+        client.images.remove(f"{registry}/tiny-base:v1")
+        assert check_base_image(client, f"{registry}/tiny-base:v1") == "pullable"
+        assert not client.images.list(name=f"{registry}/tiny-base")  # nothing was pulled
+    finally:
+        client.close()
+
+    # The release, as a user runs it: refused with the setting and the fix named, nothing merged, nothing registered.
+    env = {**os.environ, "LORALINE_HOME": str(home), "LORALINE_DOCKER_HOST": docker_host,
+           "LORALINE_IMAGE_REGISTRY": registry, "LORALINE_IMAGE_BASE": missing}
+    proc = loraline("release", "--adapter", str(demo_assets.checkpoint), "--base", str(demo_assets.base),
+                    "--name", "no-base", "--image", "merged", env=env, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"LORALINE_IMAGE_BASE={missing} is not in the Docker engine" in proc.stderr
+    assert "nothing was merged or registered" in proc.stderr
+    assert not list((home / "merged").glob("*"))
+    assert mlflow_state(Settings(home=home))["versions"] == []

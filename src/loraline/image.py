@@ -138,7 +138,8 @@ def check_registry(settings: Settings) -> str:
 
 
 def preflight(settings: Settings, mode: str, runtime_lora_servable: bool = True) -> None:
-    """Refuse early (before any merge or registration) what cannot end in a pushed image."""
+    """Refuse early (before any merge or registration) what cannot end in a pushed image: no registry, no Docker
+    engine, or a base image (``settings.image_base``) the engine neither has nor can pull."""
     if mode == "none":
         return
     if mode not in MODES:
@@ -147,7 +148,44 @@ def preflight(settings: Settings, mode: str, runtime_lora_servable: bool = True)
         raise ImageError("--image lora: vLLM cannot serve this adapter as runtime LoRA (see the validation notes); "
                          "use --image merged")
     check_registry(settings)
-    docker_client(settings, timeout=30).close()
+    client = docker_client(settings, timeout=BASE_CHECK_TIMEOUT_S)
+    try:
+        check_base_image(client, settings.image_base)
+    finally:
+        client.close()
+
+
+BASE_CHECK_TIMEOUT_S = 30  # one engine call: an image lookup, or a manifest query to the base's registry (no pull)
+
+
+def check_base_image(client: Any, base_image: str) -> str:
+    """Refuse a base image the engine neither has nor can pull, before anything is merged; returns how it was found.
+
+    The engine has it (``present``), or the engine's registry query for it answers (``pullable``: Docker's
+    ``GET /distribution/NAME/json`` reads the manifest with the engine's network and settings, and pulls nothing;
+    the pull itself happens at build time).
+    """
+    import requests
+    from docker.errors import DockerException, ImageNotFound
+
+    try:
+        client.images.get(base_image)
+        return "present"
+    except ImageNotFound:
+        pass
+    except (DockerException, requests.RequestException) as e:
+        raise ImageError(f"the Docker engine could not look up the base image LORALINE_IMAGE_BASE={base_image} ({_short(e)}); "
+                         "check the engine (LORALINE_DOCKER_HOST)") from e
+    try:
+        client.api.inspect_distribution(base_image)
+        return "pullable"
+    except (DockerException, requests.RequestException) as e:
+        raise ImageError(
+            f"the base image LORALINE_IMAGE_BASE={base_image} is not in the Docker engine and cannot be pulled "
+            f"({_short(e)}): build a CPU base with `docker/base-cpu/build.sh REF` (from Debian packages, no registry "
+            "needed) and set LORALINE_IMAGE_BASE=REF, or set it to an image the engine has or can pull (pinned by digest, "
+            "e.g. vllm/vllm-openai:v0.24.0@sha256:...); nothing was merged or registered"
+        ) from e
 
 
 # --------------------------------------------------------------------------- context
