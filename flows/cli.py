@@ -26,6 +26,9 @@ def release(adapter: str, base: str, name: str, image: str | None, as_json: bool
     settings = load_settings()
     quiet_third_parties(settings, verbose)
     from flows.release import release as release_flow
+    from flows.common import start_prefect_api
+
+    start_prefect_api(settings)
 
     try:
         result = release_flow(adapter=adapter, base=base, name=name, image=image)
@@ -46,6 +49,9 @@ def bench(model: str, as_json: bool, verbose: bool) -> None:
     settings = load_settings()
     quiet_third_parties(settings, verbose)
     from flows.benchmark import benchmark as benchmark_flow
+    from flows.common import start_prefect_api
+
+    start_prefect_api(settings)
 
     try:
         result = benchmark_flow(model=model)
@@ -67,6 +73,9 @@ def image_cmd(model: str, mode: str, as_json: bool, verbose: bool) -> None:
     settings = load_settings()
     quiet_third_parties(settings, verbose)
     from flows.image import image as image_flow
+    from flows.common import start_prefect_api
+
+    start_prefect_api(settings)
 
     try:
         result = image_flow(model=model, mode=mode)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 from typing import Callable
 
 from prefect import get_run_logger
@@ -12,6 +13,7 @@ from pydantic import SecretStr
 from loraline.registry import mark_failed
 from loraline.services import configured
 from loraline.settings import Settings
+from loraline.stores import init_once, store_key
 
 # Prefect Secret blocks a flow reads a secret from when the environment does not set it.
 SECRET_BLOCKS = {"hf_token": "loraline-hf-token", "registry_password": "loraline-registry-password",
@@ -71,3 +73,28 @@ def name_flow_run(name: str) -> None:
         return
     with get_client(sync_client=True) as client:
         client.update_flow_run(flow_run.id, name=name)
+
+
+def start_prefect_api(settings: Settings) -> None:
+    """Start Prefect's ephemeral API server now when no Prefect server is configured (``PREFECT_API_URL`` unset).
+
+    Each ephemeral server migrates its SQLite database (``<home>/prefect/prefect.db``) and registers the block types
+    when it starts, and nothing serializes that across processes: the first start on a fresh database runs once
+    (:func:`loraline.stores.init_once`), the others wait for it. The server is Prefect's per-process singleton, so the
+    flow this process runs next uses it (no second start).
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    prefect = get_current_settings()
+    if prefect.api.url or not prefect.server.ephemeral.enabled:
+        return
+    url = prefect.server.database.connection_url
+    url = url.get_secret_value() if url is not None else ""
+    if not url.startswith("sqlite"):
+        SubprocessASGIServer().start()
+        return
+    database = Path(url.split(":///", 1)[-1])
+    init_once(settings.home, store_key("prefect", str(database)), lambda: SubprocessASGIServer().start(),
+              exists=database.is_file)
+    SubprocessASGIServer().start()  # started above by this process, or now on a database another one initialized

@@ -77,3 +77,32 @@ def test_eight_releases_at_once_give_one_version_per_digest(servers, demo_assets
     assert set(aliases) == {"candidate", "champion"}
     for v in aliases.values():
         assert client.get_model_version(NAME, v).tags["loraline.gate"] == "passed"
+
+
+@pytest.mark.slow
+def test_four_releases_at_once_on_a_fresh_home_all_succeed(demo_assets, tmp_path: Path) -> None:
+    """Issue 13: four `loraline release` started at once on a fresh home, no services (embedded SQLite MLflow store,
+    Prefect's ephemeral API on its own SQLite database): one failed in MLflow's schema migration ("Online migration
+    expected to match one row"). The first initialization of each embedded store now runs once, under a file lock."""
+    home = tmp_path / "fresh-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LORALINE_", "PREFECT_", "MLFLOW_TRACKING_"))}
+    env.update({"LORALINE_HOME": str(home), "LORALINE_VLLM_PARITY": "false", "LORALINE_BENCH": "false",
+                "LORALINE_IMAGE": "none", "LORALINE_EVAL_EXAMPLES": "2", "LORALINE_PARITY_PROMPTS": "2",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    names = [f"fresh-{i}" for i in range(4)]
+    procs = [subprocess.Popen([LORALINE, "release", "--adapter", str(demo_assets.checkpoint), "--base", str(demo_assets.base),
+                               "--name", name, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for name in names]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=1500)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out))
+    assert [(r["model_name"], r["model_version"]) for r in results] == [(n, "1") for n in names]
+
+    db = f"sqlite:///{home.resolve() / 'mlflow.db'}"
+    client = MlflowClient(db, db)
+    assert sorted((v.name, str(v.version)) for v in client.search_model_versions("")) == [(n, "1") for n in names]
+    for r in results:
+        assert client.get_run(r["mlflow_run_id"]).info.status == "FINISHED"
+    assert (home / "prefect" / "prefect.db").is_file()  # the flows ran on the ephemeral API's database in the home

@@ -22,6 +22,7 @@ from loraline.errors import RegistryError
 from loraline.merge import MergedModel
 from loraline.parity import ParityReport
 from loraline.settings import Settings, redact
+from loraline.stores import init_once, store_key
 from loraline.sources import FetchedAdapter, FetchedBase
 from loraline.validation import ValidationReport
 
@@ -58,9 +59,33 @@ def use_mlflow(settings: Settings) -> Any:
         os.environ["MLFLOW_TRACKING_USERNAME"] = settings.mlflow_tracking_username
     if settings.mlflow_tracking_password:
         os.environ["MLFLOW_TRACKING_PASSWORD"] = settings.mlflow_tracking_password.get_secret_value()
+    for uri in dict.fromkeys((settings.resolved_tracking_uri, settings.resolved_registry_uri)):
+        if uri.lower().startswith("sqlite:"):
+            _init_sqlite_store(uri, settings)
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
     mlflow.set_registry_uri(settings.resolved_registry_uri)
     return MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
+
+
+def _init_sqlite_store(uri: str, settings: Settings) -> None:
+    """Create a SQLite store's schema once across processes (:func:`loraline.stores.init_once`).
+
+    MLflow migrates an empty database when a store first opens it, with nothing that serializes processes: releases
+    started at once on a fresh home failed in alembic ("Online migration expected to match one row ...").
+    """
+    from mlflow import MlflowClient
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:":
+        return
+
+    def initialize() -> None:
+        client = MlflowClient(uri, uri)
+        client.search_experiments(max_results=1)  # the tracking store creates and migrates every table
+        client.search_registered_models(max_results=1)  # the registry store checks its own
+
+    init_once(settings.home, store_key("mlflow", uri), initialize, exists=Path(database).is_file)
 
 
 def _is_local_store(uri: str) -> bool:
