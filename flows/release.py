@@ -104,7 +104,7 @@ def evaluate_task(lineage: dict[str, Any], base_dir: Path, settings: Settings) -
     name, version, run_id = lineage["model_name"], str(lineage["model_version"]), lineage["mlflow_run_id"]
     try:
         _adapter_dir, base_dir, merged_dir = release_dirs(lineage, settings, Path(base_dir))  # merged again if it was removed
-        report = evaluate_release(merged_dir, base_dir, settings)
+        report = evaluate_release(merged_dir, base_dir, settings, base_sha256=lineage["base"]["sha256"])
         summary = log_evaluation(name, version, run_id, report, settings)
     except Exception as e:
         mark_failed_quietly(name, version, "evaluate", e, settings)

@@ -71,3 +71,29 @@ def test_served_evaluation_asks_like_a_users_openai_client(demo_merged, vllm_pyt
     same = sum(a == b for a, b in zip(served_sql, hf_sql))
     assert same >= len(questions) // 2, list(zip(served_sql, hf_sql))
     assert served.summary()["stream_identical"] == STREAM_CHECKS and served.summary()["model"] == "smol-sql"
+
+
+def test_base_answers_are_kept_per_base_digest_and_reused(demo_merged, settings) -> None:
+    """The second release on a base reads the base's answers instead of generating them again; another base digest
+    (or other questions) does not."""
+    import json
+
+    from loraline.evaluate import evaluate_release
+
+    _adapter, base, merged = demo_merged
+    s = settings.model_copy(update={"eval_examples": 4})
+    first = evaluate_release(merged.path, base.path, s, base_sha256=base.sha256)
+    kept = list((s.home / "evals").glob("base-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["base_sha256"] == base.sha256
+    # Put answers in the kept file that the base never gave: the next evaluation must score exactly those.
+    data = json.loads(kept[0].read_text())
+    data["answers"] = ["SELECT COUNT(*) FROM employees;"] * len(data["answers"])
+    kept[0].write_text(json.dumps(data))
+    again = evaluate_release(merged.path, base.path, s, base_sha256=base.sha256)
+    assert [i.predicted for i in again.base.items] == ["SELECT COUNT(*) FROM employees"] * 4
+    assert [i.predicted for i in again.merged.items] == [i.predicted for i in first.merged.items]  # merged: generated
+    other = evaluate_release(merged.path, base.path, s, base_sha256="0" * 64)  # another base: generated, kept apart
+    assert [i.predicted for i in other.base.items] == [i.predicted for i in first.base.items]
+    assert len(list((s.home / "evals").glob("base-*.json"))) == 2
+    fewer = evaluate_release(merged.path, base.path, s.model_copy(update={"eval_examples": 2}), base_sha256=base.sha256)
+    assert [i.predicted for i in fewer.base.items] == [i.predicted for i in first.base.items[:2]]  # other questions

@@ -15,6 +15,8 @@ the first :data:`STREAM_CHECKS` are also streamed, and a streamed answer must eq
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import sqlite3
 import tempfile
@@ -179,19 +181,55 @@ def eval_questions(settings: Settings) -> list[tuple[str, str]]:
     return [(e.question, e.sql) for e in load_examples("eval")[: settings.eval_examples]]
 
 
-def evaluate_release(merged_dir: Path, base_dir: Path, settings: Settings) -> EvalReport:
-    """Execution accuracy of the merged model and of the base on the first ``eval_examples`` eval questions."""
+def _base_answers_key(base_sha256: str, tokenizer_dir: Path, questions: list[tuple[str, str]], settings: Settings) -> str:
+    """What the base's answers depend on: its weights (digest), the tokenizer and chat template the prompts are rendered
+    with, the questions and the generation settings, and the libraries that generate."""
+    import hashlib
+
+    import torch
+    import transformers
+
+    files = sorted(p for p in Path(tokenizer_dir).iterdir()
+                   if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges"))))
+    h = hashlib.sha256()
+    h.update(json.dumps({"base": base_sha256, "questions": questions, "max_new_tokens": settings.eval_max_new_tokens,
+                         "torch": torch.__version__, "transformers": transformers.__version__}).encode())
+    for f in files:
+        h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def evaluate_release(merged_dir: Path, base_dir: Path, settings: Settings, base_sha256: str | None = None) -> EvalReport:
+    """Execution accuracy of the merged model and of the base on the first ``eval_examples`` eval questions.
+
+    With ``base_sha256`` (the base's content digest), the base's answers are kept under ``<home>/evals/`` and reused by
+    the next release on the same base, tokenizer, questions and settings: every adapter of a base is compared with the
+    same base answers, and only the merged model is generated again (half the evaluation's time).
+    """
     from loraline.text2sql import create_database
 
     questions = eval_questions(settings)
+    cache = None
+    if base_sha256:
+        cache = settings.home / "evals" / f"base-{_base_answers_key(base_sha256, Path(merged_dir), questions, settings)}.json"
     with tempfile.TemporaryDirectory() as tmp:
         db = create_database(Path(tmp) / "task.db")
         scores = []
         for name, model_dir in (("merged", merged_dir), ("base", base_dir)):
             t = time.perf_counter()
-            # The merged model's tokenizer (and chat template) for both: the prompt is the same, only the weights differ.
-            answers = generate_answers(Path(model_dir), Path(merged_dir), [q for q, _ in questions], settings)
-            scores.append(score(name, questions, answers, db, time.perf_counter() - t))
+            if name == "base" and cache is not None and cache.is_file():
+                kept = json.loads(cache.read_text())
+                answers, seconds = list(kept["answers"]), float(kept["seconds"])
+            else:
+                # The merged model's tokenizer (and chat template) for both: the prompt is the same, only the weights differ.
+                answers = generate_answers(Path(model_dir), Path(merged_dir), [q for q, _ in questions], settings)
+                seconds = time.perf_counter() - t
+                if name == "base" and cache is not None:
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    stage = cache.with_suffix(f".{os.getpid()}.tmp")
+                    stage.write_text(json.dumps({"base_sha256": base_sha256, "answers": answers, "seconds": seconds}))
+                    stage.replace(cache)  # atomic: a concurrent release reads a whole file or none
+            scores.append(score(name, questions, answers, db, seconds))
     return EvalReport(merged=scores[0], base=scores[1], max_new_tokens=settings.eval_max_new_tokens)
 
 
