@@ -82,6 +82,16 @@ def test_release_builds_pushes_smoke_tests_and_traces_a_merged_image(image_servi
     assert set(smoke["parity"]) == {"image-merged", "image-merged-stream"}
     assert smoke_containers(svc.docker_host) == []  # stopped and removed
 
+    # While it ran, the container was evaluated on the task through the official openai client (its API key, the chat
+    # template it ships): what a user's client gets is what the release measured on the merged model.
+    ev = out["evaluation"]
+    assert {"accuracy", "base_accuracy", "gain", "examples", "served_accuracy"} <= set(ev)
+    served = ev["served"]
+    assert served["mode"] == "merged" and served["model"] == "smol-img" and served["pinned"] == image["pinned"]
+    assert served["examples"] == ev["examples"] > 0 and ev["served_accuracy"] == served["accuracy"]
+    assert served["streamed"] == served["stream_identical"] == 3  # streamed answers equal the plain ones
+    assert smoke["evaluation"] == served
+
     # MLflow (the server) holds the digest on the model version and the run.
     from mlflow import MlflowClient
 
@@ -90,6 +100,14 @@ def test_release_builds_pushes_smoke_tests_and_traces_a_merged_image(image_servi
     assert mv.tags["loraline.image.digest"] == image["digest"] and mv.tags["loraline.image.ref"] == image["ref"]
     assert mv.tags["loraline.status"] == "released"
     assert client.get_run(out["mlflow_run_id"]).data.tags["loraline.image.digest"] == image["digest"]
+    assert mv.tags["loraline.eval.served_accuracy"] == str(ev["served_accuracy"]) and mv.tags["loraline.eval.served_mode"] == "merged"
+    assert client.get_run(out["mlflow_run_id"]).data.metrics["eval.served_accuracy"] == ev["served_accuracy"]
+    # The served answers (image/merged.json) are the merged model's HF greedy answers (evaluation.json), question by question.
+    served_items = json.loads(Path(client.download_artifacts(out["mlflow_run_id"], "image/merged.json")).read_text())["smoke"]["evaluation"]["items"]
+    hf_items = json.loads(Path(client.download_artifacts(out["mlflow_run_id"], "evaluation.json")).read_text())["merged"]["items"]
+    assert [i["question"] for i in served_items] == [i["question"] for i in hf_items]
+    same = sum(a["predicted"] == b["predicted"] for a, b in zip(served_items, hf_items))
+    assert same >= len(hf_items) // 2, [(a["predicted"], b["predicted"]) for a, b in zip(served_items, hf_items)]
     assert image["pinned"] in mv.description
     # ... and the MLflow UI shows it on the model version page (a real headless Chromium).
     from browser import close_mlflow_assistant, open_browser, screenshot, scroll_to_text, wait_for_text
@@ -155,6 +173,8 @@ def test_runtime_lora_images_share_the_base_layer(image_services, demo_assets, t
     img1 = next(i for i in v1["images"] if i["mode"] == "lora")
     assert v1["image"]["ref"].endswith("/smol-lora:v1-lora")
     assert set(img1["smoke"]["served_models"]) == {"smol-lora-base", "smol-lora"}  # the base, and the adapter by name
+    # The task evaluation asked the adapter by its served name (runtime LoRA), as a user's client would.
+    assert img1["smoke"]["evaluation"]["model"] == "smol-lora" and v1["evaluation"]["served"]["mode"] == "lora"
     for p in img1["smoke"]["parity"].values():
         assert p["failed"] == 0, p
 
