@@ -62,6 +62,10 @@ $(DEMO)/checkpoint-100/adapter_config.json: | setup
 IMAGE_BASE ?=
 SERVICES_JSON := $(LORALINE_HOME)/services.json
 
+# The demo's benchmark workload: every path (HF generate, vLLM offline and server, merged and runtime LoRA), sized so the
+# release of the real 135M model stays within minutes on 2 cores. `make demo DEMO_BENCH=` runs loraline's defaults.
+DEMO_BENCH ?= LORALINE_BENCH_PROMPTS=8 LORALINE_BENCH_REPEATS=2 LORALINE_BENCH_OUTPUT_LEN=64 LORALINE_BENCH_CONCURRENCY='[1,8,32]'
+
 demo: setup $(DEMO)/checkpoint-100/adapter_config.json
 	$(BIN)/loraline services up --json > $(SERVICES_JSON)
 	@cat $(SERVICES_JSON)
@@ -71,19 +75,14 @@ demo: setup $(DEMO)/checkpoint-100/adapter_config.json
 	    HOST_PYTHON=$(BIN)/python bash docker/base-cpu/build.sh loraline/vllm-cpu:latest | tail -n 1); \
 	fi; \
 	echo "serving image base: $$base"; \
-	LORALINE_IMAGE_BASE=$$base $(BIN)/loraline release --adapter $(DEMO)/checkpoint-100 --base $(DEMO)/base --name $(MODEL) --json \
-	  | tee $(LORALINE_HOME)/last-release.json
+	echo "release 1: $(DEMO)/checkpoint-100 (the fine-tune's last checkpoint)"; \
+	env $(DEMO_BENCH) LORALINE_IMAGE_BASE=$$base $(BIN)/loraline release --adapter $(DEMO)/checkpoint-100 --base $(DEMO)/base --name $(MODEL) --json \
+	  | tee $(LORALINE_HOME)/last-release.json; \
+	echo "release 2: $(DEMO)/checkpoint-10 (an early checkpoint of the same run: the gate compares it with the champion)"; \
+	LORALINE_BENCH=false $(BIN)/loraline release --adapter $(DEMO)/checkpoint-10 --base $(DEMO)/base --name $(MODEL) --image none --json \
+	  > $(LORALINE_HOME)/early-release.json
 	@echo
-	@$(BIN)/python -c 'import json,sys; r=json.load(open(sys.argv[1])); s=json.load(open(sys.argv[2])); \
-	  print("Released models:/%s/%s. Where to look:" % (r["model_name"], r["model_version"])); \
-	  print("  serving image: docker pull %s   (export DOCKER_HOST=%s)" % (r["image"]["pinned"], s["docker_host"])); \
-	  print("                 docker run --network host --ipc=host -e VLLM_API_KEY %s --port 8000   (CPU base; add --gpus all on a GPU base; VLLM_API_KEY from your shell guards /v1)" % r["image"]["pinned"]); \
-	  print("  MLflow UI:     %s/#/models/%s/versions/%s" % (s["mlflow_url"], r["model_name"], r["model_version"])); \
-	  print("  Prefect UI:    %s/runs   (the release flow run, its tasks, logs and artifacts)" % s["prefect_url"]); \
-	  print("                 %s/deployments   (%s: Run > Custom run opens the typed form)" % (s["prefect_url"], ", ".join(s["deployments"]))); \
-	  print("  lineage:       $(BIN)/loraline trace %s   (or models:/%s/%s)" % (r["image"]["pinned"], r["model_name"], r["model_version"])); \
-	  print("  benchmark:     the MLflow run'"'"'s benchmark/ folder; again: $(BIN)/loraline bench models:/%s/%s" % (r["model_name"], r["model_version"])); \
-	  print("  stop the services: $(BIN)/loraline services down")' $(LORALINE_HOME)/last-release.json $(SERVICES_JSON)
+	@$(BIN)/loraline demo summary $(LORALINE_HOME)/last-release.json $(LORALINE_HOME)/early-release.json $(SERVICES_JSON)
 
 test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

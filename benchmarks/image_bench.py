@@ -49,7 +49,7 @@ def main() -> None:
 
     from flows.release import release
     from loraline.cli import quiet_third_parties
-    from loraline.demo import init_demo
+    from loraline.demo import init_tiny_demo
     from loraline.engine import vllm_lora_rank
     from loraline.image import LABEL, build_image, docker_client
     from loraline.lineage import release_of
@@ -64,7 +64,7 @@ def main() -> None:
     if not (st.docker_host and st.registry):
         sys.exit("run `loraline services up` for this LORALINE_HOME first")
     tmp = Path(tempfile.mkdtemp(prefix="image-bench-"))
-    demo = args.demo or init_demo(tmp / "demo", progress=False).base.parent
+    demo = args.demo or init_tiny_demo(tmp / "demo", progress=False).base.parent
     name = f"image-bench-{time.strftime('%H%M%S')}"
     v2_adapter = scaled(demo / "checkpoint-100", tmp / "checkpoint-200", 1.5)
     for adapter in (demo / "checkpoint-100", v2_adapter):

@@ -82,9 +82,9 @@ def bench_merge(work: Path, repeats: int) -> dict[str, object]:
 
 
 def bench_release(work: Path) -> dict[str, object]:
-    from loraline.demo import init_demo
+    from loraline.demo import init_tiny_demo
 
-    demo = init_demo(work / "demo", progress=False)
+    demo = init_tiny_demo(work / "demo", progress=False)
     env = {**os.environ, "LORALINE_HOME": str(work / "release-home")}
     # The release as `make demo` runs it: vLLM parity on, through the repo's engine venv.
     env.setdefault("LORALINE_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))

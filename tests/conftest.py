@@ -16,14 +16,14 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from loraline.demo import DemoAssets, init_demo  # noqa: E402
+from loraline.demo import DemoAssets, init_tiny_demo  # noqa: E402
 from loraline.settings import Settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
-    """The demo base + Trainer checkpoint-100, built once (about a minute)."""
-    return init_demo(tmp_path_factory.mktemp("demo"), progress=False)
+    """The tiny demo (2-layer Llama) base + Trainer checkpoint-100, built once (about a minute): the fast tests' model."""
+    return init_tiny_demo(tmp_path_factory.mktemp("demo"), progress=False)
 
 
 @pytest.fixture()
@@ -286,3 +286,17 @@ def smollm2_base(smollm2_fetched) -> Path:
     """The converted SmolLM2-135M-Instruct directory (bf16 model.safetensors, config, generation_config, tokenizer with
     its chat template; files 0644), shared by the session's tests: read it, never write into it (copy it first)."""
     return smollm2_fetched.path
+
+
+@pytest.fixture(scope="session")
+def real_demo(smollm2_fetched, tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
+    """What `loraline demo init DIR` writes, once per session: DIR/base (SmolLM2-135M-Instruct from its GGUF) and a real
+    Trainer + peft LoRA fine-tune on the Text-to-SQL task, DIR/checkpoint-10 and DIR/checkpoint-100 (minutes on 2 cores).
+
+    The base conversion of ``smollm2_fetched`` is copied in first, so init_demo finds the same conversion and keeps it
+    instead of converting the GGUF a second time."""
+    from loraline.demo import init_demo
+
+    out = tmp_path_factory.mktemp("real-demo")
+    shutil.copytree(smollm2_fetched.path, out / "base")
+    return init_demo(out, gguf_file=smollm2_fetched.gguf.file, progress=False)

