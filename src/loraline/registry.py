@@ -243,7 +243,19 @@ def _tags(adapter: FetchedAdapter, base: FetchedBase, merged: MergedModel, valid
         t["adapter.revision"] = adapter.revision
     if base.revision:
         t["base.revision"] = base.revision
+    if base.gguf:  # the base was converted from a GGUF file: which file, from which package, by what
+        t.update(_gguf_tags(base))
     return {TAG + k: redact(v) for k, v in t.items()}
+
+
+def _gguf_tags(base: FetchedBase) -> dict[str, str]:
+    g = base.gguf
+    assert g is not None
+    t = {"base.gguf.sha256": g.sha256, "base.gguf.file": g.file, "base.gguf.origin": g.origin,
+         "base.gguf.converter": " ".join(f"{k}=={v}" for k, v in g.converter)}
+    if g.package:
+        t.update({"base.gguf.package": g.package, "base.gguf.package_version": g.package_version or ""})
+    return t
 
 
 def _params(adapter: FetchedAdapter, base: FetchedBase, validation: ValidationReport, settings: Settings) -> dict[str, str]:
@@ -254,6 +266,7 @@ def _params(adapter: FetchedAdapter, base: FetchedBase, validation: ValidationRe
         "base.source": base.source,
         "base.sha256": base.sha256,
         "base.revision": base.revision or "",
+        **({"base.gguf.sha256": base.gguf.sha256, "base.gguf.origin": base.gguf.origin} if base.gguf else {}),
         "lora.r": str(validation.r),
         "lora.alpha": str(validation.lora_alpha),
         "lora.target_modules": ",".join(validation.target_modules),
@@ -268,21 +281,9 @@ def _params(adapter: FetchedAdapter, base: FetchedBase, validation: ValidationRe
 
 
 def _metrics(adapter: FetchedAdapter, merged: MergedModel, validation: ValidationReport, parity: ParityReport,
-    if base.gguf:  # the base was converted from a GGUF file: which file, from which package, by what
-        t.update(_gguf_tags(base))
              vllm_parity: Sequence[ParityReport] = ()) -> dict[str, float]:
     m = {
         "merge_seconds": merged.seconds,
-def _gguf_tags(base: FetchedBase) -> dict[str, str]:
-    g = base.gguf
-    assert g is not None
-    t = {"base.gguf.sha256": g.sha256, "base.gguf.file": g.file, "base.gguf.origin": g.origin,
-         "base.gguf.converter": " ".join(f"{k}=={v}" for k, v in g.converter)}
-    if g.package:
-        t.update({"base.gguf.package": g.package, "base.gguf.package_version": g.package_version or ""})
-    return t
-
-
         "parity_seconds": parity.seconds,
         "adapter_bytes": float(sum((adapter.path / f).stat().st_size for f in adapter.files)),
         "merged_bytes": float(merged.bytes),
@@ -291,7 +292,6 @@ def _gguf_tags(base: FetchedBase) -> dict[str, str]:
         "parity_identical": float(parity.identical),
         "parity_close": float(parity.close),
         "parity_failed": float(parity.failed),
-        **({"base.gguf.sha256": base.gguf.sha256, "base.gguf.origin": base.gguf.origin} if base.gguf else {}),
         "parity_max_abs_logprob_diff": parity.max_abs_logprob_diff,
     }
     for p in vllm_parity:  # e.g. vllm_merged_parity_failed, vllm_lora_parity_identical
@@ -352,8 +352,9 @@ def build_lineage(*, name: str, version: str, run_id: str, settings: Settings, a
 
 def _description(lineage: dict[str, Any]) -> str:
     a, b, m, p = lineage["adapter"], lineage["base"], lineage["merged"], lineage["parity"]
+    g = f", converted from the GGUF of {b['gguf']['origin']} (sha256 {b['gguf']['sha256'][:12]})" if b.get("gguf") else ""
     return (
-        f"LoRA adapter {a['source']} (sha256 {a['sha256'][:12]}) merged into {b['source']} (sha256 {b['sha256'][:12]}) "
+        f"LoRA adapter {a['source']} (sha256 {a['sha256'][:12]}) merged into {b['source']} (sha256 {b['sha256'][:12]}{g}) "
         f"-> merged sha256 {m['sha256'][:12]}, {m['dtype']}, {m['bytes']} bytes. "
         f"Parity vs peft unmerged: {p['identical']} identical, {p['close']} close, {p['failed']} failed of {p['prompts']}. "
         f"Run {lineage['mlflow_run_id']}; trace: loraline trace models:/{lineage['model_name']}/{lineage['model_version']}"
@@ -379,7 +380,6 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
     if existing is not None:
         return existing
     client = use_mlflow(settings)
-    g = f", converted from the GGUF of {b['gguf']['origin']} (sha256 {b['gguf']['sha256'][:12]})" if b.get("gguf") else ""
     exp = experiment_id(client, name, settings)
     try:
         client.get_registered_model(name)
@@ -574,6 +574,10 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
         "smoke": {k: smoke[k] for k in ("ready_seconds", "pull_seconds", "served_models", "v1_status_without_key", "parity") if k in smoke} or None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    # The task evaluation of the served container (smoke test): its summary, without the answers (image/<mode>.json has them).
+    served = {k: v for k, v in (smoke.get("evaluation") or {}).items() if k not in ("items", "stream_mismatches")} or None
+    if served:
+        entry["smoke"] = {**(entry["smoke"] or {}), "evaluation": served}
     now = int(time.time() * 1000)
     values = {"build_seconds": image["build_seconds"], "push_seconds": image["push_seconds"], "size_bytes": image["size_bytes"],
               "compressed_bytes": image["compressed_bytes"], "pushed_bytes": image["pushed_bytes"]}
@@ -589,11 +593,17 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
         client.log_artifact(run_id, str(p), "image")
         lineage = read_lineage(client, run_id)
         lineage["images"] = [i for i in lineage.get("images", []) if i.get("mode") != mode] + [entry]
+        if served and lineage.get("evaluation"):
+            from loraline.evaluate import with_served
+
+            lineage["evaluation"] = with_served(lineage.get("evaluation"), served)
         lp = Path(tmp) / LINEAGE_FILE
         lp.write_text(json.dumps(lineage, indent=2))
         client.log_artifact(run_id, str(lp))
     tags = {"image.ref": image["ref"], "image.digest": image["digest"], "image.mode": mode, "image.pinned": entry["pinned"],
             f"image.{mode}.ref": image["ref"], f"image.{mode}.digest": image["digest"]}
+    if served:
+        tags.update({"eval.served_accuracy": str(served["accuracy"]), "eval.served_mode": mode})
     for k, v in tags.items():
         client.set_model_version_tag(name, version, TAG + k, v)
         client.set_tag(run_id, TAG + k, v)
@@ -604,10 +614,6 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
     return entry
 
 
-    # The task evaluation of the served container (smoke test): its summary, without the answers (image/<mode>.json has them).
-    served = {k: v for k, v in (smoke.get("evaluation") or {}).items() if k not in ("items", "stream_mismatches")} or None
-    if served:
-        entry["smoke"] = {**(entry["smoke"] or {}), "evaluation": served}
 def experiment_of(run_id: str, settings: Settings) -> str:
     """The experiment id of a release's run (for MLflow UI links)."""
     return str(use_mlflow(settings).get_run(run_id).info.experiment_id)
@@ -620,17 +626,11 @@ def log_report(name: str, version: str, run_id: str, markdown: str, gate: dict[s
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         (d / "report.md").write_text(markdown)
-        if served and lineage.get("evaluation"):
-            from loraline.evaluate import with_served
-
-            lineage["evaluation"] = with_served(lineage.get("evaluation"), served)
         client.log_artifact(run_id, str(d / "report.md"))
         if gate is not None:
             (d / "gate.json").write_text(json.dumps(gate, indent=2))
             client.log_artifact(run_id, str(d / "gate.json"))
             lineage = read_lineage(client, run_id)
-    if served:
-        tags.update({"eval.served_accuracy": str(served["accuracy"]), "eval.served_mode": mode})
             lineage["gate"] = gate
             (d / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2))
             client.log_artifact(run_id, str(d / LINEAGE_FILE))
