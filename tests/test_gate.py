@@ -89,8 +89,11 @@ def test_decide_refuses_a_challenger_worse_than_the_champion() -> None:
     off = decide(challenger, "released", GateThresholds(champion_tolerance=None), champion)
     assert off.passed and "champion" not in [c.name for c in off.checks]
 
-    # The release report shows the comparison.
-    md = release_report(_report_lineage(challenger), refused.to_dict())
+    # The release report shows the comparison, and what the served image scored through the openai client.
+    served = {"mode": "merged", "model": NAME, "examples": 8, "correct": 4, "valid": 7, "accuracy": 0.5}
+    md = release_report(_report_lineage({**challenger, "evaluation": {**ev, "served_accuracy": 0.5, "served": served}}),
+                        refused.to_dict())
+    assert f"| served image (merged, `{NAME}` through the openai client) | 50.0% (7 ran) | 8 |" in md
     assert "| champion v1 | 87.5% | |" in md
     assert "Champion–challenger: task accuracy 62.5% (v2) is below champion v1's 87.5% (tolerance 0.0%) — **refused**." in md
     assert "| champion | NO | task accuracy 62.5% (v2) is below champion v1's 87.5%" in md
