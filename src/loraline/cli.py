@@ -94,7 +94,8 @@ def emit(data: dict[str, Any], as_json: bool) -> None:
         table.add_row("parity", f"{p['identical']} identical, {p['close']} close, {p['failed']} failed of {p['prompts']}")
     if isinstance(data.get("evaluation"), dict):
         e = data["evaluation"]
-        table.add_row("task accuracy", f"{e['accuracy']:.1%} of {e['examples']} questions (base {e['base_accuracy']:.1%})")
+        served = f"; served image {e['served_accuracy']:.1%}" if e.get("served_accuracy") is not None else ""
+        table.add_row("task accuracy", f"{e['accuracy']:.1%} of {e['examples']} questions (base {e['base_accuracy']:.1%}{served})")
     if isinstance(data.get("benchmark"), dict):
         b = data["benchmark"]
         table.add_row("benchmark", f"recommended deploy mode: {b['recommendation']} ({b['reason']})")
