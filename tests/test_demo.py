@@ -190,7 +190,7 @@ def test_build_lora_has_nonzero_factors_and_changes_merged_weights(demo_assets: 
 def test_every_pair_executes(tmp_path: Path) -> None:
     db = text2sql.create_database(tmp_path / "company.db")
     examples = text2sql.load_examples()
-    assert 248 <= len(examples) <= 320
+    assert len(examples) >= 248
     assert len({e.question for e in examples}) == len(examples)
     assert len({e.sql for e in examples}) == len(examples)
     for e in examples:
