@@ -31,6 +31,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from loraline import text2sql
+from loraline.models import make_readable, save_tokenizer
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -98,31 +99,7 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _make_readable(root: Path) -> None:
-    """chmod files 0644 and folders 0755: the artefacts are copied into containers run as other users."""
-    root.chmod(0o755)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            Path(dirpath, name).chmod(0o755)
-        for name in filenames:
-            Path(dirpath, name).chmod(0o644)
-
-
 # --------------------------------------------------------------------------- tokenizer
-
-
-def _save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
-    """``save_pretrained``, then name the class ``PreTrainedTokenizerFast`` in tokenizer_config.json.
-
-    transformers 5 writes ``TokenizersBackend``, a name transformers 4.x (as bundled in
-    many vLLM images) rejects; v5 reads the old name as the same class.
-    """
-    tokenizer.save_pretrained(out_dir)
-    config_path = Path(out_dir) / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    if config.get("tokenizer_class") == "TokenizersBackend":
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _tokenizer_corpus() -> list[str]:
@@ -171,8 +148,8 @@ def build_tokenizer(out_dir: Path, *, vocab_size: int = 2048) -> PreTrainedToken
     hf.chat_template = CHAT_TEMPLATE
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _save_tokenizer(hf, out_dir)
-    _make_readable(out_dir)
+    save_tokenizer(hf, out_dir)
+    make_readable(out_dir)
     return hf
 
 
@@ -244,8 +221,8 @@ def build_llama(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     if tokenizer is not None:
-        _save_tokenizer(tokenizer, out_dir)
-    _make_readable(out_dir)
+        save_tokenizer(tokenizer, out_dir)
+    make_readable(out_dir)
     return out_dir
 
 
@@ -254,7 +231,7 @@ def _copy_tokenizer(base_dir: Path, out_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     if (Path(base_dir) / "tokenizer_config.json").is_file():
-        _save_tokenizer(AutoTokenizer.from_pretrained(base_dir), out_dir)
+        save_tokenizer(AutoTokenizer.from_pretrained(base_dir), out_dir)
 
 
 # --------------------------------------------------------------------------- random LoRA
@@ -294,7 +271,7 @@ def build_lora(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     _copy_tokenizer(base_dir, out_dir)
-    _make_readable(out_dir)
+    make_readable(out_dir)
     return out_dir
 
 
@@ -471,7 +448,7 @@ def _pretrain_base(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.to(getattr(torch, saved_dtype)).save_pretrained(base_dir)
-    _make_readable(base_dir)
+    make_readable(base_dir)
 
 
 def linear_module_names(model: Any) -> list[str]:
@@ -620,7 +597,7 @@ def train_adapter(
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     losses = tuple(float(entry["loss"]) for entry in state["log_history"] if "loss" in entry)
     for n in sorted(extra_saves) + [steps]:
-        _make_readable(run_dir / f"checkpoint-{n}")
+        make_readable(run_dir / f"checkpoint-{n}")
     return checkpoint, losses
 
 

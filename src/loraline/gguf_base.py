@@ -33,6 +33,7 @@ from typing import Any
 
 from loraline.digest import sha256_file
 from loraline.errors import SourceError
+from loraline.models import context_length, make_readable, save_tokenizer
 
 GGUF_MAGIC = b"GGUF"
 # Written into every converted directory: what it was converted from and with (content only, no paths, so the
@@ -205,38 +206,6 @@ def read_conversion(out_dir: Path) -> ConvertedGguf | None:
                          tuple((k, v) for k, v in rec["converter"].items()), converted=False, seconds=0.0)
 
 
-def _make_readable(root: Path) -> None:
-    """Files 0644, folders 0755: the directory is copied into containers that run as another user (transformers
-    writes model.safetensors 0600)."""
-    root.chmod(0o755)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            Path(dirpath, d).chmod(0o755)
-        for f in filenames:
-            Path(dirpath, f).chmod(0o644)
-
-
-def _save_tokenizer(tokenizer: Any, out_dir: Path, max_positions: int | None) -> None:
-    """``save_pretrained``, with the two fixes the readers of the directory need.
-
-    transformers 5 names the class ``TokenizersBackend``, which transformers 4 (as in many vLLM images) rejects; it
-    reads ``PreTrainedTokenizerFast`` as the same class (as loraline.demo does). A GGUF carries no model_max_length:
-    transformers' 1e30 placeholder is replaced by the model's own context length.
-    """
-    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
-
-    if max_positions and tokenizer.model_max_length >= VERY_LARGE_INTEGER:
-        tokenizer.model_max_length = int(max_positions)
-    tokenizer.save_pretrained(str(out_dir))
-    path = Path(out_dir) / "tokenizer_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    if config.get("tokenizer_class") == "TokenizersBackend":
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    for key in ("is_local", "local_files_only"):  # how it was loaded here, not a property of the tokenizer
-        config.pop(key, None)
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def _convert_into(gguf: Path, stage: Path, dtype: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -260,7 +229,7 @@ def _convert_into(gguf: Path, stage: Path, dtype: str) -> None:
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     model.save_pretrained(str(stage))  # safetensors (transformers 5 writes no pickles)
-    _save_tokenizer(tokenizer, stage, getattr(model.config, "max_position_embeddings", None))
+    save_tokenizer(tokenizer, stage, context_length(stage))  # config.json is there: the context as vLLM reads it
     if tokenizer.chat_template and not any((stage / f).is_file() for f in ("chat_template.jinja", "chat_template.json")) \
             and "chat_template" not in json.loads((stage / "tokenizer_config.json").read_text(encoding="utf-8")):
         raise SourceError(f"{gguf}: its chat template was not saved with the tokenizer; the served model would lose it")
@@ -309,7 +278,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path, *, dtype: str = "bfloat16", sha
             "schema": CONVERSION_SCHEMA, "gguf_sha256": sha, "gguf_bytes": info.bytes, "architecture": info.architecture,
             "model_name": info.name, "dtype": dtype, "converter": dict(converter),
         }, indent=2) + "\n", encoding="utf-8")
-        _make_readable(stage)
+        make_readable(stage)
         try:
             stage.rename(out)  # same filesystem: atomic
         except OSError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,35 @@ def _resize_for_adapter(model: Any, adapter_dir: Path) -> None:
         rows = [st.get_slice(k).get_shape()[0] for k in st.keys() if k.endswith("embed_tokens.weight")]
     if rows and rows[0] != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(rows[0])
+
+
+def make_readable(root: Path) -> None:
+    """Files 0644, folders 0755: the directory is copied into containers that run as another user (transformers
+    writes model.safetensors 0600)."""
+    root.chmod(0o755)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            Path(dirpath, d).chmod(0o755)
+        for f in filenames:
+            Path(dirpath, f).chmod(0o644)
+
+
+def save_tokenizer(tokenizer: Any, out_dir: Path, max_positions: int | None = None) -> None:
+    """``save_pretrained``, with the two fixes the readers of the directory need.
+
+    transformers 5 names the class ``TokenizersBackend``, which transformers 4 (as in many vLLM images) rejects; it
+    reads ``PreTrainedTokenizerFast`` as the same class. A tokenizer without a model_max_length (a GGUF's carries none)
+    gets ``max_positions``, the model's own context length, in place of transformers' 1e30 placeholder.
+    """
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+    if max_positions and tokenizer.model_max_length >= VERY_LARGE_INTEGER:
+        tokenizer.model_max_length = int(max_positions)
+    tokenizer.save_pretrained(str(out_dir))
+    path = Path(out_dir) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("is_local", "local_files_only"):  # how it was loaded here, not a property of the tokenizer
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
