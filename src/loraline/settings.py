@@ -80,7 +80,7 @@ class Settings(BaseSettings):
 
     eval: bool = Field(default=True, description="Evaluate every release on the Text-to-SQL task (execution accuracy on SQLite), merged and base.")
     eval_examples: int | None = Field(
-        default=None, ge=1, description="How many eval questions the task evaluation answers; default: the whole eval split (48).")
+        default=None, ge=1, description="How many eval questions the task evaluation answers; default: the whole eval split (50).")
     eval_max_new_tokens: int = Field(default=64, ge=1, description="Greedy tokens generated per eval answer.")
 
     bench: bool = Field(
