@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from loraline import text2sql
+from loraline.settings import Settings
 
 LORALINE = str(Path(sys.executable).with_name("loraline"))
 pytestmark = pytest.mark.slow
@@ -56,7 +58,12 @@ def test_real_release_is_accurate_served_and_gated(image_services, real_demo, sm
     svc = image_services
     env = {**os.environ, **svc.env, "LORALINE_HOME": str(svc.home), "LORALINE_VLLM_PARITY": "true",
            "LORALINE_EVAL_EXAMPLES": str(len(text2sql.load_examples("eval")))}
-    gguf = smollm2_fetched.gguf.file  # the base as the package ships it: --base PATH.gguf, converted in this home
+    gguf = smollm2_fetched.gguf.file  # the base as the package ships it: --base PATH.gguf
+    # This home's cache gets the session's conversion of that file, as a second release on this machine would find it
+    # (the conversion itself, its lock and its records: tests/test_gguf.py); the release still hashes file and dir.
+    cached = Settings(home=svc.home).bases_dir / smollm2_fetched.path.name
+    if not cached.exists():
+        shutil.copytree(smollm2_fetched.path, cached)
     proc = loraline("release", "--adapter", str(real_demo.checkpoint), "--base", gguf,
                     "--name", "smol-real", "--image", "merged", "--json", env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

