@@ -25,7 +25,8 @@ def loraline(*args: str, home: Path, **extra_env: str) -> subprocess.CompletedPr
         env.pop(k)  # a user's shell: no harness server, Prefect runs ephemeral
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env.setdefault("LORALINE_VLLM_PYTHON", str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"))
-    env.pop("LORALINE_VLLM_PARITY", None)  # the default: vLLM parity on
+    # vLLM parity off: tests/test_engine.py covers it on this model, the real model's CLI release at its default (on).
+    env["LORALINE_VLLM_PARITY"] = extra_env.get("LORALINE_VLLM_PARITY", "false")
     return subprocess.run([LORALINE, *args], capture_output=True, text=True, env=env, timeout=900)
 
 
@@ -57,10 +58,6 @@ def test_release_prints_the_lineage_contract(cli_release, demo_assets) -> None:
     assert out["merged"]["dtype"] == "bfloat16" and out["merged"]["bytes"] > 0
     p = out["parity"]
     assert p["prompts"] == 8 and p["identical"] + p["close"] == 8 and p["max_abs_logprob_diff"] >= 0
-    # vLLM (CPU) generated what HF peft generates, merged and with runtime LoRA.
-    for side in ("vllm-merged", "vllm-lora"):
-        v = out["vllm_parity"][side]
-        assert v["prompts"] == 8 and v["failed"] == 0 and len(v["first_divergences"]) == 8, side
 
 
 def test_trace_from_every_end(cli_release, demo_assets) -> None:

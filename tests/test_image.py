@@ -1,10 +1,12 @@
 """The serving image on a real Docker engine and registry (Debian packages, 127.0.0.1), on a CPU vLLM base image
 built from Debian packages once per session (tests/conftest.py ``image_services``): build, push, pull by digest, run,
-answer like the merged model, trace back from the registry; faults leave no image tag on the model version."""
+answer like the merged model, trace back from the registry; faults leave no image tag on the model version.
+
+The merged image of a release (build, push, labels, smoke test, served evaluation, the MLflow and Prefect records,
+`trace` from the registry) is checked on the real model's release: tests/test_real_model.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -36,118 +38,6 @@ def smoke_containers(docker_host: str) -> list[str]:
         return [c.name for c in client.containers.list(all=True, filters={"label": "org.loraline.smoke"})]
     finally:
         client.close()
-
-
-def test_release_builds_pushes_smoke_tests_and_traces_a_merged_image(image_services, demo_assets) -> None:
-    """`loraline release` with `services up`: the MLflow server is the tracking store, the image is pushed to the
-    registry, pulled back by digest, run and asked; `trace` walks from the image in the registry to the checkpoint."""
-    svc = image_services
-    env = {**os.environ, **svc.env, "LORALINE_HOME": str(svc.home)}  # the services' home: its MLflow server, engine and registry
-    proc = loraline("release", "--adapter", str(demo_assets.checkpoint), "--base", str(demo_assets.base),
-                    "--name", "smol-img", "--json", env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout)
-    image = out["image"]
-    assert image["mode"] == "merged" and image["ref"] == f"{svc.registry}/smol-img:v1-merged"
-    assert image["digest"].startswith("sha256:") and image["pinned"] == f"{svc.registry}/smol-img@{image['digest']}"
-    assert out["tracking_uri"] == svc.mlflow_url  # releases use the MLflow server of `services up`
-
-    # The flow ran on the Prefect server of `services up` (its UI lists the run), not on an ephemeral one.
-    import httpx
-
-    runs = httpx.post(f"{svc.prefect_url}/api/flow_runs/filter", json={"flow_runs": {"name": {"any_": ["release-smol-img-v1"]}}},
-                      timeout=30).json()
-    assert runs and all(r["state_type"] == "COMPLETED" for r in runs), runs
-
-    # The registry has the manifest, and its labels carry the lineage.
-    from loraline.image import registry_image
-
-    reg = registry_image(image["pinned"])
-    assert reg["digest"] == image["digest"]
-    labels = reg["labels"]
-    assert labels["org.loraline.model.name"] == "smol-img" and labels["org.loraline.model.version"] == "1"
-    assert labels["org.loraline.adapter.sha256"] == out["adapter"]["sha256"]
-    assert labels["org.loraline.merged.sha256"] == out["merged"]["sha256"]
-    assert labels["org.loraline.mlflow.run_id"] == out["mlflow_run_id"]
-    for key in ("source", "revision", "created", "version"):
-        assert labels[f"org.opencontainers.image.{key}"], key
-
-    # The smoke test ran the pulled image and it answered like the merged model (plain and streaming chat).
-    entry = next(i for i in out["images"] if i["mode"] == "merged")
-    smoke = entry["smoke"]
-    assert smoke["ready_seconds"] > 0 and "smol-img" in smoke["served_models"]
-    assert smoke["v1_status_without_key"] == 401  # /v1 without the key the container ran with
-    for name, p in smoke["parity"].items():
-        assert p["failed"] == 0 and p["identical"] + p["close"] == p["prompts"] > 0, (name, p)
-    assert set(smoke["parity"]) == {"image-merged", "image-merged-stream"}
-    assert smoke_containers(svc.docker_host) == []  # stopped and removed
-
-    # While it ran, the container was evaluated on the task through the official openai client (its API key, the chat
-    # template it ships): what a user's client gets is what the release measured on the merged model.
-    ev = out["evaluation"]
-    assert {"accuracy", "base_accuracy", "gain", "examples", "served_accuracy"} <= set(ev)
-    served = ev["served"]
-    assert served["mode"] == "merged" and served["model"] == "smol-img" and served["pinned"] == image["pinned"]
-    assert served["examples"] == ev["examples"] > 0 and ev["served_accuracy"] == served["accuracy"]
-    assert served["streamed"] == served["stream_identical"] == 3  # streamed answers equal the plain ones
-    assert smoke["evaluation"] == served
-
-    # MLflow (the server) holds the digest on the model version and the run.
-    from mlflow import MlflowClient
-
-    client = MlflowClient(svc.mlflow_url, svc.mlflow_url)
-    mv = client.get_model_version("smol-img", "1")
-    assert mv.tags["loraline.image.digest"] == image["digest"] and mv.tags["loraline.image.ref"] == image["ref"]
-    assert mv.tags["loraline.status"] == "released"
-    assert client.get_run(out["mlflow_run_id"]).data.tags["loraline.image.digest"] == image["digest"]
-    assert mv.tags["loraline.eval.served_accuracy"] == str(ev["served_accuracy"]) and mv.tags["loraline.eval.served_mode"] == "merged"
-    assert client.get_run(out["mlflow_run_id"]).data.metrics["eval.served_accuracy"] == ev["served_accuracy"]
-    # The served answers (image/merged.json) are the merged model's HF greedy answers (evaluation.json), question by question.
-    served_items = json.loads(Path(client.download_artifacts(out["mlflow_run_id"], "image/merged.json")).read_text())["smoke"]["evaluation"]["items"]
-    hf_items = json.loads(Path(client.download_artifacts(out["mlflow_run_id"], "evaluation.json")).read_text())["merged"]["items"]
-    assert [i["question"] for i in served_items] == [i["question"] for i in hf_items]
-    same = sum(a["predicted"] == b["predicted"] for a, b in zip(served_items, hf_items))
-    assert same >= len(hf_items) // 2, [(a["predicted"], b["predicted"]) for a, b in zip(served_items, hf_items)]
-    assert image["pinned"] in mv.description
-    # ... and the MLflow UI shows it on the model version page (a real headless Chromium).
-    from browser import close_mlflow_assistant, open_browser, screenshot, scroll_to_text, wait_for_text
-
-    with open_browser() as drv:
-        drv.get(f"{svc.mlflow_url}/#/models/smol-img/versions/1")
-        close_mlflow_assistant(drv)
-        wait_for_text(drv, ["Version 1", "loraline.image.digest", image["digest"], "loraline.image.ref", image["ref"],
-                            "champion"], name="mlflow-version-image")
-        scroll_to_text(drv, "loraline.image.digest")
-        screenshot(drv, "mlflow-version-image-digest")
-    # The release report (Prefect artifact on the flow run) names the pushed image by digest.
-    report = httpx.post(f"{svc.prefect_url}/api/artifacts/filter", json={"artifacts": {"key": {"any_": ["release-smol-img"]}}},
-                        timeout=30).json()
-    assert report and image["pinned"] in report[0]["data"], report
-
-    # trace IMAGE: from the registry's labels (nothing pulled or run) back to the adapter checkpoint.
-    t = loraline("trace", image["pinned"], "--json", env=env)
-    assert t.returncode == 0, t.stderr[-2000:]
-    chain = json.loads(t.stdout)
-    assert chain["model_uri"] == "models:/smol-img/1" and chain["adapter"]["sha256"] == out["adapter"]["sha256"]
-    assert chain["adapter"]["source"] == str(demo_assets.checkpoint)
-    assert chain["registry_image"]["recorded"] is True and chain["registry_image"]["mode"] == "merged"
-    # ... and by tag, and by bare digest; trace models:/ lists the image.
-    by_tag = json.loads(loraline("trace", image["ref"], "--json", env=env).stdout)
-    assert by_tag["registry_image"]["digest"] == image["digest"]
-    by_digest = json.loads(loraline("trace", image["digest"], "--json", env=env).stdout)
-    assert by_digest["model_uri"] == "models:/smol-img/1"
-    listed = json.loads(loraline("trace", "models:/smol-img/1", "--json", env=env).stdout)
-    assert [i["pinned"] for i in listed["images"]] == [image["pinned"]]
-
-    # The same release again: nothing rebuilt, the same image reported.
-    again = loraline("release", "--adapter", str(demo_assets.checkpoint), "--base", str(demo_assets.base),
-                     "--name", "smol-img", "--json", env=env)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert json.loads(again.stdout)["image"]["digest"] == image["digest"] and json.loads(again.stdout)["existing"] is True
-
-    # An image that loraline did not build is refused with a clear error.
-    bad = loraline("trace", f"{svc.registry}/nothing-here:v1", env=env)
-    assert bad.returncode == 1 and "not in the registry" in bad.stderr
 
 
 def scaled_adapter(src: Path, dst: Path, factor: float) -> Path:

@@ -16,11 +16,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from loraline import text2sql
 from loraline.settings import Settings
+from test_image import smoke_containers
 
 LORALINE = str(Path(sys.executable).with_name("loraline"))
 pytestmark = pytest.mark.slow
@@ -51,13 +53,15 @@ def test_demo_init_writes_a_real_trainer_output(real_demo) -> None:
     assert real_demo.losses[-1] < real_demo.losses[0] / 3, real_demo.losses
 
 
-def test_real_release_is_accurate_served_and_gated(image_services, real_demo, smollm2_fetched, tmp_path: Path) -> None:
-    """checkpoint-100: accuracy >= 0.6 and gain >= 0.4 over the base, vLLM (merged and runtime LoRA) agrees with peft,
-    the served container scores like the merged model through the openai client, the gate makes it champion.
-    checkpoint-10: released, but the gate refuses it (worse than the champion), naming both accuracies."""
+@pytest.fixture(scope="module")
+def real_release(image_services, real_demo, smollm2_fetched) -> SimpleNamespace:
+    """`loraline release` of checkpoint-100 on the packaged GGUF with `services up` (its MLflow server, Prefect server,
+    Docker engine and registry), the merged image, vLLM parity at its default (on), the task evaluation on every
+    held-out question: what a user runs."""
     svc = image_services
-    env = {**os.environ, **svc.env, "LORALINE_HOME": str(svc.home), "LORALINE_VLLM_PARITY": "true",
+    env = {**os.environ, **svc.env, "LORALINE_HOME": str(svc.home),
            "LORALINE_EVAL_EXAMPLES": str(len(text2sql.load_examples("eval")))}
+    env.pop("LORALINE_VLLM_PARITY")  # the default: vLLM parity on
     gguf = smollm2_fetched.gguf.file  # the base as the package ships it: --base PATH.gguf
     # This home's cache gets the session's conversion of that file, as a second release on this machine would find it
     # (the conversion itself, its lock and its records: tests/test_gguf.py); the release still hashes file and dir.
@@ -67,19 +71,142 @@ def test_real_release_is_accurate_served_and_gated(image_services, real_demo, sm
     proc = loraline("release", "--adapter", str(real_demo.checkpoint), "--base", gguf,
                     "--name", "smol-real", "--image", "merged", "--json", env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout)
+    return SimpleNamespace(svc=svc, env=env, gguf=gguf, out=json.loads(proc.stdout))
+
+
+def test_real_release_is_accurate_served_and_gated(real_release) -> None:
+    """checkpoint-100: accuracy >= 0.6 and gain >= 0.4 over the base, vLLM (merged and runtime LoRA) agrees with peft,
+    the served container scores like the merged model through the openai client, the gate makes it champion."""
+    out = real_release.out
     ev = out["evaluation"]
     assert ev["examples"] == len(text2sql.load_examples("eval")) >= 48
     assert ev["accuracy"] >= 0.6 and ev["gain"] >= 0.4, {k: ev[k] for k in ("accuracy", "base_accuracy", "gain")}
     # The container, asked through the openai client with the chat template it ships, scores like the merged model.
     assert ev["served_accuracy"] is not None and ev["served_accuracy"] >= ev["accuracy"] - 0.1, ev
-    for side, p in out["vllm_parity"].items():  # vLLM on the merged model and on base + runtime LoRA vs HF peft
-        assert p["failed"] == 0 and p["prompts"] > 0, (side, p)
+    # vLLM on the merged model and on base + runtime LoRA generated what HF peft generates (the default: on).
+    assert set(out["vllm_parity"]) == {"vllm-merged", "vllm-lora"}
+    for side, p in out["vllm_parity"].items():
+        assert p["failed"] == 0 and p["prompts"] == 8 and len(p["first_divergences"]) == 8, (side, p)
     assert out["parity"]["failed"] == 0
     gate = out["gate"]
     assert gate["passed"] is True and gate["aliases_moved"].get("champion") == "1", gate
-    # The early checkpoint of the same run: released (a version with its numbers), refused by the gate.
-    early = loraline("release", "--adapter", str(real_demo.early[0]), "--base", gguf,
+
+
+def test_real_release_image_is_pushed_smoke_tested_and_traced(real_release, real_demo) -> None:
+    """The merged image: pushed to the registry of `services up`, pulled back by digest, run and asked; its labels, the
+    MLflow server's version, the Prefect server's run and report hold it; `trace` walks from the registry to the
+    checkpoint; a second release of the same checkpoint reports the same image."""
+    svc, env, gguf, out = real_release.svc, real_release.env, real_release.gguf, real_release.out
+    image = out["image"]
+    assert image["mode"] == "merged" and image["ref"] == f"{svc.registry}/smol-real:v1-merged"
+    assert image["digest"].startswith("sha256:") and image["pinned"] == f"{svc.registry}/smol-real@{image['digest']}"
+    assert out["tracking_uri"] == svc.mlflow_url  # releases use the MLflow server of `services up`
+
+    # The flow ran on the Prefect server of `services up` (its UI lists the run), not on an ephemeral one.
+    import httpx
+
+    runs = httpx.post(f"{svc.prefect_url}/api/flow_runs/filter", json={"flow_runs": {"name": {"any_": ["release-smol-real-v1"]}}},
+                      timeout=30).json()
+    assert runs and all(r["state_type"] == "COMPLETED" for r in runs), runs
+
+    # The registry has the manifest, and its labels carry the lineage.
+    from loraline.image import registry_image
+
+    reg = registry_image(image["pinned"])
+    assert reg["digest"] == image["digest"]
+    labels = reg["labels"]
+    assert labels["org.loraline.model.name"] == "smol-real" and labels["org.loraline.model.version"] == "1"
+    assert labels["org.loraline.adapter.sha256"] == out["adapter"]["sha256"]
+    assert labels["org.loraline.merged.sha256"] == out["merged"]["sha256"]
+    assert labels["org.loraline.mlflow.run_id"] == out["mlflow_run_id"]
+    for key in ("source", "revision", "created", "version"):
+        assert labels[f"org.opencontainers.image.{key}"], key
+
+    # The smoke test ran the pulled image and it answered like the merged model (plain and streaming chat).
+    entry = next(i for i in out["images"] if i["mode"] == "merged")
+    smoke = entry["smoke"]
+    assert smoke["ready_seconds"] > 0 and "smol-real" in smoke["served_models"]
+    assert smoke["v1_status_without_key"] == 401  # /v1 without the key the container ran with
+    for name, p in smoke["parity"].items():
+        assert p["failed"] == 0 and p["identical"] + p["close"] == p["prompts"] > 0, (name, p)
+    assert set(smoke["parity"]) == {"image-merged", "image-merged-stream"}
+    assert smoke_containers(svc.docker_host) == []  # stopped and removed
+
+    # While it ran, the container was evaluated on the task through the official openai client (its API key, the chat
+    # template it ships): what a user's client gets is what the release measured on the merged model.
+    ev = out["evaluation"]
+    assert {"accuracy", "base_accuracy", "gain", "examples", "served_accuracy"} <= set(ev)
+    served = ev["served"]
+    assert served["mode"] == "merged" and served["model"] == "smol-real" and served["pinned"] == image["pinned"]
+    assert served["examples"] == ev["examples"] > 0 and ev["served_accuracy"] == served["accuracy"]
+    assert served["streamed"] == served["stream_identical"] == 3  # streamed answers equal the plain ones
+    assert smoke["evaluation"] == served
+
+    # MLflow (the server) holds the digest on the model version and the run.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(svc.mlflow_url, svc.mlflow_url)
+    mv = client.get_model_version("smol-real", "1")
+    assert mv.tags["loraline.image.digest"] == image["digest"] and mv.tags["loraline.image.ref"] == image["ref"]
+    assert mv.tags["loraline.status"] == "released"
+    assert client.get_run(out["mlflow_run_id"]).data.tags["loraline.image.digest"] == image["digest"]
+    assert mv.tags["loraline.eval.served_accuracy"] == str(ev["served_accuracy"]) and mv.tags["loraline.eval.served_mode"] == "merged"
+    assert client.get_run(out["mlflow_run_id"]).data.metrics["eval.served_accuracy"] == ev["served_accuracy"]
+    # The served answers (image/merged.json) are the merged model's HF greedy answers (evaluation.json), question by question.
+    served_items = json.loads(Path(client.download_artifacts(out["mlflow_run_id"], "image/merged.json")).read_text())["smoke"]["evaluation"]["items"]
+    hf_items = json.loads(Path(client.download_artifacts(out["mlflow_run_id"], "evaluation.json")).read_text())["merged"]["items"]
+    assert [i["question"] for i in served_items] == [i["question"] for i in hf_items]
+    same = sum(a["predicted"] == b["predicted"] for a, b in zip(served_items, hf_items))
+    assert same >= len(hf_items) // 2, [(a["predicted"], b["predicted"]) for a, b in zip(served_items, hf_items)]
+    assert image["pinned"] in mv.description
+    # ... and the MLflow UI shows it on the model version page (a real headless Chromium).
+    from browser import close_mlflow_assistant, open_browser, screenshot, scroll_to_text, wait_for_text
+
+    with open_browser() as drv:
+        drv.get(f"{svc.mlflow_url}/#/models/smol-real/versions/1")
+        close_mlflow_assistant(drv)
+        wait_for_text(drv, ["Version 1", "loraline.image.digest", image["digest"], "loraline.image.ref", image["ref"],
+                            "champion"], name="mlflow-version-image")
+        scroll_to_text(drv, "loraline.image.digest")
+        screenshot(drv, "mlflow-version-image-digest")
+    # The release report (Prefect artifact on the flow run) names the pushed image by digest.
+    report = httpx.post(f"{svc.prefect_url}/api/artifacts/filter", json={"artifacts": {"key": {"any_": ["release-smol-real"]}}},
+                        timeout=30).json()
+    assert report and image["pinned"] in report[0]["data"], report
+
+    # trace IMAGE: from the registry's labels (nothing pulled or run) back to the adapter checkpoint.
+    t = loraline("trace", image["pinned"], "--json", env=env)
+    assert t.returncode == 0, t.stderr[-2000:]
+    chain = json.loads(t.stdout)
+    assert chain["model_uri"] == "models:/smol-real/1" and chain["adapter"]["sha256"] == out["adapter"]["sha256"]
+    assert chain["adapter"]["source"] == str(real_demo.checkpoint)
+    assert chain["registry_image"]["recorded"] is True and chain["registry_image"]["mode"] == "merged"
+    # ... and by tag, and by bare digest; trace models:/ lists the image.
+    by_tag = json.loads(loraline("trace", image["ref"], "--json", env=env).stdout)
+    assert by_tag["registry_image"]["digest"] == image["digest"]
+    by_digest = json.loads(loraline("trace", image["digest"], "--json", env=env).stdout)
+    assert by_digest["model_uri"] == "models:/smol-real/1"
+    listed = json.loads(loraline("trace", "models:/smol-real/1", "--json", env=env).stdout)
+    assert [i["pinned"] for i in listed["images"]] == [image["pinned"]]
+
+    # The same release again: nothing rebuilt, the same image reported.
+    again = loraline("release", "--adapter", str(real_demo.checkpoint), "--base", gguf,
+                     "--name", "smol-real", "--json", env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout)["image"]["digest"] == image["digest"] and json.loads(again.stdout)["existing"] is True
+
+    # An image that loraline did not build is refused with a clear error.
+    bad = loraline("trace", f"{svc.registry}/nothing-here:v1", env=env)
+    assert bad.returncode == 1 and "not in the registry" in bad.stderr
+
+
+
+
+def test_the_early_checkpoint_is_released_and_refused_by_the_gate(real_release, real_demo) -> None:
+    """checkpoint-10 of the same run: released (a version with its numbers), refused by the gate (worse than the
+    champion), naming both accuracies; the aliases stay on version 1."""
+    svc, env, ev = real_release.svc, real_release.env, real_release.out["evaluation"]
+    early = loraline("release", "--adapter", str(real_demo.early[0]), "--base", real_release.gguf,
                      "--name", "smol-real", "--image", "none", "--json", env={**env, "LORALINE_VLLM_PARITY": "false"})
     assert early.returncode == 0, early.stderr[-4000:]
     e = json.loads(early.stdout)
