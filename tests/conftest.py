@@ -33,7 +33,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("LORALINE_HOME", str(h))
     # vLLM parity costs two engine starts; the CLI end-to-end test and test_engine.py run it.
     monkeypatch.setenv("LORALINE_VLLM_PARITY", "false")
-    # The benchmark costs four engine starts; tests/test_benchmark.py and the CLI test run it.
+    # The benchmark costs four engine starts; tests/test_benchmark.py runs it (the release's step and `loraline bench`).
     monkeypatch.setenv("LORALINE_BENCH", "false")
     monkeypatch.setenv("LORALINE_EVAL_EXAMPLES", "8")  # the task evaluation on 8 of the 24 eval questions
     return h
@@ -213,11 +213,16 @@ def _wait_real_demo(marker: str) -> dict:
     deadline = time.monotonic() + 3600
     while not (root / marker).is_file():
         if proc.poll() is not None and not (root / marker).is_file():
-            raise RuntimeError(f"tests/bg_real_demo.py failed (exit {proc.returncode}):\n{(root / 'log').read_text()[-4000:]}")
+            raise RuntimeError(f"tests/bg_real_demo.py failed (exit {proc.returncode}):\n{real_demo_log()[-4000:]}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"tests/bg_real_demo.py still running after an hour:\n{(root / 'log').read_text()[-4000:]}")
+            raise RuntimeError(f"tests/bg_real_demo.py still running after an hour:\n{real_demo_log()[-4000:]}")
         time.sleep(1)
     return json.loads((root / marker).read_text())
+
+
+def real_demo_log() -> str:
+    """What tests/bg_real_demo.py printed (``demo init``'s progress lines)."""
+    return (Path(_REAL["root"]) / "log").read_text()  # type: ignore[arg-type]
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -336,8 +341,8 @@ def smollm2_base(smollm2_fetched) -> Path:
 def real_demo(smollm2_fetched) -> DemoAssets:
     """What `loraline demo init DIR` writes, once per session, in the background (tests/bg_real_demo.py): DIR/base
     (SmolLM2-135M-Instruct from its GGUF) and a real Trainer + peft LoRA fine-tune on the Text-to-SQL task,
-    DIR/checkpoint-10 and DIR/checkpoint-100 (minutes on 2 cores). DIR/base is a copy of ``smollm2_fetched``'s
-    conversion, which init_demo finds and keeps instead of converting the GGUF a second time."""
+    DIR/checkpoint-10 and DIR/checkpoint-100 (minutes on 2 cores). DIR/base is copied by ``init_demo(cache=...)``
+    from ``smollm2_fetched``'s conversion in its home's cache instead of converting the GGUF a second time."""
     d = _wait_real_demo("demo.json")
     return DemoAssets(base=Path(d["base"]), checkpoint=Path(d["checkpoint"]), losses=tuple(d["losses"]),
                       early=tuple(Path(p) for p in d["early"]), gguf=Path(d["gguf"]))

@@ -7,6 +7,9 @@ here is that every path runs, measures what was asked, and lands where users loo
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from loraline.benchmark import recommend
 from loraline.settings import Settings
 
 NAME = "smol-sql"
+LORALINE = str(Path(sys.executable).with_name("loraline"))
 P = Percentiles(1.0, 2.0, 3.0, 1.5)
 
 
@@ -43,8 +47,10 @@ def _ordered(p: Percentiles | None) -> bool:
 @pytest.mark.slow
 def test_release_benchmarks_every_path_and_records_it(prefect_harness, demo_assets, vllm_python: Path, settings: Settings,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """A benchmark that fails after registration marks the version failed; the re-run benchmarks the same version."""
+    """A benchmark that fails after registration marks the version failed; `loraline bench` then benchmarks that
+    version (the command on its own, from a shell); a re-run of the release completes it without benchmarking again."""
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
 
     from flows.release import release
 
@@ -62,15 +68,29 @@ def test_release_benchmarks_every_path_and_records_it(prefect_harness, demo_asse
     assert "no-such-python" in mv.tags["loraline.failed.reason"] and "make setup" in mv.tags["loraline.failed.reason"]
     assert "loraline.bench.recommendation" not in mv.tags
 
-    # 2. The engine is back: the re-run benchmarks version 1 (no new version) and records everything.
+    # 2. The engine is back: `loraline bench models:/NAME/1` (a separate process; its flow run goes to the same Prefect
+    # server) benchmarks version 1 and records everything.
     monkeypatch.setenv("LORALINE_VLLM_PYTHON", str(vllm_python))
-    out = release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME)
-    assert out["model_version"] == "1" and out["existing"] is True
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    proc = subprocess.run([LORALINE, "bench", f"models:/{NAME}/1", "--json"], env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert res["model_version"] == "1"
     assert [v.version for v in client.search_model_versions(f"name = '{NAME}'")] in (["1"], [1])
     mv = client.get_model_version(NAME, "1")
     assert mv.tags["loraline.status"] == "benchmarked"
-    b = out["benchmark"]
+    b = res["benchmark"]
     assert mv.tags["loraline.bench.recommendation"] == b["recommendation"] in ("merged", "lora") and b["reason"]
+    assert set(b["output_tok_s"]) == {"hf-merged", "hf-peft", "vllm-offline-merged", "vllm-offline-lora", "vllm-server-merged@c1",
+                                      "vllm-server-merged@c4", "vllm-server-lora@c1", "vllm-server-lora@c4"}
+    assert all(v > 0 for v in b["output_tok_s"].values())
+
+    # 3. A re-run of the release: version 1 again (no new version), its benchmark kept, not run again; gated.
+    out = release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME)
+    assert out["model_version"] == "1" and out["existing"] is True and out["mlflow_run_id"] == res["mlflow_run_id"]
+    assert out["benchmark"] == b and out["gate"]["passed"] is True
+    assert [v.version for v in client.search_model_versions(f"name = '{NAME}'")] in (["1"], [1])
 
     run_id = out["mlflow_run_id"]
     report = json.loads(Path(client.download_artifacts(run_id, "benchmark/benchmark.json")).read_text())

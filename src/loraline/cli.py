@@ -141,7 +141,9 @@ def demo_init(directory: Path, steps: int, early_step: int, gguf_file: Path | No
     if tiny:
         assets = init_tiny_demo(directory, steps=steps, progress=True)
     else:
-        assets = init_demo(directory, steps=steps, early_step=early_step, gguf_file=gguf_file, progress=True)
+        # Converted into this home's base cache, so `loraline release --base THE.gguf` finds it there.
+        assets = init_demo(directory, steps=steps, early_step=early_step, gguf_file=gguf_file, progress=True,
+                           cache=load_settings())
     click.echo(f"base:       {assets.base}")
     for early in assets.early:
         click.echo(f"checkpoint: {early}")

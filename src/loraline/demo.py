@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerFast
 
 from loraline import text2sql
 from loraline.models import make_readable, save_tokenizer
+from loraline.settings import Settings
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -650,7 +651,7 @@ def _train_into(out_dir: Path, base: Path, *, steps: int, save_at: Sequence[int]
 
 
 def init_demo(out_dir: Path, *, steps: int = 100, early_step: int = DEMO_EARLY_STEP, progress: bool = True,
-              gguf_file: Path | None = None, threads: int | None = None) -> DemoAssets:
+              gguf_file: Path | None = None, threads: int | None = None, cache: Settings | None = None) -> DemoAssets:
     """Write ``out_dir/base`` (SmolLM2-135M-Instruct, bf16 safetensors converted from the packaged GGUF) and a
     Trainer's ``out_dir/checkpoint-<early_step>`` and ``out_dir/checkpoint-<steps>`` (LoRA, :data:`DEMO_RECIPE`).
 
@@ -658,6 +659,10 @@ def init_demo(out_dir: Path, *, steps: int = 100, early_step: int = DEMO_EARLY_S
     already converted from the same GGUF file (same sha256) is kept. Minutes on 2 cores, nearly all of it
     training (README "Demo"); ``threads`` is torch's intra-op thread count while training, default all cores
     (on an idle 2-core machine 2 threads took 73 s for 10 steps, 1 thread 128 s; on a busy one 1 can be faster).
+
+    With ``cache``, the GGUF is converted into that home's base cache (``<home>/bases/gguf-<sha256>``, what
+    ``loraline release --base FILE.gguf`` uses, :func:`loraline.sources.fetch_base`) and ``out_dir/base`` is copied
+    from there: a release of the same file then finds it converted instead of converting it again.
     """
     from loraline.gguf_base import convert_gguf, packaged_gguf
 
@@ -668,6 +673,16 @@ def init_demo(out_dir: Path, *, steps: int = 100, early_step: int = DEMO_EARLY_S
     base = out_dir / "base"
     with _no_progress_bars():
         _log(progress, f"converting {gguf.name} to a transformers model (bf16 safetensors)")
+        if cache is not None and not (base.exists() or base.is_symlink()):
+            from loraline.sources import fetch_base
+
+            cached = fetch_base(str(gguf), cache).path
+            stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".base.stage-"))
+            try:
+                shutil.copytree(cached, stage, dirs_exist_ok=True)
+                stage.rename(base)  # kept below: it holds this file's conversion record
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
         converted = convert_gguf(gguf, base)
         _log(progress, f"base: {converted.architecture}, {converted.dtype}"
              + (f", converted in {converted.seconds:.0f}s" if converted.converted else " (already converted: kept)"))
