@@ -73,6 +73,7 @@ DEMO_BENCH ?= LORALINE_BENCH_PROMPTS=4 LORALINE_BENCH_REPEATS=1 LORALINE_BENCH_O
 BASE_LOG := $(LORALINE_HOME)/base-image.log
 
 demo: setup
+	@mkdir -p $(LORALINE_HOME)
 	$(BIN)/loraline services up --json > $(SERVICES_JSON)
 	@cat $(SERVICES_JSON)
 	@set -eo pipefail; base='$(IMAGE_BASE)'; bpid=; \
@@ -101,7 +102,8 @@ demo: setup
 	@echo
 	@$(BIN)/loraline demo summary $(LORALINE_HOME)/last-release.json $(LORALINE_HOME)/early-release.json $(SERVICES_JSON)
 
-test: setup browser
+test:
+	@$(MAKE) --no-print-directory -j3 $(VENV)/.installed $(VLLM_VENV)/.installed browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup

@@ -176,12 +176,28 @@ def _break(kind: str, src: Path, dst: Path, tmp: Path) -> tuple[Path, str]:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["pickle-only", "different-base", "target-missing", "truncated-config", "nan", "rank-above-limit", "missing-files"])
-def test_each_bad_input_is_refused_by_the_flow_leaving_nothing(kind: str, prefect_harness, demo_assets, settings: Settings, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def registry_in_use(prefect_harness, demo_assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home where one good release ran (version 1, both aliases): the registry each bad input must leave as it is.
+    Shared by the bad inputs below, which therefore also show that each one leaves nothing the next one would meet."""
     from flows.release import release
 
-    # A good release first, so "nothing left behind" is checked against a registry that is in use.
-    release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME)
+    home = tmp_path_factory.mktemp("in-use") / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"LORALINE_HOME": str(home), "LORALINE_VLLM_PARITY": "false", "LORALINE_BENCH": "false",
+                     "LORALINE_EVAL_EXAMPLES": "8"}.items():  # as the `home` fixture sets them
+            mp.setenv(k, v)
+        release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME)
+    return home
+
+
+@pytest.mark.parametrize("kind", ["pickle-only", "different-base", "target-missing", "truncated-config", "nan", "rank-above-limit", "missing-files"])
+def test_each_bad_input_is_refused_by_the_flow_leaving_nothing(kind: str, registry_in_use: Path, demo_assets, home: Path,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.release import release
+
+    monkeypatch.setenv("LORALINE_HOME", str(registry_in_use))
+    settings = Settings()
     before = mlflow_state(settings)
     bad, message = _break(kind, demo_assets.checkpoint, tmp_path / "bad", tmp_path)
     with pytest.raises(InvalidAdapter, match=message):
