@@ -65,11 +65,12 @@ SERVICES_JSON := $(LORALINE_HOME)/services.json
 # release of the real 135M model stays within minutes on 2 cores (runtime LoRA on vLLM-CPU: about 10 out tok/s at c=1).
 # The previous workload (8 prompts x 2 repeats, 64 tokens out, c = 1/8/32, the vllm bench serve cross-check) took
 # over 10 minutes of make demo here. `make demo DEMO_BENCH=` runs loraline's defaults.
-DEMO_BENCH ?= LORALINE_BENCH_PROMPTS=4 LORALINE_BENCH_REPEATS=1 LORALINE_BENCH_OUTPUT_LEN=32 LORALINE_BENCH_CONCURRENCY='[1,8]' \
-	LORALINE_BENCH_SERVER_MIN_REQUESTS=8 LORALINE_BENCH_CROSSCHECK=false
+DEMO_BENCH ?= LORALINE_BENCH_PROMPTS=4 LORALINE_BENCH_REPEATS=1 LORALINE_BENCH_OUTPUT_LEN=16 LORALINE_BENCH_CONCURRENCY='[1,4]' \
+	LORALINE_BENCH_SERVER_MIN_REQUESTS=4 LORALINE_BENCH_CROSSCHECK=false
 
 # The CPU base image is built, then pushed to the registry of `services up` (so the release's image push mounts its
-# layer instead of uploading 1.3 GB), in the background while `demo init` trains: one core each. Its log: $(BASE_LOG).
+# layer instead of uploading 1.3 GB), in the background while `demo init` trains: one core each (`demo init --threads
+# auto` trains on one thread while another process keeps a core busy, on all cores after). Log: $(BASE_LOG).
 BASE_LOG := $(LORALINE_HOME)/base-image.log
 
 demo: setup
@@ -84,12 +85,12 @@ demo: setup
 	  setsid bash -c 'set -eo pipefail; ref=$$(HOST_PYTHON=$(BIN)/python bash docker/base-cpu/build.sh loraline/vllm-cpu:latest | tail -n 1); \
 	    docker tag "$$ref" "$$1/loraline-vllm-cpu:latest"; docker push -q "$$1/loraline-vllm-cpu:latest" >&2; echo "$$ref"' \
 	    _ "$$(svc registry)" > $(BASE_LOG).ref 2> $(BASE_LOG) & bpid=$$!; \
-	  trap 'kill -- -$$bpid 2>/dev/null' EXIT; \
+	  trap 'kill -- -$$bpid 2>/dev/null || true' EXIT; \
 	fi; \
 	if [ ! -f $(DEMO)/checkpoint-100/adapter_config.json ]; then $(BIN)/loraline demo init $(DEMO); fi; \
 	if [ -n "$$bpid" ]; then \
 	  wait $$bpid || { echo "the CPU base image build failed ($(BASE_LOG)):" >&2; tail -n 30 $(BASE_LOG) >&2; exit 1; }; \
-	  base=$$(tail -n 1 $(BASE_LOG).ref); \
+	  trap - EXIT; base=$$(tail -n 1 $(BASE_LOG).ref); \
 	fi; \
 	echo "serving image base: $$base"; \
 	gguf=$$($(BIN)/python -c 'from loraline.gguf_base import packaged_gguf; print(packaged_gguf())'); \
@@ -97,7 +98,7 @@ demo: setup
 	env $(DEMO_BENCH) LORALINE_IMAGE_BASE=$$base $(BIN)/loraline release --adapter $(DEMO)/checkpoint-100 --base $$gguf --name $(MODEL) --json \
 	  | tee $(LORALINE_HOME)/last-release.json; \
 	echo "release 2: $(DEMO)/checkpoint-10 (an early checkpoint of the same run: the gate compares it with the champion)"; \
-	LORALINE_BENCH=false $(BIN)/loraline release --adapter $(DEMO)/checkpoint-10 --base $$gguf --name $(MODEL) --image none --json \
+	LORALINE_BENCH=false LORALINE_VLLM_PARITY=false $(BIN)/loraline release --adapter $(DEMO)/checkpoint-10 --base $$gguf --name $(MODEL) --image none --json \
 	  > $(LORALINE_HOME)/early-release.json
 	@echo
 	@$(BIN)/loraline demo summary $(LORALINE_HOME)/last-release.json $(LORALINE_HOME)/early-release.json $(SERVICES_JSON)

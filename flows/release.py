@@ -54,6 +54,12 @@ def _parity_key(_ctx: Any, p: dict[str, Any]) -> str:
     return f"parity-{p['merged'].sha256}-{_digests(p)}-{s.parity_prompts}-{s.parity_max_new_tokens}-{s.parity_top_k}"
 
 
+def _retried_if_remote(fetch: Any, source: str) -> Any:
+    """``fetch`` as is for a remote source (hf://, MLflow: retried), without retries for a local one (a directory, an
+    archive, a .gguf file): missing or bad, it does not get better by waiting (the retries cost 42 s before the error)."""
+    return fetch.with_options(retries=0) if parse_source(source).kind == "local" else fetch
+
+
 @task(name="fetch-adapter", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
 def fetch_adapter_task(source: str, settings: Settings) -> FetchedAdapter:
     return fetch_adapter(source, settings)
@@ -184,9 +190,8 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
     thresholds = gate or GateThresholds()
     mode = image_mode(settings)
     check_model_name(name)
-    a = fetch_adapter_task(adapter, settings)
-    # A local base (a directory or a .gguf file) that is missing or bad does not get better by waiting: no retries.
-    b = (fetch_base_task.with_options(retries=0) if parse_source(base).kind == "local" else fetch_base_task)(base, settings)
+    a = _retried_if_remote(fetch_adapter_task, adapter)(adapter, settings)
+    b = _retried_if_remote(fetch_base_task, base)(base, settings)
     v = validate_task(a, b, settings)
     preflight_task(settings, mode, v.runtime_lora_servable)  # engine and registry answer: refuse before any merge
     existing = find_release_task(name, a, b, settings)

@@ -61,6 +61,15 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
         yield
 
 
+@pytest.fixture()
+def prefect_api_url(prefect_harness) -> str:
+    """The harness's Prefect API, for `loraline` processes a test starts: their flow runs land there, and none starts an
+    ephemeral Prefect server of its own (on a fresh home that migrates a new database: about 13 s on a busy 2-core box)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
 def mlflow_state(settings: Settings) -> dict[str, object]:
     """What a failed release must not leave behind: versions, aliases, RUNNING runs."""
     from mlflow import MlflowClient

@@ -45,12 +45,11 @@ def _ordered(p: Percentiles | None) -> bool:
 
 
 @pytest.mark.slow
-def test_release_benchmarks_every_path_and_records_it(prefect_harness, demo_assets, vllm_python: Path, settings: Settings,
+def test_release_benchmarks_every_path_and_records_it(prefect_api_url: str, demo_assets, vllm_python: Path, settings: Settings,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A benchmark that fails after registration marks the version failed; `loraline bench` then benchmarks that
     version (the command on its own, from a shell); a re-run of the release completes it without benchmarking again."""
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
 
     from flows.release import release
 
@@ -71,7 +70,7 @@ def test_release_benchmarks_every_path_and_records_it(prefect_harness, demo_asse
     # 2. The engine is back: `loraline bench models:/NAME/1` (a separate process; its flow run goes to the same Prefect
     # server) benchmarks version 1 and records everything.
     monkeypatch.setenv("LORALINE_VLLM_PYTHON", str(vllm_python))
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
     proc = subprocess.run([LORALINE, "bench", f"models:/{NAME}/1", "--json"], env=env, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]

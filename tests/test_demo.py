@@ -26,6 +26,30 @@ def read_json(path: Path) -> dict:
 # --------------------------------------------------------------------------- training
 
 
+def test_training_takes_one_thread_beside_a_busy_process(tmp_path: Path) -> None:
+    """`demo init --threads auto` (the default): beside a process that keeps a core busy, one torch thread; a bad
+    --threads is refused naming the option."""
+    import subprocess
+    import sys
+    import time
+
+    from loraline.demo import SharedCores
+
+    shared = SharedCores(8)
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 4: pass"])
+    try:
+        time.sleep(2.5)
+        assert shared.threads() == 1
+    finally:
+        busy.kill()
+        busy.wait()
+    loraline = str(Path(sys.executable).with_name("loraline"))
+    proc = subprocess.run([loraline, "demo", "init", str(tmp_path / "d"), "--threads", "0"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "'0': give a number of threads (1 or more) or auto" in proc.stderr, proc.stderr
+    assert not (tmp_path / "d").exists()
+
+
 def test_training_loss_falls(demo_assets: DemoAssets) -> None:
     losses = demo_assets.losses
     assert len(losses) >= 10  # logged every 5 of 100 steps

@@ -24,14 +24,17 @@ def aliases(client: MlflowClient) -> dict[str, str]:
 NAME = "smol-sql"
 
 
-def task_states(flow_state) -> dict[str, str]:
+def task_runs(flow_state) -> list:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+
+
+def task_states(flow_state) -> dict[str, str]:
     # Task run names are "<task name>-<suffix>".
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in task_runs(flow_state)}
 
 
 def test_release_registers_a_traced_version_and_is_idempotent(prefect_harness, demo_assets, settings: Settings) -> None:
@@ -200,6 +203,9 @@ def test_each_bad_input_is_refused_by_the_flow_leaving_nothing(kind: str, regist
     settings = Settings()
     before = mlflow_state(settings)
     bad, message = _break(kind, demo_assets.checkpoint, tmp_path / "bad", tmp_path)
+    state = release(adapter=str(bad), base=str(demo_assets.base), name=NAME, return_state=True)
     with pytest.raises(InvalidAdapter, match=message):
-        release(adapter=str(bad), base=str(demo_assets.base), name=NAME)
+        state.result()
     assert mlflow_state(settings) == before == {"versions": [(NAME, "1")], "aliases": ["candidate", "champion"], "running": []}
+    # A local adapter is fetched once: no retries (seconds apart) before the refusal.
+    assert all(r.run_count <= 1 for r in task_runs(state) if r.name.startswith("fetch-adapter")), task_runs(state)

