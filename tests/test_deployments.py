@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -135,8 +137,21 @@ def _watch_runs(after: float) -> list[Any]:
                   key=lambda r: r.start_time)
 
 
-def test_watch_schedule_releases_each_new_digest_once(prefect_services) -> None:
-    s = prefect_services
+@pytest.fixture()
+def watch_schedule(prefect_services) -> Iterator[SimpleNamespace]:
+    """The watch deployment on its 20 s schedule, paused (its scheduled runs deleted) when the test is done: each run is
+    a process, and the session's later tests share the cores with them (84 ran in one CI session before this)."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        yield prefect_services
+    finally:
+        with prefect(prefect_services.api_url), get_client(sync_client=True) as c:
+            c.pause_deployment(c.read_deployment_by_name("watch/watch").id)
+
+
+def test_watch_schedule_releases_each_new_digest_once(watch_schedule) -> None:
+    s = watch_schedule
     client = MlflowClient(s.mlflow_url, s.mlflow_url)
     # Written to the watched directory: a new adapter version, and the same one again (a duplicate digest).
     adapter_version(s.demo.checkpoint, s.watch_dir / "run-7" / "checkpoint-200")
