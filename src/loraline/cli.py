@@ -182,6 +182,8 @@ def demo_summary(release_json: Path, early_json: Path, services_json: Path) -> N
         try:  # the served answers the smoke test recorded on the run (image/<mode>.json)
             from mlflow import MlflowClient
 
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar above the summary
+
             client = MlflowClient(release["tracking_uri"], release["tracking_uri"])
             path = client.download_artifacts(release["mlflow_run_id"], f"image/{release['image']['mode']}.json")
             served_items = json.loads(Path(path).read_text())["smoke"]["evaluation"]["items"]
