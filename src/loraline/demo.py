@@ -103,8 +103,8 @@ def _torch_threads(n: int) -> Iterator[None]:
 class SharedCores:
     """Torch threads for a training that shares the machine: one while other processes keep at least half a core
     busy, else all ``cores``. Two OpenMP threads beside a busy process stall each other (100 demo steps on 2 cores: 237 s
-    alone, 534 s beside the CPU base image build); one thread keeps its pace. Measured from ``/proc/stat`` minus this
-    process's own CPU time since the previous call (Linux; elsewhere always ``cores``)."""
+    alone; beside the CPU base image build and push, 534 s on two threads, 500 s with this). Measured from ``/proc/stat``
+    minus this process's own CPU time since the previous call (Linux; elsewhere always ``cores``)."""
 
     def __init__(self, cores: int) -> None:
         self.cores = cores

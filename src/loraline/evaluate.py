@@ -255,9 +255,9 @@ def evaluate_served(client: Any, model: str, settings: Settings, progress: Calla
     with its base URL and API key) on the same questions as :func:`evaluate_release`, scored the same way. The first
     :data:`STREAM_CHECKS` questions are asked again streaming; answers that differ are returned in
     ``stream_mismatches`` (the caller decides whether that fails)."""
-    from loraline.text2sql import create_database
-
     from concurrent.futures import ThreadPoolExecutor
+
+    from loraline.text2sql import create_database
 
     questions = eval_questions(settings)
     n = settings.eval_max_new_tokens
