@@ -84,9 +84,13 @@ DEMO_BENCH ?= LORALINE_BENCH_PROMPTS=4 LORALINE_BENCH_REPEATS=1 LORALINE_BENCH_O
 # auto` trains on one thread while another process keeps a core busy, on all cores after). Log: $(BASE_LOG).
 BASE_LOG := $(LORALINE_HOME)/base-image.log
 
-demo: setup
+# The engine venv installs while `services up` starts the servers (neither needs the other; the base build needs both).
+demo: $(VENV)/.installed
 	@mkdir -p $(LORALINE_HOME)
-	$(BIN)/loraline services up --json > $(SERVICES_JSON)
+	@set -eo pipefail; echo "engine venv $(VLLM_VENV) beside services up (log: $(LORALINE_HOME)/engine-venv.log)"; \
+	$(MAKE) --no-print-directory $(VLLM_VENV)/.installed > $(LORALINE_HOME)/engine-venv.log 2>&1 & vpid=$$!; \
+	$(BIN)/loraline services up --json > $(SERVICES_JSON) || { kill $$vpid 2>/dev/null; exit 1; }; \
+	wait $$vpid || { echo "installing $(VLLM_VENV) failed ($(LORALINE_HOME)/engine-venv.log):" >&2; tail -n 30 $(LORALINE_HOME)/engine-venv.log >&2; exit 1; }
 	@cat $(SERVICES_JSON)
 	@set -eo pipefail; base='$(IMAGE_BASE)'; bpid=; \
 	svc() { $(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' $(SERVICES_JSON) "$$1"; }; \

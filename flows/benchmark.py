@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import artifact_key, flow_settings, mark_failed_quietly, progress
+from flows.common import artifact_key, failing, flow_settings, progress
 from loraline.benchmark import release_dirs, run_benchmark
 from loraline.plots import write_plots
 from loraline.lineage import release_of
@@ -27,14 +27,11 @@ from loraline.settings import Settings
 def benchmark_task(name: str, version: str, run_id: str, adapter_dir: Path, base_dir: Path, merged_dir: Path,
                    runtime_lora: bool, lora_params: int, settings: Settings) -> dict[str, Any]:
     logger = get_run_logger()
-    try:
+    with failing(name, version, "benchmark", settings):
         report = run_benchmark(Path(adapter_dir), Path(base_dir), Path(merged_dir), settings, runtime_lora=runtime_lora,
                                served_name=name, lora_params=lora_params, progress=progress("bench"))
         with tempfile.TemporaryDirectory() as tmp:
             summary = log_benchmark(name, version, run_id, report, write_plots(report, Path(tmp)), settings)
-    except Exception as e:
-        mark_failed_quietly(name, version, "benchmark", e, settings)
-        raise
     links = (f"\nMLflow run `{run_id}` (plots under `benchmark/`), model version `models:/{name}/{version}`; "
              f"trace: `loraline trace models:/{name}/{version}`.\n")
     create_markdown_artifact(key=artifact_key("benchmark", name), markdown=report.markdown() + links,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from loraline.cli import cli, emit, load_settings, quiet_third_parties, run
-from loraline.errors import LoralineError
 
 
 @cli.command()
@@ -30,10 +29,7 @@ def release(adapter: str, base: str, name: str, image: str | None, as_json: bool
 
     start_prefect_api(settings)
 
-    try:
-        result = release_flow(adapter=adapter, base=base, name=name, image=image)
-    except LoralineError as e:
-        raise click.ClickException(str(e)) from e
+    result = release_flow(adapter=adapter, base=base, name=name, image=image)
     emit(result, as_json)
 
 
@@ -53,10 +49,7 @@ def bench(model: str, as_json: bool, verbose: bool) -> None:
 
     start_prefect_api(settings)
 
-    try:
-        result = benchmark_flow(model=model)
-    except LoralineError as e:
-        raise click.ClickException(str(e)) from e
+    result = benchmark_flow(model=model)
     emit(result, as_json)
 
 
@@ -77,10 +70,7 @@ def image_cmd(model: str, mode: str, as_json: bool, verbose: bool) -> None:
 
     start_prefect_api(settings)
 
-    try:
-        result = image_flow(model=model, mode=mode)
-    except LoralineError as e:
-        raise click.ClickException(str(e)) from e
+    result = image_flow(model=model, mode=mode)
     emit(result, as_json)
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Callable
 
 from prefect import get_run_logger
 from pydantic import SecretStr
 
-from loraline.registry import mark_failed
+from loraline.registry import version_step
 from loraline.services import configured
 from loraline.settings import Settings
 from loraline.stores import init_once, store_key
@@ -55,13 +56,9 @@ def flow_settings() -> Settings:
     return settings.model_copy(update=update) if update else settings
 
 
-def mark_failed_quietly(name: str, version: str, step: str, error: BaseException, settings: Settings) -> None:
-    """Tag the version ``loraline.status=failed`` (step, reason); if MLflow itself is what failed, say so in the run
-    log instead of hiding the step's own error behind MLflow's."""
-    try:
-        mark_failed(name, version, step, str(error), settings)
-    except Exception as e:  # noqa: BLE001 - the step's error is the one raised
-        get_run_logger().error("could not mark models:/%s/%s failed (step %s): %s", name, version, step, e)
+def failing(name: str, version: str, step: str, settings: Settings) -> AbstractContextManager[None]:
+    """:func:`loraline.registry.version_step` with MLflow's own failure to record it in the run log (the UI)."""
+    return version_step(name, version, step, settings, warn=get_run_logger().error)
 
 
 def name_flow_run(name: str) -> None:

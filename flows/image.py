@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction, transaction
 
-from flows.common import artifact_key, flow_settings, mark_failed_quietly, progress
+from flows.common import artifact_key, failing, flow_settings, progress
 from loraline.benchmark import release_dirs
 from loraline.engine import vllm_lora_rank
 from loraline.evaluate import with_served
@@ -36,12 +36,9 @@ def preflight_task(settings: Settings, mode: str, runtime_lora_servable: bool) -
 @task(name="image", cache_policy=NO_CACHE, task_run_name="image-{name}-v{version}-{mode}")
 def image_task(name: str, version: str, mode: str, lineage: dict[str, Any], adapter_dir: Path, base_dir: Path,
                merged_dir: Path, settings: Settings) -> Image:
-    try:
+    with failing(name, version, "image", settings):
         img = build_image(lineage, mode, settings, adapter_dir=adapter_dir, base_dir=base_dir, merged_dir=merged_dir,
                           lora_rank=vllm_lora_rank(adapter_dir), progress=progress("image"))
-    except Exception as e:
-        mark_failed_quietly(name, version, "image", e, settings)
-        raise
     txn = get_transaction()
     if txn is not None:  # for the rollback hook: the pushed manifest to delete if the smoke test or the record fails
         txn.set("pushed", {"repository": img.repository, "digest": img.digest, "pinned": img.pinned})
@@ -66,20 +63,14 @@ def _unpush(txn: Transaction) -> None:
 
 @task(name="smoke", cache_policy=NO_CACHE, task_run_name="smoke-{name}-v{version}-{image.mode}")
 def smoke_task(name: str, version: str, image: Image, merged_dir: Path, settings: Settings) -> dict[str, Any]:
-    try:
+    with failing(name, version, "smoke", settings):
         return smoke_test(image, merged_dir, settings, progress("smoke"))
-    except Exception as e:
-        mark_failed_quietly(name, version, "smoke", e, settings)
-        raise
 
 
 @task(name="record-image", cache_policy=NO_CACHE, task_run_name="record-image-{name}-v{version}-{image.mode}")
 def record_image_task(name: str, version: str, run_id: str, image: Image, settings: Settings) -> dict[str, Any]:
-    try:
+    with failing(name, version, "image", settings):
         return log_image(name, version, run_id, image.to_dict(), settings)
-    except Exception as e:
-        mark_failed_quietly(name, version, "image", e, settings)
-        raise
 
 
 def image_release(lineage: dict[str, Any], settings: Settings, mode: str, base_dir: Path | None = None) -> dict[str, Any]:

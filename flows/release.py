@@ -18,40 +18,33 @@ from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction, transaction
 
 from flows.benchmark import bench_release
-from flows.common import artifact_key, flow_settings, mark_failed_quietly, name_flow_run
+from flows.common import artifact_key, failing, flow_settings, name_flow_run
 from flows.image import image_release, preflight_task
 from loraline.benchmark import release_dirs
 from loraline.evaluate import evaluate_release
 from loraline.gate import gate_release, undo_gate
 from loraline.image import image_mode
-from loraline.merge import MergedModel, merge_adapter, merged_path
-from loraline.parity import ParityReport, check_parity, check_vllm_parity, parity_prompts, require_parity
+from loraline.merge import MergedModel, merge_adapter, merge_key, merged_path
+from loraline.parity import ParityReport, check_parity, check_vllm_parity, parity_key, parity_prompts, require_parity
 from loraline.params import BenchmarkWorkload, GateThresholds, ImageMode
 from loraline.registry import check_model_name, experiment_of, find_release, log_evaluation, log_report, register_model, reopen
 from loraline.report import lineage_rows, release_report
+from loraline.resume import resume_plan
 from loraline.settings import Settings
 from loraline.sources import FetchedAdapter, FetchedBase, fetch_adapter, fetch_base, parse_source
-from loraline.validation import ValidationReport, validate_adapter
-
-
-def _digests(parameters: dict[str, Any]) -> str:
-    a: FetchedAdapter = parameters["adapter"]
-    b: FetchedBase = parameters["base"]
-    return f"{a.sha256}-{b.sha256}"
+from loraline.validation import ValidationReport, validate_adapter, validation_key
 
 
 def _validate_key(_ctx: Any, p: dict[str, Any]) -> str:
-    s: Settings = p["settings"]
-    return f"validate-{_digests(p)}-r{s.max_lora_rank}-trc{int(s.trust_remote_code)}"
+    return validation_key(p["adapter"], p["base"], p["settings"])
 
 
 def _merge_key(_ctx: Any, p: dict[str, Any]) -> str:
-    return f"merge-{_digests(p)}-{p['settings'].merge_dtype}-{p['settings'].merge_compute_dtype}"
+    return merge_key(p["adapter"], p["base"], p["settings"])
 
 
 def _parity_key(_ctx: Any, p: dict[str, Any]) -> str:
-    s: Settings = p["settings"]
-    return f"parity-{p['merged'].sha256}-{_digests(p)}-{s.parity_prompts}-{s.parity_max_new_tokens}-{s.parity_top_k}"
+    return parity_key(p["adapter"].sha256, p["base"].sha256, p["merged"].sha256, p["settings"])
 
 
 def _retried_if_remote(fetch: Any, source: str) -> Any:
@@ -108,13 +101,10 @@ def register_task(name: str, adapter: FetchedAdapter, base: FetchedBase, validat
 @task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate-{lineage[model_name]}-v{lineage[model_version]}")
 def evaluate_task(lineage: dict[str, Any], base_dir: Path, settings: Settings) -> dict[str, Any]:
     name, version, run_id = lineage["model_name"], str(lineage["model_version"]), lineage["mlflow_run_id"]
-    try:
+    with failing(name, version, "evaluate", settings):
         _adapter_dir, base_dir, merged_dir = release_dirs(lineage, settings, Path(base_dir))  # merged again if it was removed
         report = evaluate_release(merged_dir, base_dir, settings, base_sha256=lineage["base"]["sha256"])
         summary = log_evaluation(name, version, run_id, report, settings)
-    except Exception as e:
-        mark_failed_quietly(name, version, "evaluate", e, settings)
-        raise
     get_run_logger().info("task accuracy %.1f%% (base %.1f%%) on %d questions", 100 * report.merged.accuracy,
                           100 * report.base.accuracy, report.merged.examples)
     return {**lineage, "evaluation": summary}
@@ -152,16 +142,13 @@ def _undo_gate(txn: Transaction) -> None:
 @task(name="report", cache_policy=NO_CACHE, task_run_name="report-{lineage[model_name]}-v{lineage[model_version]}")
 def report_task(lineage: dict[str, Any], gate: dict[str, Any] | None, settings: Settings) -> str:
     name, version, run_id = lineage["model_name"], str(lineage["model_version"]), lineage["mlflow_run_id"]
-    try:
+    with failing(name, version, "report", settings):
         markdown = release_report(lineage, gate, experiment_of(run_id, settings))
         log_report(name, version, run_id, markdown, gate, settings)
         create_markdown_artifact(key=artifact_key("release", name), markdown=markdown,
                                  description=f"Release report of models:/{name}/{version}")
         create_table_artifact(key=artifact_key("lineage", name), table=lineage_rows(lineage),
                               description=f"Lineage of models:/{name}/{version}: checkpoint to serving image")
-    except Exception as e:
-        mark_failed_quietly(name, version, "report", e, settings)
-        raise
     return markdown
 
 
@@ -195,28 +182,24 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
     v = validate_task(a, b, settings)
     preflight_task(settings, mode, v.runtime_lora_servable)  # engine and registry answer: refuse before any merge
     existing = find_release_task(name, a, b, settings)
-    want_eval = settings.eval and not (existing or {}).get("evaluation")
-    want_bench = settings.bench and not (existing or {}).get("benchmark")
-    want_image = mode != "none" and not any(i.get("mode") == mode for i in (existing or {}).get("images", []))
-    redo_report = (existing or {}).get("failed_step") == "report"
-    if existing is not None and not want_eval and not want_bench and not want_image and "gate" in existing and not redo_report:
-        # Released and gated before: nothing to do (a re-run never moves an alias back to an older version).
+    plan = resume_plan(existing, settings, mode)
+    if existing is not None and plan.done:  # released and gated before: a re-run never moves an alias back
         name_flow_run(f"release-{name}-v{existing['model_version']}-existing")
         return _with_image(existing, mode)
-    if existing is None:
+    if plan.register:
         # A cached merge result is only good while its directory is still on disk.
         m = merge_task.with_options(refresh_cache=not merged_path(a, b, settings).is_dir())(a, b, settings)
         p = parity_task(a, b, m, settings)
         vp = vllm_parity_task(a, b, m, v, settings) if settings.vllm_parity else ()
         result = register_task(name, a, b, v, m, p, vp, settings)
-    else:  # released before, but its evaluation, benchmark or image did not finish: do that now
+    else:  # released before, but its evaluation, benchmark, image or report did not finish: do that now
         result = existing
     name_flow_run(f"release-{name}-v{result['model_version']}")
-    if want_eval:
+    if plan.evaluate:
         result = evaluate_task(result, b.path, settings)
-    if want_bench:
+    if plan.benchmark:
         result = bench_release(result, settings, base_dir=b.path)
-    if want_image:
+    if plan.image:
         result = image_release(result, settings, mode, base_dir=b.path)
     with transaction():  # the gate's alias moves are rolled back if the report fails
         decision = gate_task(result, thresholds, settings)

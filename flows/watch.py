@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import artifact_key, flow_settings
 from flows.release import release
+from loraline.errors import WatchError
 from loraline.params import BenchmarkWorkload, GateThresholds, ImageMode
 from loraline.settings import Settings
 from loraline.watch import Candidate, adapter_sources, scan
@@ -58,5 +59,5 @@ def watch(base: str, name: str = "smol-sql", directory: str | None = None, exper
     create_table_artifact(key=artifact_key("watch", name), table=rows or [{"source": "(none found)", "state": ""}],
                           description=f"Adapters found for {name} and what the watch did with each")
     if failed:
-        raise RuntimeError(f"{len(failed)} release(s) failed: {', '.join(failed)} (see the table artifact watch-{name})")
+        raise WatchError(f"{len(failed)} release(s) failed: {', '.join(failed)} (see the table artifact watch-{name})")
     return rows

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraline.errors import InvalidAdapter, LoralineError, RegistryError, SourceError, TraceError
+from loraline.errors import InvalidAdapter, LoralineError, SettingsError, SourceError, TraceError
 from loraline.settings import Settings
 from loraline.sources import fetch_adapter, fetch_base
 from loraline.validation import validate_adapter
@@ -364,7 +364,7 @@ def missing_path(c: Ctx):
 def invalid_model_name(c: Ctx):
     from loraline.registry import check_model_name
 
-    return lambda: check_model_name("smol sql/../x"), RegistryError, "model name 'smol sql/../x' is not allowed"
+    return lambda: check_model_name("smol sql/../x"), SettingsError, "model name 'smol sql/../x' is not allowed"
 
 
 def unknown_alias(c: Ctx):
@@ -377,7 +377,7 @@ def wrong_mlflow_uri(c: Ctx):
     from loraline.lineage import trace
 
     s = c.settings.model_copy(update={"tracking_uri": "postgresq://db/mlflow"})
-    return lambda: trace("models:/smol-sql/1", s), RegistryError, "LORALINE_TRACKING_URI 'postgresq://db/mlflow': MLflow does not know the scheme 'postgresq'"
+    return lambda: trace("models:/smol-sql/1", s), SettingsError, "LORALINE_TRACKING_URI 'postgresq://db/mlflow': MLflow does not know the scheme 'postgresq'"
 
 
 def registry_with_credentials(c: Ctx):

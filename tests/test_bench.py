@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from loraline.bench import random_prompts
+from loraline.errors import EngineError
 from loraline.engine import engine_log_facts, run_bench
 from loraline.settings import Settings
 
@@ -44,7 +45,7 @@ def test_run_bench_refuses_uneven_repeats_before_starting_an_engine(tmp_path: Pa
     model.mkdir()
     (model / "config.json").write_text("{}")
     uneven = {"name": "w", "output_len": 4, "prompt_sets": [[[5, 6]], [[7, 8], [9, 10]]]}
-    with pytest.raises(ValueError, match="same, non-zero number of prompts"):
+    with pytest.raises(EngineError, match="same, non-zero number of prompts"):
         run_bench(model, Settings(vllm_python=None), workloads=[uneven])
 
 

@@ -1,4 +1,4 @@
-"""The directory digest is the one anyone can recompute with coreutils (DESIGN.md)."""
+"""The directory digest is the one anyone can recompute with coreutils."""
 
 from __future__ import annotations
 

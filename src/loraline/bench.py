@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from loraline.errors import EngineError
 from loraline.settings import Settings
 
 
@@ -158,7 +159,9 @@ def hf_generate_batch(model: Any, prompts: Sequence[Sequence[int]], output_len: 
             pad_token_id=pad_id,
             stopping_criteria=StoppingCriteriaList([Stamp()]),
         )
-    assert out.shape[1] - ids.shape[1] == output_len, "HF generate stopped early"
+    if out.shape[1] - ids.shape[1] != output_len:
+        raise EngineError(f"HF generate stopped after {out.shape[1] - ids.shape[1]} of {output_len} tokens: the timed "
+                          "run must produce every token (min_new_tokens); report this model's generation config")
     return t0, stamps
 
 

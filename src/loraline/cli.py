@@ -204,10 +204,7 @@ def trace(ref: str, as_json: bool) -> None:
     quiet_third_parties(settings)
     from loraline.lineage import trace as trace_ref
 
-    try:
-        emit(trace_ref(ref, settings), as_json)
-    except LoralineError as e:
-        raise click.ClickException(str(e)) from e
+    emit(trace_ref(ref, settings), as_json)
 
 
 @cli.group()
@@ -220,10 +217,7 @@ def _services(action: str, as_json: bool) -> None:
     quiet_third_parties(settings)
     from loraline import services as svc
 
-    try:
-        st = getattr(svc, action)(settings)
-    except LoralineError as e:
-        raise click.ClickException(str(e)) from e
+    st = getattr(svc, action)(settings)
     if as_json:
         click.echo(json.dumps(st.to_dict(), indent=2))
         return
@@ -275,30 +269,10 @@ def run(group: click.Group) -> None:
     except LoralineError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is MLflow refusing or not answering
-        message = mlflow_failure(e)
-        if message is None:
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is MLflow failing outside the seam (fluent calls)
+        from loraline.tracking import failure
+
+        if (err := failure(e)) is None:
             raise
-        click.echo(f"Error: {message}", err=True)
+        click.echo(f"Error: {err}", err=True)
         sys.exit(1)
-
-
-def mlflow_failure(e: BaseException) -> str | None:
-    """One line for the MLflow failures a user can act on: a server that does not answer, or refuses the credentials."""
-    import re
-
-    if type(e).__name__ not in ("MlflowException", "RestException"):
-        return None
-    text = str(e)
-    m = re.search(r"(https?://[^/\s]+)", text)
-    where = f" at {m.group(1)}" if m else ""
-    if "Max retries exceeded" in text or "Connection refused" in text or "ConnectionError" in text:
-        return (f"the MLflow server{where} does not answer: start it again (`loraline services up`, or your server) and "
-                "re-run: the re-run continues the same release (nothing half-registered is kept)")
-    if "error code 401" in text or text.startswith("401 "):
-        return ("the MLflow server refused the request (401: not authenticated): set MLFLOW_TRACKING_USERNAME and "
-                "MLFLOW_TRACKING_PASSWORD, or the Prefect Secret block loraline-mlflow-password")
-    if "error code 403" in text or text.startswith("403 "):
-        return ("the MLflow server refused the request (403: permission denied): give MLFLOW_TRACKING_USERNAME EDIT (or "
-                "MANAGE) on the experiment and the registered model, or use another user")
-    return None

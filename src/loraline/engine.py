@@ -1,6 +1,6 @@
 """The one seam to the vLLM engine: a subprocess of the engine environment's Python.
 
-vLLM never runs inside loraline's process (DESIGN.md, "Two processes, two environments"): its
+vLLM never runs inside loraline's process (two processes, two environments): its
 pins conflict with Prefect's, and in production it runs in the serving container anyway.
 :func:`run_generate` and :func:`run_bench` run :mod:`loraline.vllm_runner` as a file with ``settings.vllm_python``;
 :mod:`loraline.server` starts vLLM's OpenAI server the same way. Both use :func:`find_engine`,
@@ -253,7 +253,7 @@ def run_bench(
     for w in workloads:
         sets = w["prompt_sets"]
         if not sets or any(len(ps) != len(sets[0]) or not ps for ps in sets):
-            raise ValueError(f"workload {w['name']!r}: every repeat needs the same, non-zero number of prompts")
+            raise EngineError(f"workload {w['name']!r}: every repeat needs the same, non-zero number of prompts")
     engine = find_engine(settings)
     request = {
         "mode": "bench",

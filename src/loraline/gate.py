@@ -18,16 +18,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from loraline.errors import LoralineError
+from loraline.errors import GateError
 from loraline.params import GateThresholds
-from loraline.registry import TAG, read_lineage, use_mlflow
+from loraline.errors import TrackingError
+from loraline.tracking import TAG, Tracking, connect
 from loraline.settings import Settings
 
 CANDIDATE, CHAMPION = "candidate", "champion"
-
-
-class GateError(LoralineError):
-    """The gate could not be applied (the version is missing or its lineage does not match)."""
 
 
 @dataclass(frozen=True)
@@ -141,35 +138,34 @@ def decide(lineage: dict[str, Any], status: str, t: GateThresholds, champion: Ch
                         passed=all(c.passed for c in checks), checks=tuple(checks), champion=champion)
 
 
-def champion_score(client: Any, name: str, version: str) -> ChampionScore:
+def champion_score(t: Tracking, name: str, version: str) -> ChampionScore:
     """The task accuracy of ``models:/name/version``: its ``loraline.eval.accuracy`` tag, else its ``lineage.json``."""
-    mv = client.get_model_version(name, version)
+    mv = t.client.get_model_version(name, version)
     tag = (mv.tags or {}).get(f"{TAG}eval.accuracy")
     if tag not in (None, "", "None"):
         return ChampionScore(str(version), float(tag))
-    ev = read_lineage(client, mv.run_id).get("evaluation") or {}
+    ev = t.lineage(mv.run_id).get("evaluation") or {}
     return ChampionScore(str(version), float(ev["accuracy"]) if ev.get("accuracy") is not None else None)
 
 
 def gate_release(lineage: dict[str, Any], thresholds: GateThresholds, settings: Settings) -> GateDecision:
     """Decide on the release ``lineage`` describes and apply the decision in the MLflow registry."""
-    from mlflow.exceptions import MlflowException
-
-    client = use_mlflow(settings)
+    t = connect(settings)
+    client = t.client
     name, version = str(lineage["model_name"]), str(lineage["model_version"])
     try:
         mv = client.get_model_version(name, version)
-    except MlflowException as e:
-        raise GateError(f"cannot gate models:/{name}/{version}: {e.message}") from e
+    except TrackingError as e:
+        raise GateError(f"cannot gate models:/{name}/{version}: {e}") from e
     if mv.run_id != lineage.get("mlflow_run_id"):
         raise GateError(f"models:/{name}/{version} belongs to run {mv.run_id}, not {lineage.get('mlflow_run_id')}: "
                         "the lineage given to the gate is not this version's")
     aliases = {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
     previous = aliases.get(CHAMPION)
     try:
-        champion = champion_score(client, name, previous) if previous and thresholds.champion_tolerance is not None else None
-    except MlflowException as e:
-        raise GateError(f"cannot read the evaluation of the champion models:/{name}/{previous}: {e.message}") from e
+        champion = champion_score(t, name, previous) if previous and thresholds.champion_tolerance is not None else None
+    except TrackingError as e:
+        raise GateError(f"cannot read the evaluation of the champion models:/{name}/{previous}: {e}") from e
     decision = decide(lineage, (mv.tags or {}).get(f"{TAG}status", "unknown"), thresholds, champion)
     moved: dict[str, str] = {}
     if decision.passed:
@@ -195,7 +191,7 @@ def undo_gate(decision: dict[str, Any], reason: str, settings: Settings) -> dict
     to the version goes back to the version it named before, or is removed if it named none; an alias another release
     has moved since is left alone. The version and its run are tagged ``loraline.gate=rolled-back`` with ``reason``.
     Returns alias -> where it points now ('' = unset) for the aliases put back."""
-    client = use_mlflow(settings)
+    client = connect(settings).client
     name, version = str(decision["model_name"]), str(decision["model_version"])
     now = {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
     before = {CANDIDATE: decision.get("previous_candidate") or "", CHAMPION: decision.get("previous_champion") or ""}

@@ -23,7 +23,6 @@ this folder first on ``sys.path``, where a ``gguf.py`` would shadow the ``gguf``
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time

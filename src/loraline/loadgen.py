@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from loraline.errors import EngineError
+
 
 @dataclass(frozen=True)
 class RequestRecord:
@@ -152,5 +154,5 @@ def run_level(url: str, model: str, prompts: Sequence[Sequence[int]], output_len
               timeout_s: float = 600.0, token_ids: bool = True) -> LevelResult:
     """Send every prompt (at most ``concurrency`` in flight) and wait for all of them."""
     if concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1, not {concurrency}")
+        raise EngineError(f"concurrency must be >= 1, not {concurrency}: set LORALINE_BENCH_CONCURRENCY to levels >= 1")
     return asyncio.run(_level(url, model, prompts, output_len, concurrency, timeout_s, token_ids))

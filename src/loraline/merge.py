@@ -51,6 +51,12 @@ def merged_path(adapter: FetchedAdapter, base: FetchedBase, settings: Settings) 
     return settings.merged_dir / f"{adapter.sha256[:16]}-{base.sha256[:16]}-{out}-{compute}"
 
 
+def merge_key(adapter: FetchedAdapter, base: FetchedBase, settings: Settings) -> str:
+    """Everything a merge's result depends on (the flow's cache key): both digests and the dtypes."""
+    out, compute = _dtypes(base, settings)
+    return f"merge-{adapter.sha256}-{base.sha256}-{out}-{compute}"
+
+
 def _record(path: Path) -> Path:
     # Kept beside (not inside) the merged dir so the directory digest covers the model only.
     return path.with_name(path.name + ".json")

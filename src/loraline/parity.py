@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 from loraline.settings import Settings
 
@@ -144,23 +144,66 @@ def generate_greedy_ids(
     return outs
 
 
+def parity_key(adapter_sha256: str, base_sha256: str, merged_sha256: str, settings: Settings) -> str:
+    """Everything a parity verdict depends on (the flow's cache key): the three digests and the settings it reads."""
+    return (f"parity-{merged_sha256}-{adapter_sha256}-{base_sha256}-{settings.parity_prompts}-"
+            f"{settings.parity_max_new_tokens}-{settings.parity_top_k}")
+
+
 def check_parity(adapter_dir: Path, base_dir: Path, merged_dir: Path, prompts: Sequence[str], settings: Settings) -> ParityReport:
     """Greedy outputs of base + adapter (peft, unmerged) vs the merged model reloaded from disk."""
+    from loraline.models import load_tokenizer
+
+    t0 = time.perf_counter()
+    kw = dict(max_new_tokens=settings.parity_max_new_tokens, top_k=settings.parity_top_k)
+    ids = encode_prompts(load_tokenizer(merged_dir, merged_dir, settings), prompts)
+    # One model in memory at a time: the runtime side first, then the merged one from disk.
+    a = hf_peft_generations(adapter_dir, base_dir, merged_dir, ids, settings)
+    b = hf_generations(merged_dir, ids, settings)
+    return report("peft-unmerged", "merged", prompts, a, b, seconds=time.perf_counter() - t0, **kw)
+
+
+# Greedy generations are a function of the weights, the prompt ids and the settings. A release asks for the same ones
+# several times: peft's in HF parity and again as vLLM parity's reference, the merged model's in HF parity and again as
+# the smoke test's reference (about 13 s each for the real demo model on 2 cores). This process computes each once.
+_GENERATIONS: dict[tuple, list[Generation]] = {}
+_GENERATIONS_KEPT = 8
+
+
+def _weights_stamp(d: Path) -> tuple:
+    """A directory and its weight files' sizes and mtimes: changed weights (rewritten, damaged) are not the same key."""
+    return (str(d), tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(d).glob("*.safetensors"))))
+
+
+def _remembered(key: tuple, compute: Callable[[], list[Generation]]) -> list[Generation]:
+    if key not in _GENERATIONS:
+        while len(_GENERATIONS) >= _GENERATIONS_KEPT:
+            _GENERATIONS.pop(next(iter(_GENERATIONS)))
+        _GENERATIONS[key] = compute()
+    return list(_GENERATIONS[key])
+
+
+def hf_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], settings: Settings) -> list[Generation]:
+    """Greedy generations of the model in ``model_dir`` (its own tokenizer and dtype) with transformers."""
     import gc
 
     from loraline.models import base_dtype_name, load_causal_lm, load_tokenizer
 
-    t0 = time.perf_counter()
-    kw = dict(max_new_tokens=settings.parity_max_new_tokens, top_k=settings.parity_top_k)
-    tok = load_tokenizer(merged_dir, merged_dir, settings)
-    ids = encode_prompts(tok, prompts)
-    # One model in memory at a time: the runtime side first, then the merged one from disk.
-    a = hf_peft_generations(adapter_dir, base_dir, merged_dir, ids, settings)
-    merged = load_causal_lm(merged_dir, settings, base_dtype_name(merged_dir))
-    b = generate_greedy_ids(merged, tok, ids, **kw)
-    del merged
-    gc.collect()
-    return report("peft-unmerged", "merged", prompts, a, b, seconds=time.perf_counter() - t0, **kw)
+    dtype = base_dtype_name(model_dir)
+
+    def compute() -> list[Generation]:
+        tok = load_tokenizer(model_dir, model_dir, settings)
+        model = load_causal_lm(model_dir, settings, dtype)
+        try:
+            return generate_greedy_ids(model, tok, prompt_ids, max_new_tokens=settings.parity_max_new_tokens,
+                                       top_k=settings.parity_top_k)
+        finally:
+            del model
+            gc.collect()
+
+    key = ("hf", _weights_stamp(model_dir), dtype, tuple(map(tuple, prompt_ids)), settings.parity_max_new_tokens,
+           settings.parity_top_k, settings.trust_remote_code)
+    return _remembered(key, compute)
 
 
 def hf_peft_generations(adapter_dir: Path, base_dir: Path, tokenizer_dir: Path, prompt_ids: Sequence[Sequence[int]],
@@ -170,13 +213,21 @@ def hf_peft_generations(adapter_dir: Path, base_dir: Path, tokenizer_dir: Path, 
 
     from loraline.models import base_dtype_name, load_peft, load_tokenizer
 
-    tok = load_tokenizer(tokenizer_dir, tokenizer_dir, settings)
-    runtime = load_peft(base_dir, adapter_dir, settings, base_dtype_name(tokenizer_dir))
-    try:
-        return generate_greedy_ids(runtime, tok, prompt_ids, max_new_tokens=settings.parity_max_new_tokens, top_k=settings.parity_top_k)
-    finally:
-        del runtime
-        gc.collect()
+    dtype = base_dtype_name(tokenizer_dir)
+
+    def compute() -> list[Generation]:
+        tok = load_tokenizer(tokenizer_dir, tokenizer_dir, settings)
+        runtime = load_peft(base_dir, adapter_dir, settings, dtype)
+        try:
+            return generate_greedy_ids(runtime, tok, prompt_ids, max_new_tokens=settings.parity_max_new_tokens,
+                                       top_k=settings.parity_top_k)
+        finally:
+            del runtime
+            gc.collect()
+
+    key = ("peft", _weights_stamp(adapter_dir), _weights_stamp(base_dir), str(tokenizer_dir), dtype,
+           tuple(map(tuple, prompt_ids)), settings.parity_max_new_tokens, settings.parity_top_k, settings.trust_remote_code)
+    return _remembered(key, compute)
 
 
 def vllm_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], settings: Settings, *,

@@ -1,4 +1,5 @@
-"""MLflow: the one seam for tracking runs and the Model Registry.
+"""Registering a release in the MLflow Model Registry, and what later steps record on it (through
+:mod:`loraline.tracking`, the MLflow seam).
 
 A release is one MLflow run (params, metrics, artifacts, the logged model) and one version of
 the registered model, created with its lineage tags in the same call. If anything fails after
@@ -12,125 +13,30 @@ import json
 import os
 import re
 import socket
-import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from loraline import __version__
-from loraline.errors import RegistryError
+from loraline.errors import ParityError, RegistryError, SettingsError, TrackingError
 from loraline.merge import MergedModel
 from loraline.parity import ParityReport
 from loraline.settings import Settings, redact
-from loraline.stores import init_once, store_key
 from loraline.sources import FetchedAdapter, FetchedBase
+from loraline.tracking import EXISTS, LINEAGE_FILE, TAG, Tracking, connect, failure
 from loraline.validation import ValidationReport
 
-TAG = "loraline."
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-LINEAGE_FILE = "lineage.json"
-# Store URI schemes MLflow 3 accepts (mlflow.tracking._tracking_service.utils); +driver suffixes are allowed.
-MLFLOW_SCHEMES = ("file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
 
 
 def check_model_name(name: str) -> str:
     """Refuse names MLflow, URIs and image repositories cannot all carry."""
     if not _NAME.match(name):
-        raise RegistryError(
+        raise SettingsError(
             f"model name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit (e.g. smol-sql)"
         )
     return name
-
-
-def use_mlflow(settings: Settings) -> Any:
-    """Point MLflow (fluent API included) at the configured tracking and registry URIs; return a client."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    settings.ensure_dirs()
-    for what, uri in (("LORALINE_TRACKING_URI", settings.resolved_tracking_uri), ("LORALINE_REGISTRY_URI", settings.resolved_registry_uri)):
-        scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
-        if scheme and scheme not in MLFLOW_SCHEMES:
-            raise RegistryError(f"{what} {redact(uri)!r}: MLflow does not know the scheme {scheme!r}; use sqlite:///PATH, "
-                                "http(s)://HOST:PORT (an MLflow server), postgresql://, mysql:// or file:///PATH")
-    # MLflow's REST client reads basic-auth credentials from its environment variables only: hand them over there
-    # (from a Prefect Secret block, or LORALINE_MLFLOW_TRACKING_*); they never go into params, tags or logs.
-    if settings.mlflow_tracking_username:
-        os.environ["MLFLOW_TRACKING_USERNAME"] = settings.mlflow_tracking_username
-    if settings.mlflow_tracking_password:
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = settings.mlflow_tracking_password.get_secret_value()
-    for uri in dict.fromkeys((settings.resolved_tracking_uri, settings.resolved_registry_uri)):
-        if uri.lower().startswith("sqlite:"):
-            _init_sqlite_store(uri, settings)
-    mlflow.set_tracking_uri(settings.resolved_tracking_uri)
-    mlflow.set_registry_uri(settings.resolved_registry_uri)
-    return MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
-
-
-def _init_sqlite_store(uri: str, settings: Settings) -> None:
-    """Create a SQLite store's schema once across processes (:func:`loraline.stores.init_once`).
-
-    MLflow migrates an empty database when a store first opens it, with nothing that serializes processes: releases
-    started at once on a fresh home failed in alembic ("Online migration expected to match one row ...").
-    """
-    from mlflow import MlflowClient
-    from sqlalchemy.engine import make_url
-
-    database = make_url(uri).database
-    if not database or database == ":memory:":
-        return
-
-    def initialize() -> None:
-        client = MlflowClient(uri, uri)
-        client.search_experiments(max_results=1)  # the tracking store creates and migrates every table
-        client.search_registered_models(max_results=1)  # the registry store checks its own
-
-    init_once(settings.home, store_key("mlflow", uri), initialize, exists=Path(database).is_file)
-
-
-def _is_local_store(uri: str) -> bool:
-    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
-
-
-def experiment_id(client: Any, name: str, settings: Settings) -> str:
-    """One experiment per registered model, named after it; artifacts under ``<home>/mlartifacts`` for local stores."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return str(exp.experiment_id)
-    location = (settings.artifact_root / name).as_uri() if _is_local_store(settings.resolved_tracking_uri) else None
-    try:
-        return str(client.create_experiment(name, artifact_location=location, tags={f"{TAG}model": name}))
-    except Exception:
-        exp = client.get_experiment_by_name(name)  # created concurrently by another release
-        if exp is None:
-            raise
-        return str(exp.experiment_id)
-
-
-def find_versions(client: Any, *, adapter_sha: str | None = None, base_sha: str | None = None, name: str | None = None,
-                  merged_sha: str | None = None, gguf_sha: str | None = None) -> list[Any]:
-    """Model versions carrying the given lineage digests (``gguf_sha``: of the .gguf file a base was converted from),
-    oldest first."""
-    clauses = []
-    if name:
-        clauses.append(f"name = '{name}'")
-    for key, val in (("adapter", adapter_sha), ("base", base_sha), ("merged", merged_sha), ("base.gguf", gguf_sha)):
-        if val:
-            if not re.fullmatch(r"[0-9a-f]{64}", val):
-                raise RegistryError(f"{key} digest {val!r} is not a sha256 hex digest (64 characters 0-9a-f)")
-            clauses.append(f"tags.`{TAG}{key}.sha256` = '{val}'")
-    versions = client.search_model_versions(" and ".join(clauses), max_results=1000)
-    return sorted(versions, key=lambda v: (v.name, int(v.version)))
-
-
-def read_lineage(client: Any, run_id: str) -> dict[str, Any]:
-    """The ``lineage.json`` artifact of a release run."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = client.download_artifacts(run_id, LINEAGE_FILE, tmp)
-        except Exception as e:
-            raise RegistryError(f"MLflow run {run_id} has no {LINEAGE_FILE}: it was not made by a loraline release ({e})") from e
-        return json.loads(Path(local).read_text())
 
 
 def owner() -> str:
@@ -178,9 +84,10 @@ def end_dead_runs(client: Any, experiment: str, adapter_sha: str, base_sha: str)
     return [r.info.run_id for r in dead]
 
 
-def settled_release(client: Any, name: str, versions: Sequence[Any], wait_s: float = FINISH_WAIT_S) -> dict[str, Any] | None:
+def settled_release(t: Tracking, name: str, versions: Sequence[Any], wait_s: float = FINISH_WAIT_S) -> dict[str, Any] | None:
     """The lineage of the oldest finished release among ``versions``, waiting for one still being registered by a live
     process; versions left by a process that was killed while registering (run RUNNING, owner gone) are removed."""
+    client = t.client
     deadline = time.monotonic() + wait_s
     pending = list(versions)
     while pending:
@@ -189,7 +96,7 @@ def settled_release(client: Any, name: str, versions: Sequence[Any], wait_s: flo
             run = client.get_run(mv.run_id)
             if run.info.status == "FINISHED":
                 tags = client.get_model_version(name, mv.version).tags or {}
-                return {**read_lineage(client, mv.run_id), "existing": True, "status": tags.get(f"{TAG}status"),
+                return {**t.lineage(mv.run_id), "existing": True, "status": tags.get(f"{TAG}status"),
                         "failed_step": tags.get(f"{TAG}failed.step")}
             if run.info.status == "RUNNING" and not _owner_dead(run.data.tags.get(f"{TAG}owner")):
                 still.append(mv)
@@ -208,9 +115,9 @@ def settled_release(client: Any, name: str, versions: Sequence[Any], wait_s: flo
 
 def find_release(name: str, adapter: FetchedAdapter, base: FetchedBase, settings: Settings) -> dict[str, Any] | None:
     """The lineage of the existing release of this adapter digest onto this base digest as ``name``, if any."""
-    client = use_mlflow(settings)
-    found = find_versions(client, name=name, adapter_sha=adapter.sha256, base_sha=base.sha256)
-    return settled_release(client, name, found) if found else None
+    t = connect(settings)
+    found = t.find_versions(name=name, adapter_sha=adapter.sha256, base_sha=base.sha256)
+    return settled_release(t, name, found) if found else None
 
 
 def _parity_line(p: ParityReport) -> str:
@@ -370,28 +277,28 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
     digest, its lineage is returned (with ``"existing": true``) and nothing is created.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     check_model_name(name)
     for p in (parity, *vllm_parity):
         if not p.passed:
-            raise RegistryError(f"refusing to register {name}: parity {p.a} vs {p.b} failed on {p.failed} of {p.prompts} prompts")
+            raise ParityError(f"refusing to register {name}: parity {p.a} vs {p.b} failed on {p.failed} of {p.prompts} prompts")
     existing = find_release(name, adapter, base, settings)
     if existing is not None:
         return existing
-    client = use_mlflow(settings)
-    exp = experiment_id(client, name, settings)
+    t = connect(settings)
+    client = t.client
+    exp = t.experiment_id(name)
     try:
         client.get_registered_model(name)
         created_model = False
-    except MlflowException:
+    except TrackingError:
         try:
             client.create_registered_model(name, tags={f"{TAG}managed": "true"},
                                            description=f"LoRA releases served by vLLM ({name}); made by loraline")
             created_model = True
-        except MlflowException as e:
+        except TrackingError as e:
             # Another release created it between our get and create (seen with 8 at once on a server).
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            if e.error_code != EXISTS:
                 raise
             created_model = False
 
@@ -419,14 +326,14 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
                                          model_id=info.model_id)
         version = mv.version
         # Two releases of the same digests racing: the oldest version wins, the newer is undone.
-        same = find_versions(client, name=name, adapter_sha=adapter.sha256, base_sha=base.sha256)
+        same = t.find_versions(name=name, adapter_sha=adapter.sha256, base_sha=base.sha256)
         older = [v for v in same if int(v.version) < int(version)]
         if older:
             client.delete_model_version(name, version)
             version = None
             mlflow.set_tag(f"{TAG}status", "duplicate")
             mlflow.end_run("KILLED")
-            winner = settled_release(client, name, older)  # waits while the older one finishes its registration
+            winner = settled_release(t, name, older)  # waits while the older one finishes its registration
             if winner is None:
                 raise RegistryError(f"{name}: the release of this adapter registered at the same time was interrupted; run the release again")
             return winner
@@ -443,8 +350,10 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
         if created_model and not client.search_model_versions(f"name = '{name}'"):
             client.delete_registered_model(name)
         mlflow.end_run("FAILED")
-        if isinstance(e, MlflowException):
-            raise RegistryError(f"registering {name} in MLflow ({redact(settings.resolved_tracking_uri)}) failed: {e}; nothing was registered") from e
+        err = e if isinstance(e, TrackingError) else failure(e, t.where)  # the fluent calls raise MLflow's own
+        if err is not None:
+            raise TrackingError(f"registering {name} in MLflow ({t.where}) failed: {err}; nothing was registered",
+                                error_code=err.error_code) from e
         raise
     return {**lineage, "existing": False}
 
@@ -460,17 +369,14 @@ def log_benchmark(name: str, version: str, run_id: str, report: Any, files: Sequ
     """
     from mlflow.entities import Metric
 
-    client = use_mlflow(settings)
+    t = connect(settings)
+    client = t.client
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, 0) for k, v in report.metrics().items()]
     for i in range(0, len(metrics), 900):  # MLflow's batch limit is 1000
         client.log_batch(run_id, metrics=metrics[i:i + 900])
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        (d / "benchmark.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
-        (d / "benchmark.md").write_text(report.markdown())
-        for f in [d / "benchmark.json", d / "benchmark.md", *files]:
-            client.log_artifact(run_id, str(f), "benchmark")
+    t.log_texts(run_id, {"benchmark.json": json.dumps(report.to_dict(), indent=2, default=str),
+                         "benchmark.md": report.markdown()}, "benchmark", extra=tuple(files))
     summary = {
         "recommendation": report.recommendation.mode,
         "reason": report.recommendation.reason,
@@ -482,13 +388,8 @@ def log_benchmark(name: str, version: str, run_id: str, report: Any, files: Sequ
         "crosscheck_within_10pct": {c: v["within"] for c, v in (report.crosscheck.get("levels") or {}).items()},
         "artifacts": f"runs:/{run_id}/benchmark",
     }
-    lineage = read_lineage(client, run_id)
-    lineage["benchmark"] = summary
-    with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / LINEAGE_FILE
-        p.write_text(json.dumps(lineage, indent=2))
-        client.log_artifact(run_id, str(p))
-    released = (client.get_model_version(name, version).tags or {}).get(f"{TAG}status") == "released"
+    t.update_lineage(run_id, benchmark=summary)
+    released = t.version_tags(name, version).get(f"{TAG}status") == "released"
     for k, v in {"bench.recommendation": report.recommendation.mode, "bench.device": report.device_name,
                  "bench.run_id": run_id, "status": "released" if released else "benchmarked"}.items():
         client.set_model_version_tag(name, version, TAG + k, v)
@@ -502,30 +403,43 @@ def log_evaluation(name: str, version: str, run_id: str, report: Any, settings: 
     run, ``loraline.eval.*`` tags on its model version, an ``evaluation`` section in ``lineage.json``."""
     from mlflow.entities import Metric
 
-    client = use_mlflow(settings)
+    t = connect(settings)
+    client = t.client
     summary = report.summary()
     now = int(time.time() * 1000)
     values = {"accuracy": report.merged.accuracy, "base_accuracy": report.base.accuracy, "gain": report.gain,
               "valid_sql": report.merged.valid, "examples": report.merged.examples,
               "seconds": report.merged.seconds + report.base.seconds}
     client.log_batch(run_id, metrics=[Metric(f"eval.{k}", float(v), now, 0) for k, v in values.items()])
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        (d / "evaluation.json").write_text(json.dumps(report.to_dict(), indent=2))
-        client.log_artifact(run_id, str(d / "evaluation.json"))
-        lineage = read_lineage(client, run_id)
-        lineage["evaluation"] = summary
-        (d / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2))
-        client.log_artifact(run_id, str(d / LINEAGE_FILE))
+    t.log_texts(run_id, {"evaluation.json": json.dumps(report.to_dict(), indent=2)})
+    t.update_lineage(run_id, evaluation=summary)
     for k in ("accuracy", "base_accuracy", "gain", "examples"):
         client.set_model_version_tag(name, version, f"{TAG}eval.{k}", str(summary[k]))
-    reopen(name, version, "evaluate", settings)  # it failed last time: the status it had before comes back
     return summary
+
+
+@contextmanager
+def version_step(name: str, version: str, step: str, settings: Settings,
+                 warn: Callable[[str], None] | None = None) -> Iterator[None]:
+    """A step on a registered version (evaluate, benchmark, image, smoke, report). If it raises, the version is tagged
+    ``loraline.status=failed`` with the step and the reason (no alias moves on a failed version) and the error goes on;
+    when MLflow cannot take that tag either, ``warn`` says so (the step's own error is the one raised). If it
+    succeeds, a failure of this same step left by an earlier run is undone (:func:`reopen`)."""
+    try:
+        yield
+    except Exception as e:
+        try:
+            mark_failed(name, version, step, str(e), settings)
+        except Exception as e2:  # noqa: BLE001 - the step's error is the one raised
+            if warn is not None:
+                warn(f"could not mark models:/{name}/{version} failed (step {step}): {e2}")
+        raise
+    reopen(name, version, step, settings)
 
 
 def mark_failed(name: str, version: str, step: str, reason: str, settings: Settings) -> None:
     """A step after registration failed: say so on the model version (no alias moves on a failed version)."""
-    client = use_mlflow(settings)
+    client = connect(settings).client
     status = (client.get_model_version(name, version).tags or {}).get(f"{TAG}status")
     if status and status != "failed":  # what the version was before this failure (reopen() puts it back)
         client.set_model_version_tag(name, version, f"{TAG}failed.previous_status", status)
@@ -537,7 +451,7 @@ def mark_failed(name: str, version: str, step: str, reason: str, settings: Setti
 def reopen(name: str, version: str, step: str, settings: Settings) -> bool:
     """A release re-runs ``step``, the step that failed last time (e.g. ``report``): the version gets back the status it
     had before that failure and loses the failure tags. Returns whether it was failed at ``step``."""
-    client = use_mlflow(settings)
+    client = connect(settings).client
     tags = client.get_model_version(name, version).tags or {}
     if tags.get(f"{TAG}status") != "failed" or tags.get(f"{TAG}failed.step") != step:
         return False
@@ -563,7 +477,8 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
     """
     from mlflow.entities import Metric
 
-    client = use_mlflow(settings)
+    t = connect(settings)
+    client = t.client
     mode = image["mode"]
     smoke = image.get("smoke") or {}
     entry = {
@@ -594,19 +509,16 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
     if served:
         metrics += [Metric(f"eval.served_{k}", float(served[k]), now, 0) for k in ("accuracy", "examples", "correct", "valid", "seconds")]
     client.log_batch(run_id, metrics=metrics)
-    with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / f"{mode}.json"
-        p.write_text(json.dumps(image, indent=2, default=str))
-        client.log_artifact(run_id, str(p), "image")
-        lineage = read_lineage(client, run_id)
+    t.log_texts(run_id, {f"{mode}.json": json.dumps(image, indent=2, default=str)}, "image")
+
+    def add_image(lineage: dict[str, Any]) -> None:
         lineage["images"] = [i for i in lineage.get("images", []) if i.get("mode") != mode] + [entry]
         if served and lineage.get("evaluation"):
             from loraline.evaluate import with_served
 
             lineage["evaluation"] = with_served(lineage.get("evaluation"), served)
-        lp = Path(tmp) / LINEAGE_FILE
-        lp.write_text(json.dumps(lineage, indent=2))
-        client.log_artifact(run_id, str(lp))
+
+    lineage = t.update_lineage(run_id, add_image)
     tags = {"image.ref": image["ref"], "image.digest": image["digest"], "image.mode": mode, "image.pinned": entry["pinned"],
             f"image.{mode}.ref": image["ref"], f"image.{mode}.digest": image["digest"]}
     if served:
@@ -623,26 +535,18 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
 
 def experiment_of(run_id: str, settings: Settings) -> str:
     """The experiment id of a release's run (for MLflow UI links)."""
-    return str(use_mlflow(settings).get_run(run_id).info.experiment_id)
+    return str(connect(settings).client.get_run(run_id).info.experiment_id)
 
 
 def log_report(name: str, version: str, run_id: str, markdown: str, gate: dict[str, Any] | None, settings: Settings) -> None:
     """Attach the release report (``report.md``) and the gate decision (``gate.json``, ``lineage.json``'s ``gate``) to
     the release's run, and the gate's outcome to the model version's description."""
-    client = use_mlflow(settings)
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        (d / "report.md").write_text(markdown)
-        client.log_artifact(run_id, str(d / "report.md"))
-        if gate is not None:
-            (d / "gate.json").write_text(json.dumps(gate, indent=2))
-            client.log_artifact(run_id, str(d / "gate.json"))
-            lineage = read_lineage(client, run_id)
-            lineage["gate"] = gate
-            (d / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2))
-            client.log_artifact(run_id, str(d / LINEAGE_FILE))
-            images = "; ".join(f"image ({i['mode']}): {i['pinned']}" for i in lineage.get("images", []))
-            moved = ", ".join(f"{a} -> v{v}" for a, v in gate.get("aliases_moved", {}).items()) or "no alias moved"
-            verdict = "passed" if gate["passed"] else "failed: " + "; ".join(gate.get("reasons", []))
-            client.update_model_version(name, version, description="\n\n".join(
-                x for x in (_description(lineage), images, f"Gate {verdict} ({moved}).") if x))
+    t = connect(settings)
+    t.log_texts(run_id, {"report.md": markdown, **({"gate.json": json.dumps(gate, indent=2)} if gate is not None else {})})
+    if gate is not None:
+        lineage = t.update_lineage(run_id, gate=gate)
+        images = "; ".join(f"image ({i['mode']}): {i['pinned']}" for i in lineage.get("images", []))
+        moved = ", ".join(f"{a} -> v{v}" for a, v in gate.get("aliases_moved", {}).items()) or "no alias moved"
+        verdict = "passed" if gate["passed"] else "failed: " + "; ".join(gate.get("reasons", []))
+        t.client.update_model_version(name, version, description="\n\n".join(
+            x for x in (_description(lineage), images, f"Gate {verdict} ({moved}).") if x))

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loraline.errors import LoralineError
+from loraline.errors import ServiceError
 from loraline.settings import Settings
 
 HOST = "127.0.0.1"
@@ -39,10 +39,6 @@ PACKAGES = {"dockerd": "docker.io", "docker-registry": "docker-registry"}
 # The repository's start script (not packaged: services run from a checkout).
 MLFLOW_SCRIPT = Path(__file__).resolve().parents[2] / "mlflow" / "server.sh"
 MLFLOW_START_TIMEOUT_S = 120.0  # the first start creates and migrates the SQLite DB: ~15 s on 2 cores
-
-
-class ServiceError(LoralineError):
-    """A local service could not be started, reached or stopped."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +148,10 @@ def docker_ok(host: str, timeout_s: float = 5.0) -> bool:
             return bool(client.ping())
         finally:
             client.close()
-    except Exception:  # noqa: BLE001 - any failure means "not answering"
+    except Exception as e:  # noqa: BLE001 - connection refused, no socket, timeout: "not answering"
+        if isinstance(e, PermissionError) or "Permission denied" in str(e):  # it may well run: we may not use it
+            raise ServiceError(f"the Docker engine at {host} refused this user ({e}): run as a user allowed on its "
+                               "socket (root, or the docker group), or point LORALINE_DOCKER_HOST at an engine you may use") from e
         return False
 
 

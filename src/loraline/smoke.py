@@ -77,20 +77,12 @@ def chat(http: Any, url: str, model: str, messages: list[dict[str, str]], settin
 
 def reference(merged_dir: Path, questions: Sequence[str], settings: Settings) -> list[Generation]:
     """The merged model's HF greedy outputs on the chat-rendered questions (what the image must reproduce)."""
-    import gc
-
-    from loraline.models import base_dtype_name, load_causal_lm, load_tokenizer
-    from loraline.parity import encode_prompts, generate_greedy_ids
+    from loraline.models import load_tokenizer
+    from loraline.parity import encode_prompts, hf_generations
     from loraline.text2sql import render_prompt
 
     tok = load_tokenizer(merged_dir, merged_dir, settings)
-    ids = encode_prompts(tok, [render_prompt(tok, q) for q in questions])
-    model = load_causal_lm(merged_dir, settings, base_dtype_name(merged_dir))
-    try:
-        return generate_greedy_ids(model, tok, ids, max_new_tokens=settings.parity_max_new_tokens, top_k=settings.parity_top_k)
-    finally:
-        del model
-        gc.collect()
+    return hf_generations(merged_dir, encode_prompts(tok, [render_prompt(tok, q) for q in questions]), settings)
 
 
 def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:

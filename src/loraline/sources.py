@@ -167,12 +167,14 @@ def _hub_snapshot(src: Source, settings: Settings, allow_patterns: list[str]) ->
 def _mlflow_download(src: Source, settings: Settings, dst: Path) -> Path:
     import mlflow
 
-    from loraline.registry import use_mlflow
+    from loraline.tracking import SERVER_FAILED, connect, failure
 
-    use_mlflow(settings)
+    connect(settings)
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=src.location, dst_path=str(dst))
-    except Exception as e:  # MLflow raises MlflowException, OSError, ...: all mean "cannot fetch"
+    except Exception as e:  # MlflowException, OSError (a file store), ...: "cannot fetch"; the server's fix when it failed
+        if (err := failure(e)) is not None and err.error_code in SERVER_FAILED:
+            raise SourceError(f"MLflow source {src.raw!r}: {err}") from e
         raise SourceError(f"MLflow source {src.raw!r}: cannot download ({e}); check the URI and LORALINE_TRACKING_URI") from e
     return Path(local)
 

@@ -139,6 +139,11 @@ def _base_shape(module: str, shapes: dict[str, tuple[int, ...]], tied: bool) -> 
     return None
 
 
+def validation_key(adapter: FetchedAdapter, base: FetchedBase, settings: Settings) -> str:
+    """Everything a validation's verdict depends on (the flow's cache key): both digests and the settings it reads."""
+    return f"validate-{adapter.sha256}-{base.sha256}-r{settings.max_lora_rank}-trc{int(settings.trust_remote_code)}"
+
+
 def validate_adapter(adapter: FetchedAdapter, base: FetchedBase, settings: Settings) -> ValidationReport:
     """Refuse adapters that cannot be merged safely or served, before touching any weights.
 

@@ -14,16 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loraline.errors import LoralineError
-from loraline.registry import find_versions, use_mlflow
+from loraline.errors import LoralineError, TrackingError, WatchError
 from loraline.settings import Settings
 from loraline.sources import adapter_digest, fetch_adapter
+from loraline.tracking import SERVER_FAILED, Tracking, connect
 
 MAX_DEPTH = 3  # how deep below the watched directory adapters are looked for
-
-
-class WatchError(LoralineError):
-    """What to watch is missing or cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +44,7 @@ def _dirs(root: Path) -> list[Path]:
 
 
 def _runs(experiment: str, settings: Settings) -> list[str]:
-    client = use_mlflow(settings)
+    client = connect(settings).client
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise WatchError(f"MLflow experiment {experiment!r} does not exist in {settings.resolved_tracking_uri}; "
@@ -87,7 +83,7 @@ def adapter_sources(settings: Settings, directory: str | None = None, experiment
 
 def scan(sources: list[str], name: str, settings: Settings) -> list[Candidate]:
     """Digest each source and say whether ``name`` has released it."""
-    client = use_mlflow(settings)
+    t = connect(settings)
     seen: dict[str, str] = {}
     out = []
     for src in sources:
@@ -100,7 +96,7 @@ def scan(sources: list[str], name: str, settings: Settings) -> list[Candidate]:
             out.append(Candidate(src, "duplicate", sha, detail=f"same adapter digest as {seen[sha]}"))
             continue
         seen[sha] = src
-        versions = find_versions(client, name=name, adapter_sha=sha) if _has_model(client, name) else []
+        versions = t.find_versions(name=name, adapter_sha=sha) if _has_model(t, name) else []
         if versions:
             out.append(Candidate(src, "released", sha, str(versions[0].version), f"models:/{name}/{versions[0].version}"))
         else:
@@ -108,11 +104,11 @@ def scan(sources: list[str], name: str, settings: Settings) -> list[Candidate]:
     return out
 
 
-def _has_model(client: Any, name: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
+def _has_model(t: Tracking, name: str) -> bool:
     try:
-        client.get_registered_model(name)
+        t.client.get_registered_model(name)
         return True
-    except MlflowException:
+    except TrackingError as e:
+        if e.error_code in SERVER_FAILED:
+            raise
         return False

@@ -1,0 +1,86 @@
+"""The MLflow seam (loraline.tracking) and the resume plan of a release, on a real SQLite MLflow store, without Prefect."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from loraline.errors import RegistryError, SettingsError, TrackingError
+from loraline.resume import resume_plan
+from loraline.settings import Settings
+from loraline.tracking import LINEAGE_FILE, NOT_FOUND, UNAVAILABLE, connect
+
+
+def _run_with_lineage(t, lineage: dict) -> str:
+    exp = t.experiment_id("seam")
+    run_id = t.client.create_run(exp).info.run_id
+    t.log_texts(run_id, {LINEAGE_FILE: json.dumps(lineage)})
+    return run_id
+
+
+def test_lineage_is_read_and_updated_in_one_place(settings: Settings) -> None:
+    t = connect(settings)
+    run_id = _run_with_lineage(t, {"model_name": "seam", "images": []})
+    out = t.update_lineage(run_id, evaluation={"accuracy": 0.5},
+                           change=lambda lin: lin["images"].append({"mode": "merged"}))
+    assert out == t.lineage(run_id) == {"model_name": "seam", "images": [{"mode": "merged"}], "evaluation": {"accuracy": 0.5}}
+    assert t.experiment_id("seam") == t.client.get_run(run_id).info.experiment_id  # found, not created twice
+
+
+def test_a_run_without_lineage_is_named_and_mlflow_failures_become_ours(settings: Settings) -> None:
+    t = connect(settings)
+    bare = t.client.create_run(t.experiment_id("seam")).info.run_id
+    with pytest.raises(TrackingError, match=f"MLflow run {bare} has no lineage.json: it was not made by a loraline release") as e:
+        t.lineage(bare)
+    assert e.value.error_code == NOT_FOUND and isinstance(e.value, RegistryError)
+    with pytest.raises(TrackingError) as e:  # MLflow's own exception, arriving as ours with MLflow's code
+        t.client.get_model_version("no-such-model", "1")
+    assert e.value.error_code == NOT_FOUND and "no-such-model" in str(e.value)
+
+
+def test_a_server_that_does_not_answer_is_said_so(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    t = connect(settings.model_copy(update={"tracking_uri": f"http://127.0.0.1:{port}", "registry_uri": None}))
+    with pytest.raises(TrackingError, match=f"the MLflow server at http://127.0.0.1:{port} does not answer: start it again") as e:
+        t.client.search_registered_models()
+    assert e.value.error_code == UNAVAILABLE
+
+
+def test_an_unknown_scheme_is_a_setting_to_fix(settings: Settings) -> None:
+    with pytest.raises(SettingsError, match="LORALINE_TRACKING_URI 'postgresq://db/mlflow': MLflow does not know the scheme"):
+        connect(settings.model_copy(update={"tracking_uri": "postgresq://db/mlflow"}))
+
+
+@pytest.mark.parametrize("existing, want", [
+    (None, dict(register=True, evaluate=True, benchmark=True, image=True, gate=True)),
+    # empty sections are missing ones
+    ({"evaluation": {}, "benchmark": {}, "images": [{"mode": "merged"}], "gate": {}},
+     dict(register=False, evaluate=True, benchmark=True, image=False, gate=True)),
+    # released, evaluated, benchmarked, imaged and gated: nothing to do, no alias moves back
+    ({"evaluation": {"accuracy": 1}, "benchmark": {"x": 1}, "images": [{"mode": "merged"}], "gate": {"passed": True}},
+     dict(register=False, evaluate=False, benchmark=False, image=False, gate=False)),
+    # an image of another mode does not count; a report that failed is redone with its gate; never gated: gate now
+    ({"evaluation": {"a": 1}, "benchmark": {"b": 1}, "images": [{"mode": "lora"}], "gate": {"passed": True}},
+     dict(register=False, evaluate=False, benchmark=False, image=True, gate=True)),
+    ({"evaluation": {"a": 1}, "benchmark": {"b": 1}, "images": [{"mode": "merged"}], "gate": {}, "failed_step": "report"},
+     dict(register=False, evaluate=False, benchmark=False, image=False, gate=True)),
+    ({"evaluation": {"a": 1}, "benchmark": {"b": 1}, "images": [{"mode": "merged"}]},
+     dict(register=False, evaluate=False, benchmark=False, image=False, gate=True)),
+])
+def test_resume_plan_runs_only_what_is_missing(existing: dict | None, want: dict, settings: Settings) -> None:
+    plan = resume_plan(existing, settings.model_copy(update={"eval": True, "bench": True}), "merged")
+    assert {k: getattr(plan, k) for k in want} == want
+    assert plan.done == (not want["gate"])
+
+
+def test_resume_plan_follows_what_is_asked(settings: Settings) -> None:
+    off = settings.model_copy(update={"eval": False, "bench": False})
+    plan = resume_plan({"images": [], "gate": {"passed": True}}, off, "none")
+    assert plan.done  # no evaluation, benchmark or image asked for: the gated release stays as it is
+    assert not resume_plan(None, off, "none").evaluate and resume_plan(None, off, "none").register
