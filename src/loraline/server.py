@@ -21,6 +21,7 @@ from typing import Any
 
 from loraline.engine import require_dir, default_engine_args, engine_env, find_engine, kill_group
 from loraline.errors import EngineError
+from loraline.probe import http_ok, wait_until
 from loraline.settings import Settings
 
 HOST = "127.0.0.1"  # never another interface: the test server has no auth
@@ -74,7 +75,6 @@ def serve_openai(
     The log goes to ``<home>/logs/vllm-server-*.log`` and is kept after the server stops.
     Waits at most ``settings.engine_timeout_s`` for ``/health``.
     """
-    import httpx
 
     require_dir(model_dir, "config.json", "model")
     for path in (lora_modules or {}).values():
@@ -114,34 +114,27 @@ def serve_openai(
             start_new_session=True,  # one group: the API process and its engine core stop together
         )
     try:
-        _wait_healthy(proc, url, log_path, settings.engine_timeout_s, httpx)
+        _wait_healthy(proc, url, log_path, settings.engine_timeout_s)
         yield Server(url=url, served_model_name=served_model_name, log_path=log_path, pid=proc.pid, port=port,
                      ready_s=round(time.perf_counter() - t0, 3))
     finally:
         kill_group(proc, grace_s=STOP_GRACE_S)
 
 
-def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeout_s: float, httpx: Any) -> None:
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeout_s: float) -> None:
     """Poll ``/health`` until 200; fail early when the process exits, or after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        code = proc.poll()
-        if code is not None:
-            raise EngineError(
-                f"the vLLM server for {url} exited with status {code} before it was healthy; full log: {log_path}\n"
-                f"--- server log (last lines) ---\n{log_tail(log_path)}"
-            )
-        try:
-            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass  # not listening yet
-        if time.monotonic() > deadline:
-            raise EngineError(
-                f"the vLLM server for {url} was not healthy within {timeout_s:.0f}s; raise LORALINE_ENGINE_TIMEOUT_S "
-                f"if the machine is slow; full log: {log_path}\n--- server log (last lines) ---\n{log_tail(log_path)}"
-            )
-        time.sleep(0.5)
+    w = wait_until(lambda: http_ok(url + "/health", 2.0), timeout_s,
+                   gone=lambda: None if proc.poll() is None else f"exited with status {proc.returncode}")
+    if w.gone:
+        raise EngineError(
+            f"the vLLM server for {url} {w.gone} before it was healthy; full log: {log_path}\n"
+            f"--- server log (last lines) ---\n{log_tail(log_path)}"
+        )
+    if not w.ready:
+        raise EngineError(
+            f"the vLLM server for {url} was not healthy within {timeout_s:.0f}s; raise LORALINE_ENGINE_TIMEOUT_S "
+            f"if the machine is slow; full log: {log_path}\n--- server log (last lines) ---\n{log_tail(log_path)}"
+        )
 
 
 def log_tail(path: Path, lines: int = 40) -> str:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from loraline.errors import ServiceError
+from loraline.probe import http_ok, wait_until
 from loraline.settings import Settings
 
 HOST = "127.0.0.1"
@@ -107,13 +108,8 @@ def _spawn(cmd: list[str], d: Path, env: dict[str, str] | None = None, cwd: Path
 
 
 def _wait(check: Any, what: str, d: Path, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        if _pid(d) is None:
-            break
-        time.sleep(0.3)
+    if wait_until(check, timeout_s, interval_s=0.3, gone=lambda: "exited" if _pid(d) is None else None).ready:
+        return
     tail = "\n".join((d / "log").read_text(errors="replace").splitlines()[-20:]) if (d / "log").exists() else ""
     raise ServiceError(f"{what} did not come up (log: {d / 'log'}):\n{tail}")
 
@@ -175,12 +171,7 @@ def start_docker(settings: Settings) -> str:
 
 
 def registry_ok(addr: str, timeout_s: float = 3.0) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"http://{addr}/v2/", timeout=timeout_s).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return http_ok(f"http://{addr}/v2/", timeout_s)
 
 
 def start_registry(settings: Settings, port: int = 0) -> str:
@@ -212,12 +203,7 @@ def start_registry(settings: Settings, port: int = 0) -> str:
 
 def mlflow_ok(url: str, timeout_s: float = 3.0) -> bool:
     """Does an MLflow server answer ``GET <url>/health`` with 200?"""
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/health", timeout=timeout_s).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return http_ok(f"{url}/health", timeout_s)
 
 
 def _state(settings: Settings, name: str, file: str) -> str | None:
@@ -286,12 +272,7 @@ PREFECT_START_TIMEOUT_S = 180.0  # the first start migrates its SQLite DB and co
 
 
 def prefect_ok(url: str, timeout_s: float = 3.0) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/api/health", timeout=timeout_s).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return http_ok(f"{url}/api/health", timeout_s)
 
 
 def prefect_url(settings: Settings, timeout_s: float = 3.0) -> str | None:

@@ -32,6 +32,7 @@ from loraline.errors import ImageError
 from loraline.evaluate import ServedEval
 from loraline.image import Image, auth_config, docker_client
 from loraline.parity import Generation, ParityReport, report
+from loraline.probe import http_ok, wait_until
 from loraline.settings import Settings
 
 
@@ -193,20 +194,17 @@ def _with_log(container: Any) -> Iterator[None]:
 
 
 def _wait_ready(http: Any, url: str, container: Any, timeout_s: float, t0: float) -> float:
-    import httpx
-
-    deadline = t0 + timeout_s
-    while time.perf_counter() < deadline:
-        try:
-            if http.get(f"{url}/health", timeout=5).status_code == 200:
-                return time.perf_counter() - t0
-        except httpx.HTTPError:
-            pass
+    """Seconds from ``t0`` (the container's start) until its ``/health`` answers 200."""
+    def exited() -> str | None:
         container.reload()
-        if container.status in ("exited", "dead"):
-            logs = container.logs(tail=30).decode(errors="replace")
-            raise ImageError(f"the container of {container.image.tags or container.image.id} exited "
-                             f"({container.attrs['State'].get('ExitCode')}) before /health answered:\n{logs}")
-        time.sleep(1)
+        return f"exited ({container.attrs['State'].get('ExitCode')})" if container.status in ("exited", "dead") else None
+
+    w = wait_until(lambda: http_ok(f"{url}/health", 5.0, http.get), t0 + timeout_s - time.perf_counter(),
+                   interval_s=1.0, gone=exited)
+    if w.ready:
+        return time.perf_counter() - t0
     logs = container.logs(tail=30).decode(errors="replace")
+    if w.gone:
+        raise ImageError(f"the container of {container.image.tags or container.image.id} {w.gone} before /health "
+                         f"answered:\n{logs}")
     raise ImageError(f"the container did not answer /health within {timeout_s:.0f} s (LORALINE_SMOKE_TIMEOUT_S):\n{logs}")
