@@ -183,51 +183,44 @@ def _remembered(key: tuple, compute: Callable[[], list[Generation]]) -> list[Gen
     return list(_GENERATIONS[key])
 
 
-def hf_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], settings: Settings) -> list[Generation]:
-    """Greedy generations of the model in ``model_dir`` (its own tokenizer and dtype) with transformers."""
+def _generate_loaded(load: Callable[[], object], tokenizer_dir: Path, prompt_ids: Sequence[Sequence[int]],
+                     settings: Settings) -> list[Generation]:
+    """Load a model with ``load``, generate greedily, free it (one model in memory at a time)."""
     import gc
 
-    from loraline.models import base_dtype_name, load_causal_lm, load_tokenizer
+    from loraline.models import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir, tokenizer_dir, settings)
+    model = load()
+    try:
+        return generate_greedy_ids(model, tok, prompt_ids, max_new_tokens=settings.parity_max_new_tokens,
+                                   top_k=settings.parity_top_k)
+    finally:
+        del model
+        gc.collect()
+
+
+def hf_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], settings: Settings) -> list[Generation]:
+    """Greedy generations of the model in ``model_dir`` (its own tokenizer and dtype) with transformers."""
+    from loraline.models import base_dtype_name, load_causal_lm
 
     dtype = base_dtype_name(model_dir)
-
-    def compute() -> list[Generation]:
-        tok = load_tokenizer(model_dir, model_dir, settings)
-        model = load_causal_lm(model_dir, settings, dtype)
-        try:
-            return generate_greedy_ids(model, tok, prompt_ids, max_new_tokens=settings.parity_max_new_tokens,
-                                       top_k=settings.parity_top_k)
-        finally:
-            del model
-            gc.collect()
-
     key = ("hf", _weights_stamp(model_dir), dtype, tuple(map(tuple, prompt_ids)), settings.parity_max_new_tokens,
            settings.parity_top_k, settings.trust_remote_code)
-    return _remembered(key, compute)
+    return _remembered(key, lambda: _generate_loaded(lambda: load_causal_lm(model_dir, settings, dtype), model_dir,
+                                                     prompt_ids, settings))
 
 
 def hf_peft_generations(adapter_dir: Path, base_dir: Path, tokenizer_dir: Path, prompt_ids: Sequence[Sequence[int]],
                         settings: Settings) -> list[Generation]:
     """The reference: base + adapter unmerged (peft), greedy, in the merged model's dtype."""
-    import gc
-
-    from loraline.models import base_dtype_name, load_peft, load_tokenizer
+    from loraline.models import base_dtype_name, load_peft
 
     dtype = base_dtype_name(tokenizer_dir)
-
-    def compute() -> list[Generation]:
-        tok = load_tokenizer(tokenizer_dir, tokenizer_dir, settings)
-        runtime = load_peft(base_dir, adapter_dir, settings, dtype)
-        try:
-            return generate_greedy_ids(runtime, tok, prompt_ids, max_new_tokens=settings.parity_max_new_tokens,
-                                       top_k=settings.parity_top_k)
-        finally:
-            del runtime
-            gc.collect()
-
     key = ("peft", _weights_stamp(adapter_dir), _weights_stamp(base_dir), str(tokenizer_dir), dtype,
            tuple(map(tuple, prompt_ids)), settings.parity_max_new_tokens, settings.parity_top_k, settings.trust_remote_code)
-    return _remembered(key, compute)
+    return _remembered(key, lambda: _generate_loaded(lambda: load_peft(base_dir, adapter_dir, settings, dtype),
+                                                     tokenizer_dir, prompt_ids, settings))
 
 
 def vllm_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], settings: Settings, *,
