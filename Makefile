@@ -38,7 +38,7 @@ browser:
 UV_VERSION ?= 0.13.9
 UV := $(BIN)/uv
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
-UV_INSTALL = VIRTUAL_ENV=$(CURDIR)/$(1) $(UV) pip install -q $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
+UV_INSTALL = VIRTUAL_ENV=$(CURDIR)/$(1) $(UV) pip install -q $(foreach f,$(FIND_LINKS),--find-links $(f))
 
 $(UV):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

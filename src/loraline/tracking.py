@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from loraline.errors import SettingsError, TrackingError
+from loraline.errors import RegistryError, SettingsError, TrackingError
 from loraline.settings import Settings, redact
 from loraline.stores import init_once, store_key
 
@@ -90,7 +90,7 @@ class Tracking:
 
     def __init__(self, settings: Settings, client: Any) -> None:
         self.settings = settings
-        self.client = _Client(client, redact(settings.resolved_tracking_uri))
+        self.client = _Client(client, self.where)
 
     @property
     def where(self) -> str:
@@ -157,7 +157,7 @@ class Tracking:
         for key, val in (("adapter", adapter_sha), ("base", base_sha), ("merged", merged_sha), ("base.gguf", gguf_sha)):
             if val:
                 if not re.fullmatch(r"[0-9a-f]{64}", val):
-                    raise TrackingError(f"{key} digest {val!r} is not a sha256 hex digest (64 characters 0-9a-f)")
+                    raise RegistryError(f"{key} digest {val!r} is not a sha256 hex digest (64 characters 0-9a-f)")
                 clauses.append(f"tags.`{TAG}{key}.sha256` = '{val}'")
         versions = self.client.search_model_versions(" and ".join(clauses), max_results=1000)
         return sorted(versions, key=lambda v: (v.name, int(v.version)))
