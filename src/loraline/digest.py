@@ -51,7 +51,9 @@ def digest_dir(root: Path) -> str:
     """Hex sha256 of :func:`manifest` — recomputable with coreutils (module docstring)."""
     root = Path(root)
     if not root.is_dir():
-        raise NotADirectoryError(f"cannot digest {root}: not a directory")
+        from loraline.errors import SourceError
+
+        raise SourceError(f"cannot digest {root}: not a directory; give the directory that holds the model or adapter files")
     return hashlib.sha256(manifest(root).encode("utf-8")).hexdigest()
 
 

@@ -391,9 +391,9 @@ def log_benchmark(name: str, version: str, run_id: str, report: Any, files: Sequ
     t.update_lineage(run_id, benchmark=summary)
     released = t.version_tags(name, version).get(f"{TAG}status") == "released"
     for k, v in {"bench.recommendation": report.recommendation.mode, "bench.device": report.device_name,
-                 "bench.run_id": run_id, "status": "released" if released else "benchmarked"}.items():
+                 "bench.run_id": run_id}.items():
         client.set_model_version_tag(name, version, TAG + k, v)
-    clear_failed(client, name, version)
+    set_status(client, name, version, "released" if released else "benchmarked")
     client.set_tag(run_id, f"{TAG}bench.recommendation", report.recommendation.mode)
     return summary
 
@@ -455,13 +455,14 @@ def reopen(name: str, version: str, step: str, settings: Settings) -> bool:
     tags = client.get_model_version(name, version).tags or {}
     if tags.get(f"{TAG}status") != "failed" or tags.get(f"{TAG}failed.step") != step:
         return False
-    client.set_model_version_tag(name, version, f"{TAG}status", tags.get(f"{TAG}failed.previous_status") or "registered")
-    clear_failed(client, name, version)
+    set_status(client, name, version, tags.get(f"{TAG}failed.previous_status") or "registered")
     return True
 
 
-def clear_failed(client: Any, name: str, version: str) -> None:
-    """A step that failed before has now succeeded: drop the failure tags."""
+def set_status(client: Any, name: str, version: str, status: str) -> None:
+    """The one way a version leaves ``failed`` (or moves on): ``loraline.status=STATUS``, and the failure tags an
+    earlier run left are dropped (the step that failed has now succeeded)."""
+    client.set_model_version_tag(name, version, f"{TAG}status", status)
     tags = client.get_model_version(name, version).tags or {}
     for key in (f"{TAG}failed.step", f"{TAG}failed.reason", f"{TAG}failed.previous_status"):
         if key in tags:
@@ -526,8 +527,7 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
     for k, v in tags.items():
         client.set_model_version_tag(name, version, TAG + k, v)
         client.set_tag(run_id, TAG + k, v)
-    client.set_model_version_tag(name, version, f"{TAG}status", "released")
-    clear_failed(client, name, version)
+    set_status(client, name, version, "released")
     images = "; ".join(f"image ({i['mode']}): {i['pinned']}" for i in lineage["images"])
     client.update_model_version(name, version, description=f"{_description(lineage)}\n\n{images}")
     return entry
