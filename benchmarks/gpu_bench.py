@@ -189,7 +189,7 @@ def phase_hf(work: Path, state: dict[str, Any], args: argparse.Namespace) -> Non
     import torch
 
     from loraline.bench import Workload, bench_hf
-    from loraline.models import load_causal_lm, load_peft
+    from loraline.hf_models import load_causal_lm, load_peft
     from loraline.settings import Settings
 
     b = state["build"]

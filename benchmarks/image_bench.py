@@ -52,7 +52,7 @@ def main() -> None:
     from loraline.demo import init_tiny_demo
     from loraline.engine import vllm_lora_rank
     from loraline.image import LABEL, build_image, docker_client
-    from loraline.lineage import release_of
+    from loraline.trace import release_of
     from loraline.benchmark import release_dirs
     from loraline.services import configured, status
     from loraline.settings import Settings

@@ -46,7 +46,7 @@ def bench_merge(work: Path, repeats: int) -> dict[str, object]:
 
     from loraline.demo import build_llama, build_lora, build_tokenizer
     from loraline.merge import merge_adapter
-    from loraline.models import load_causal_lm
+    from loraline.hf_models import load_causal_lm
     from loraline.settings import Settings
     from loraline.sources import fetch_adapter, fetch_base
 

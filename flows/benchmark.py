@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.common import artifact_key, failing, flow_settings, progress
 from loraline.benchmark import release_dirs, run_benchmark
 from loraline.plots import write_plots
-from loraline.lineage import release_of
+from loraline.trace import release_of
 from loraline.registry import log_benchmark
 from loraline.params import BenchmarkWorkload
 from loraline.settings import Settings

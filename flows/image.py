@@ -22,7 +22,7 @@ from loraline.benchmark import release_dirs
 from loraline.engine import vllm_lora_rank
 from loraline.evaluate import with_served
 from loraline.image import Image, build_image, delete_manifest, preflight
-from loraline.lineage import release_of
+from loraline.trace import release_of
 from loraline.registry import log_image
 from loraline.settings import Settings
 from loraline.smoke import smoke_test

@@ -8,7 +8,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.common import artifact_key, flow_settings
-from loraline.lineage import trace as trace_ref
+from loraline.trace import trace as trace_ref
 from loraline.report import lineage_rows
 
 

@@ -368,13 +368,13 @@ def invalid_model_name(c: Ctx):
 
 
 def unknown_alias(c: Ctx):
-    from loraline.lineage import trace
+    from loraline.trace import trace
 
     return lambda: trace("models:/smol-sql@nope", c.settings), TraceError, "cannot trace 'models:/smol-sql@nope'"
 
 
 def wrong_mlflow_uri(c: Ctx):
-    from loraline.lineage import trace
+    from loraline.trace import trace
 
     s = c.settings.model_copy(update={"tracking_uri": "postgresq://db/mlflow"})
     return lambda: trace("models:/smol-sql/1", s), SettingsError, "LORALINE_TRACKING_URI 'postgresq://db/mlflow': MLflow does not know the scheme 'postgresq'"

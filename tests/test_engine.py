@@ -18,7 +18,7 @@ import pytest
 
 from loraline.engine import find_engine, run_generate, vllm_lora_rank
 from loraline.errors import EngineError, ParityError
-from loraline.models import load_tokenizer
+from loraline.hf_models import load_tokenizer
 from loraline.parity import check_vllm_parity, encode_prompts, parity_prompts, require_parity
 from loraline.server import serve_openai
 from loraline.settings import Settings

@@ -89,7 +89,7 @@ def test_the_converted_weights_give_the_gguf_models_logits(smollm2_fetched) -> N
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraline.models import load_causal_lm
+    from loraline.hf_models import load_causal_lm
 
     gguf = Path(smollm2_fetched.gguf.file)
     gguf_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -269,7 +269,7 @@ def test_another_architecture_converts_from_its_own_metadata(smollm2_fetched, tm
     from transformers import AutoModelForCausalLM
 
     from loraline.gguf_base import convert_gguf
-    from loraline.models import load_causal_lm
+    from loraline.hf_models import load_causal_lm
 
     (tmp_path / "src").mkdir()
     gguf = write_tiny_qwen2(Path(smollm2_fetched.gguf.file), tmp_path / "src" / "tiny-qwen2.gguf")

@@ -109,7 +109,7 @@ def test_dora_adapter_is_not_runtime_servable_but_merges_with_parity(demo_assets
     """vLLM cannot serve DoRA as runtime LoRA; the merged model is a plain Llama and reproduces it."""
     from peft import LoraConfig, get_peft_model
 
-    from loraline.models import load_causal_lm
+    from loraline.hf_models import load_causal_lm
     from loraline.validation import validate_adapter
 
     model = get_peft_model(load_causal_lm(demo_assets.base, settings), LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj"]))

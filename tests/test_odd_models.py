@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from loraline.demo import build_lora
 from loraline.engine import CPU_MAX_MODEL_LEN, max_model_len, vllm_lora_rank
 from loraline.image import build_args
-from loraline.models import context_length
+from loraline.hf_models import context_length
 from loraline.settings import Settings
 
 QWEN2_POSITIONS = 512

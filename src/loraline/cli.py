@@ -207,7 +207,7 @@ def trace(ref: str, as_json: bool) -> None:
     from its registry's labels."""
     settings = load_settings()
     quiet_third_parties(settings)
-    from loraline.lineage import trace as trace_ref
+    from loraline.trace import trace as trace_ref
 
     emit(trace_ref(ref, settings), as_json)
 

@@ -31,7 +31,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from loraline import text2sql
-from loraline.models import make_readable, save_tokenizer
+from loraline.hf_models import make_readable, save_tokenizer
 from loraline.settings import Settings
 
 __all__ = [

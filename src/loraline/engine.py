@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from loraline.errors import EngineError
-from loraline.models import context_length
+from loraline.hf_models import context_length
 from loraline.settings import VLLM_MAX_LORA_RANKS, VLLM_VENV, Settings
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
@@ -126,7 +126,7 @@ def max_model_len(model_dir: Path, device: str) -> int | None:
     """The context an engine on ``device`` serves ``model_dir`` with: on CPU the model's own, capped at
     :data:`CPU_MAX_MODEL_LEN`; elsewhere None (vLLM derives it from the model, RoPE scaling included).
 
-    Never more than the model's context (:func:`loraline.models.context_length`): vLLM refuses a ``max_model_len``
+    Never more than the model's context (:func:`loraline.hf_models.context_length`): vLLM refuses a ``max_model_len``
     above the one it derives, so a base with 512 positions gets 512, not the cap.
     """
     if device != "cpu":

@@ -156,7 +156,7 @@ def generate_answers(model_dir: Path, tokenizer_dir: Path, questions: list[str],
     """Greedy answers of the model at ``model_dir`` (transformers, safetensors only) to each question."""
     import torch
 
-    from loraline.models import load_causal_lm, load_tokenizer
+    from loraline.hf_models import load_causal_lm, load_tokenizer
     from loraline.text2sql import render_prompt
 
     tok = load_tokenizer(tokenizer_dir, tokenizer_dir, settings)

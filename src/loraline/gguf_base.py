@@ -32,7 +32,7 @@ from typing import Any
 
 from loraline.digest import sha256_file
 from loraline.errors import SourceError
-from loraline.models import context_length, make_readable, save_tokenizer
+from loraline.hf_models import context_length, make_readable, save_tokenizer
 
 GGUF_MAGIC = b"GGUF"
 # Written into every converted directory: what it was converted from and with (content only, no paths, so the

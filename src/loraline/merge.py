@@ -16,7 +16,7 @@ from pathlib import Path
 
 from loraline.digest import digest_dir, dir_bytes
 from loraline.errors import MergeError
-from loraline.models import base_dtype_name, load_peft, load_tokenizer
+from loraline.hf_models import base_dtype_name, load_peft, load_tokenizer
 from loraline.settings import Settings
 from loraline.sources import FetchedAdapter, FetchedBase
 

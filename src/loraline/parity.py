@@ -152,7 +152,7 @@ def parity_key(adapter_sha256: str, base_sha256: str, merged_sha256: str, settin
 
 def check_parity(adapter_dir: Path, base_dir: Path, merged_dir: Path, prompts: Sequence[str], settings: Settings) -> ParityReport:
     """Greedy outputs of base + adapter (peft, unmerged) vs the merged model reloaded from disk."""
-    from loraline.models import load_tokenizer
+    from loraline.hf_models import load_tokenizer
 
     t0 = time.perf_counter()
     kw = dict(max_new_tokens=settings.parity_max_new_tokens, top_k=settings.parity_top_k)
@@ -188,7 +188,7 @@ def _generate_loaded(load: Callable[[], object], tokenizer_dir: Path, prompt_ids
     """Load a model with ``load``, generate greedily, free it (one model in memory at a time)."""
     import gc
 
-    from loraline.models import load_tokenizer
+    from loraline.hf_models import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir, tokenizer_dir, settings)
     model = load()
@@ -202,7 +202,7 @@ def _generate_loaded(load: Callable[[], object], tokenizer_dir: Path, prompt_ids
 
 def hf_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], settings: Settings) -> list[Generation]:
     """Greedy generations of the model in ``model_dir`` (its own tokenizer and dtype) with transformers."""
-    from loraline.models import base_dtype_name, load_causal_lm
+    from loraline.hf_models import base_dtype_name, load_causal_lm
 
     dtype = base_dtype_name(model_dir)
     key = ("hf", _weights_stamp(model_dir), dtype, tuple(map(tuple, prompt_ids)), settings.parity_max_new_tokens,
@@ -214,7 +214,7 @@ def hf_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], setting
 def hf_peft_generations(adapter_dir: Path, base_dir: Path, tokenizer_dir: Path, prompt_ids: Sequence[Sequence[int]],
                         settings: Settings) -> list[Generation]:
     """The reference: base + adapter unmerged (peft), greedy, in the merged model's dtype."""
-    from loraline.models import base_dtype_name, load_peft
+    from loraline.hf_models import base_dtype_name, load_peft
 
     dtype = base_dtype_name(tokenizer_dir)
     key = ("peft", _weights_stamp(adapter_dir), _weights_stamp(base_dir), str(tokenizer_dir), dtype,
@@ -260,7 +260,7 @@ def check_vllm_parity(adapter_dir: Path, base_dir: Path, merged_dir: Path, promp
     pass each to :func:`require_parity`. Two vLLM engine starts (tens of seconds each on CPU).
     """
     from loraline.engine import vllm_lora_rank
-    from loraline.models import load_tokenizer
+    from loraline.hf_models import load_tokenizer
 
     kw = dict(max_new_tokens=settings.parity_max_new_tokens, top_k=settings.parity_top_k)
     ids = encode_prompts(load_tokenizer(merged_dir, merged_dir, settings), prompts)
@@ -307,7 +307,7 @@ def require_parity(report: ParityReport) -> ParityReport:
 
 def parity_prompts(tokenizer_dir: Path, settings: Settings) -> list[str]:
     """The fixed parity prompt set: the first eval questions, rendered with the model's chat template."""
-    from loraline.models import load_tokenizer
+    from loraline.hf_models import load_tokenizer
     from loraline.text2sql import load_examples, render_prompt
 
     tok = load_tokenizer(tokenizer_dir, tokenizer_dir, settings)

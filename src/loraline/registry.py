@@ -317,7 +317,7 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
             mlflow.log_dict(p.to_dict(), f"parity-{p.b}.json")
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(Path(__file__).with_name("servable.py")),
+            python_model=str(Path(__file__).with_name("pyfunc.py")),
             artifacts={"weights": str(merged.path)},
             pip_requirements=["vllm"],  # the serving environment; the orchestrator never loads it
             tags=tags,

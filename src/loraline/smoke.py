@@ -78,7 +78,7 @@ def chat(http: Any, url: str, model: str, messages: list[dict[str, str]], settin
 
 def reference(merged_dir: Path, questions: Sequence[str], settings: Settings) -> list[Generation]:
     """The merged model's HF greedy outputs on the chat-rendered questions (what the image must reproduce)."""
-    from loraline.models import load_tokenizer
+    from loraline.hf_models import load_tokenizer
     from loraline.parity import encode_prompts, hf_generations
     from loraline.text2sql import render_prompt
 
