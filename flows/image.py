@@ -21,11 +21,12 @@ from flows.common import artifact_key, failing, flow_settings, progress
 from loraline.benchmark import release_dirs
 from loraline.engine import vllm_lora_rank
 from loraline.evaluate import with_served
-from loraline.image import Image, build_image, delete_manifest, preflight
-from loraline.trace import release_of
+from loraline.image import Image, build_image, preflight
+from loraline.oci import delete_manifest
 from loraline.registry import log_image
 from loraline.settings import Settings
 from loraline.smoke import smoke_test
+from loraline.trace import release_of
 
 
 @task(name="image-preflight", cache_policy=NO_CACHE)

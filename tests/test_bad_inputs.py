@@ -381,7 +381,7 @@ def wrong_mlflow_uri(c: Ctx):
 
 
 def registry_with_credentials(c: Ctx):
-    from loraline.image import check_registry
+    from loraline.oci import check_registry
 
     s = c.settings.model_copy(update={"image_registry": "bob:hunter2@registry.example.com"})
     return lambda: check_registry(s), LoralineError, "credentials; log in with `docker login HOST` instead"

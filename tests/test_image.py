@@ -84,7 +84,7 @@ def test_runtime_lora_images_share_the_base_layer(image_services, demo_assets, t
         md = next(a for a in pc.read_latest_artifacts() if a.key == "image-smol-lora-lora")
     assert img2["pinned"] in md.data and "uploaded by this push" in md.data
 
-    from loraline.image import registry_image
+    from loraline.oci import registry_image
 
     l1, l2 = registry_image(img1["pinned"])["layers"], registry_image(img2["pinned"])["layers"]
     adapter_bytes = sum((other / f).stat().st_size for f in ("adapter_model.safetensors", "adapter_config.json"))

@@ -116,7 +116,7 @@ def test_real_release_image_is_pushed_smoke_tested_and_traced(real_release, real
     assert runs and all(r["state_type"] == "COMPLETED" for r in runs), runs
 
     # The registry has the manifest, and its labels carry the lineage.
-    from loraline.image import registry_image
+    from loraline.oci import registry_image
 
     reg = registry_image(image["pinned"])
     assert reg["digest"] == image["digest"]

@@ -81,7 +81,8 @@ def test_registry_credentials_come_from_a_prefect_secret_block(image_services, a
     from prefect.blocks.system import Secret
 
     from flows.common import flow_settings
-    from loraline.image import check_registry, delete_manifest, push, registry_image, registry_manifest
+    from loraline.image import push
+    from loraline.oci import check_registry, delete_manifest, registry_image, registry_manifest
 
     addr, user, password = auth_registry
     client = docker.DockerClient(base_url=image_services.docker_host, timeout=600)
@@ -270,7 +271,7 @@ def pinned_base(image_services) -> str:
     """``REGISTRY/loraline-vllm-cpu@sha256:...``: the CPU base pushed to the test registry (pushed now if it is not)."""
     import docker
 
-    from loraline.image import registry_manifest
+    from loraline.oci import registry_manifest
 
     repo = f"{image_services.registry}/loraline-vllm-cpu"
     try:

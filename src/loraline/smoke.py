@@ -30,7 +30,8 @@ from typing import Any, Callable, Sequence
 
 from loraline.errors import ImageError
 from loraline.evaluate import ServedEval
-from loraline.image import Image, auth_config, docker_client
+from loraline.image import Image, docker_client
+from loraline.oci import auth_config
 from loraline.parity import Generation, ParityReport, report
 from loraline.probe import http_ok, wait_until
 from loraline.settings import Settings

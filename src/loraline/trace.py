@@ -81,7 +81,8 @@ def _image_versions(client: Any, digest: str) -> list[Any]:
 def _trace_image(t: Tracking, ref: str) -> dict[str, Any]:
     """An image's chain: its labels from the registry name the model version; MLflow holds the rest."""
     from loraline.errors import ImageError
-    from loraline.image import LABEL, registry_image
+    from loraline.image import LABEL
+    from loraline.oci import registry_image
 
     try:
         img = registry_image(ref, t.settings.registry_auth)
