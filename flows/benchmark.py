@@ -16,11 +16,11 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import artifact_key, failing, flow_settings, progress
 from loraline.benchmark import release_dirs, run_benchmark
-from loraline.plots import write_plots
-from loraline.trace import release_of
-from loraline.registry import log_benchmark
 from loraline.params import BenchmarkWorkload
+from loraline.plots import write_plots
+from loraline.records import log_benchmark
 from loraline.settings import Settings
+from loraline.trace import release_of
 
 
 @task(name="benchmark", cache_policy=NO_CACHE, task_run_name="benchmark-{name}-v{version}")

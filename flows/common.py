@@ -11,7 +11,7 @@ from typing import Callable
 from prefect import get_run_logger
 from pydantic import SecretStr
 
-from loraline.registry import version_step
+from loraline.records import version_step
 from loraline.services import configured
 from loraline.settings import Settings
 from loraline.stores import init_once, store_key
@@ -57,7 +57,7 @@ def flow_settings() -> Settings:
 
 
 def failing(name: str, version: str, step: str, settings: Settings) -> AbstractContextManager[None]:
-    """:func:`loraline.registry.version_step` with MLflow's own failure to record it in the run log (the UI)."""
+    """:func:`loraline.records.version_step` with MLflow's own failure to record it in the run log (the UI)."""
     return version_step(name, version, step, settings, warn=get_run_logger().error)
 
 

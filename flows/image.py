@@ -23,7 +23,7 @@ from loraline.engine import vllm_lora_rank
 from loraline.evaluate import with_served
 from loraline.image import Image, build_image, preflight
 from loraline.oci import delete_manifest
-from loraline.registry import log_image
+from loraline.records import log_image
 from loraline.settings import Settings
 from loraline.smoke import smoke_test
 from loraline.trace import release_of

@@ -27,7 +27,8 @@ from loraline.image import image_mode
 from loraline.merge import MergedModel, merge_adapter, merge_key, merged_path
 from loraline.parity import ParityReport, check_parity, check_vllm_parity, parity_key, parity_prompts, require_parity
 from loraline.params import BenchmarkWorkload, GateThresholds, ImageMode
-from loraline.registry import check_model_name, experiment_of, find_release, log_evaluation, log_report, register_model, reopen
+from loraline.records import experiment_of, log_evaluation, log_report, reopen
+from loraline.registry import check_model_name, find_release, register_model
 from loraline.report import lineage_rows, release_report
 from loraline.resume import resume_plan
 from loraline.settings import Settings

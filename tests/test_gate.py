@@ -160,7 +160,7 @@ def test_gate_refuses_a_challenger_worse_than_the_champion(prefect_harness, demo
     from flows.release import release
     from loraline.evaluate import EvalReport, EvalScore
     from loraline.gate import gate_release
-    from loraline.registry import log_evaluation
+    from loraline.records import log_evaluation
 
     name = "smol-champ"
     client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)

@@ -1,5 +1,5 @@
-"""Registering a release in the MLflow Model Registry, and what later steps record on it (through
-:mod:`loraline.tracking`, the MLflow seam).
+"""Registering a release in the MLflow Model Registry (through :mod:`loraline.tracking`, the MLflow seam); what the
+steps after registration record on it is :mod:`loraline.records`'.
 
 A release is one MLflow run (params, metrics, artifacts, the logged model) and one version of
 the registered model, created with its lineage tags in the same call. If anything fails after
@@ -9,14 +9,12 @@ is marked FAILED: a failed release leaves no model version, alias or RUNNING run
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 from loraline import __version__
 from loraline.errors import ParityError, RegistryError, SettingsError, TrackingError
@@ -258,6 +256,7 @@ def build_lineage(*, name: str, version: str, run_id: str, settings: Settings, a
 
 
 def _description(lineage: dict[str, Any]) -> str:
+    """The model version's description (lineage summary); :mod:`loraline.records` appends the images and the gate."""
     a, b, m, p = lineage["adapter"], lineage["base"], lineage["merged"], lineage["parity"]
     g = f", converted from the GGUF of {b['gguf']['origin']} (sha256 {b['gguf']['sha256'][:12]})" if b.get("gguf") else ""
     return (
@@ -356,197 +355,3 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
                                 error_code=err.error_code) from e
         raise
     return {**lineage, "existing": False}
-
-
-# --------------------------------------------------------------------------- after registration
-
-
-def log_benchmark(name: str, version: str, run_id: str, report: Any, files: Sequence[Path], settings: Settings) -> dict[str, Any]:
-    """Attach a :class:`~loraline.benchmark.BenchReport` to a release: metrics and artifacts on its run,
-    tags and the recommendation on its model version, a ``benchmark`` section in ``lineage.json``.
-
-    Returns the benchmark summary that went into the lineage.
-    """
-    from mlflow.entities import Metric
-
-    t = connect(settings)
-    client = t.client
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, 0) for k, v in report.metrics().items()]
-    for i in range(0, len(metrics), 900):  # MLflow's batch limit is 1000
-        client.log_batch(run_id, metrics=metrics[i:i + 900])
-    t.log_texts(run_id, {"benchmark.json": json.dumps(report.to_dict(), indent=2, default=str),
-                         "benchmark.md": report.markdown()}, "benchmark", extra=tuple(files))
-    summary = {
-        "recommendation": report.recommendation.mode,
-        "reason": report.recommendation.reason,
-        "device": report.device_name,
-        "vllm_version": report.vllm_version,
-        "seconds": report.seconds,
-        "output_tok_s": {r.path + (f"@c{r.concurrency}" if r.concurrency is not None else ""): round(r.output_tok_s, 1)
-                         for r in report.results},
-        "crosscheck_within_10pct": {c: v["within"] for c, v in (report.crosscheck.get("levels") or {}).items()},
-        "artifacts": f"runs:/{run_id}/benchmark",
-    }
-    t.update_lineage(run_id, benchmark=summary)
-    released = t.version_tags(name, version).get(f"{TAG}status") == "released"
-    for k, v in {"bench.recommendation": report.recommendation.mode, "bench.device": report.device_name,
-                 "bench.run_id": run_id}.items():
-        client.set_model_version_tag(name, version, TAG + k, v)
-    set_status(client, name, version, "released" if released else "benchmarked")
-    client.set_tag(run_id, f"{TAG}bench.recommendation", report.recommendation.mode)
-    return summary
-
-
-def log_evaluation(name: str, version: str, run_id: str, report: Any, settings: Settings) -> dict[str, Any]:
-    """Attach a :class:`~loraline.evaluate.EvalReport` to a release: metrics ``eval.*`` and ``evaluation.json`` on its
-    run, ``loraline.eval.*`` tags on its model version, an ``evaluation`` section in ``lineage.json``."""
-    from mlflow.entities import Metric
-
-    t = connect(settings)
-    client = t.client
-    summary = report.summary()
-    now = int(time.time() * 1000)
-    values = {"accuracy": report.merged.accuracy, "base_accuracy": report.base.accuracy, "gain": report.gain,
-              "valid_sql": report.merged.valid, "examples": report.merged.examples,
-              "seconds": report.merged.seconds + report.base.seconds}
-    client.log_batch(run_id, metrics=[Metric(f"eval.{k}", float(v), now, 0) for k, v in values.items()])
-    t.log_texts(run_id, {"evaluation.json": json.dumps(report.to_dict(), indent=2)})
-    t.update_lineage(run_id, evaluation=summary)
-    for k in ("accuracy", "base_accuracy", "gain", "examples"):
-        client.set_model_version_tag(name, version, f"{TAG}eval.{k}", str(summary[k]))
-    return summary
-
-
-@contextmanager
-def version_step(name: str, version: str, step: str, settings: Settings,
-                 warn: Callable[[str], None] | None = None) -> Iterator[None]:
-    """A step on a registered version (evaluate, benchmark, image, smoke, report). If it raises, the version is tagged
-    ``loraline.status=failed`` with the step and the reason (no alias moves on a failed version) and the error goes on;
-    when MLflow cannot take that tag either, ``warn`` says so (the step's own error is the one raised). If it
-    succeeds, a failure of this same step left by an earlier run is undone (:func:`reopen`)."""
-    try:
-        yield
-    except Exception as e:
-        try:
-            mark_failed(name, version, step, str(e), settings)
-        except Exception as e2:  # noqa: BLE001 - the step's error is the one raised
-            if warn is not None:
-                warn(f"could not mark models:/{name}/{version} failed (step {step}): {e2}")
-        raise
-    reopen(name, version, step, settings)
-
-
-def mark_failed(name: str, version: str, step: str, reason: str, settings: Settings) -> None:
-    """A step after registration failed: say so on the model version (no alias moves on a failed version)."""
-    client = connect(settings).client
-    status = (client.get_model_version(name, version).tags or {}).get(f"{TAG}status")
-    if status and status != "failed":  # what the version was before this failure (reopen() puts it back)
-        client.set_model_version_tag(name, version, f"{TAG}failed.previous_status", status)
-    client.set_model_version_tag(name, version, f"{TAG}status", "failed")
-    client.set_model_version_tag(name, version, f"{TAG}failed.step", step)
-    client.set_model_version_tag(name, version, f"{TAG}failed.reason", redact(reason)[:4000])
-
-
-def reopen(name: str, version: str, step: str, settings: Settings) -> bool:
-    """A release re-runs ``step``, the step that failed last time (e.g. ``report``): the version gets back the status it
-    had before that failure and loses the failure tags. Returns whether it was failed at ``step``."""
-    client = connect(settings).client
-    tags = client.get_model_version(name, version).tags or {}
-    if tags.get(f"{TAG}status") != "failed" or tags.get(f"{TAG}failed.step") != step:
-        return False
-    set_status(client, name, version, tags.get(f"{TAG}failed.previous_status") or "registered")
-    return True
-
-
-def set_status(client: Any, name: str, version: str, status: str) -> None:
-    """The one way a version leaves ``failed`` (or moves on): ``loraline.status=STATUS``, and the failure tags an
-    earlier run left are dropped (the step that failed has now succeeded)."""
-    client.set_model_version_tag(name, version, f"{TAG}status", status)
-    tags = client.get_model_version(name, version).tags or {}
-    for key in (f"{TAG}failed.step", f"{TAG}failed.reason", f"{TAG}failed.previous_status"):
-        if key in tags:
-            client.delete_model_version_tag(name, version, key)
-
-
-def log_image(name: str, version: str, run_id: str, image: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """Record a pushed (and smoke-tested) serving image on a release: version and run tags with the ref and
-    manifest digest, metrics, ``image/<mode>.json``, an ``images`` entry in ``lineage.json``, the description.
-
-    Called only after the push (and the smoke test) succeeded: a failed build or push tags nothing.
-    Returns the entry that went into the lineage.
-    """
-    from mlflow.entities import Metric
-
-    t = connect(settings)
-    client = t.client
-    mode = image["mode"]
-    smoke = image.get("smoke") or {}
-    entry = {
-        "mode": mode,
-        "ref": image["ref"],
-        "digest": image["digest"],
-        "pinned": image["pinned"],
-        "served_model_name": image["served_model_name"],
-        "base_image": image["base_image"],
-        "size_bytes": image["size_bytes"],
-        "compressed_bytes": image["compressed_bytes"],
-        "pushed_bytes": image["pushed_bytes"],
-        "build_seconds": round(image["build_seconds"], 2),
-        "push_seconds": round(image["push_seconds"], 2),
-        "smoke": {k: smoke[k] for k in ("ready_seconds", "pull_seconds", "served_models", "v1_status_without_key", "parity") if k in smoke} or None,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    # The task evaluation of the served container (smoke test): its summary, without the answers (image/<mode>.json has them).
-    served = {k: v for k, v in (smoke.get("evaluation") or {}).items() if k not in ("items", "stream_mismatches")} or None
-    if served:
-        entry["smoke"] = {**(entry["smoke"] or {}), "evaluation": served}
-    now = int(time.time() * 1000)
-    values = {"build_seconds": image["build_seconds"], "push_seconds": image["push_seconds"], "size_bytes": image["size_bytes"],
-              "compressed_bytes": image["compressed_bytes"], "pushed_bytes": image["pushed_bytes"]}
-    if "ready_seconds" in smoke:
-        values["ready_seconds"] = smoke["ready_seconds"]
-    metrics = [Metric(f"image.{mode}.{k}", float(v), now, 0) for k, v in values.items()]
-    if served:
-        metrics += [Metric(f"eval.served_{k}", float(served[k]), now, 0) for k in ("accuracy", "examples", "correct", "valid", "seconds")]
-    client.log_batch(run_id, metrics=metrics)
-    t.log_texts(run_id, {f"{mode}.json": json.dumps(image, indent=2, default=str)}, "image")
-
-    def add_image(lineage: dict[str, Any]) -> None:
-        lineage["images"] = [i for i in lineage.get("images", []) if i.get("mode") != mode] + [entry]
-        if served and lineage.get("evaluation"):
-            from loraline.evaluate import with_served
-
-            lineage["evaluation"] = with_served(lineage.get("evaluation"), served)
-
-    lineage = t.update_lineage(run_id, add_image)
-    tags = {"image.ref": image["ref"], "image.digest": image["digest"], "image.mode": mode, "image.pinned": entry["pinned"],
-            f"image.{mode}.ref": image["ref"], f"image.{mode}.digest": image["digest"]}
-    if served:
-        tags.update({"eval.served_accuracy": str(served["accuracy"]), "eval.served_mode": mode})
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, TAG + k, v)
-        client.set_tag(run_id, TAG + k, v)
-    set_status(client, name, version, "released")
-    images = "; ".join(f"image ({i['mode']}): {i['pinned']}" for i in lineage["images"])
-    client.update_model_version(name, version, description=f"{_description(lineage)}\n\n{images}")
-    return entry
-
-
-def experiment_of(run_id: str, settings: Settings) -> str:
-    """The experiment id of a release's run (for MLflow UI links)."""
-    return str(connect(settings).client.get_run(run_id).info.experiment_id)
-
-
-def log_report(name: str, version: str, run_id: str, markdown: str, gate: dict[str, Any] | None, settings: Settings) -> None:
-    """Attach the release report (``report.md``) and the gate decision (``gate.json``, ``lineage.json``'s ``gate``) to
-    the release's run, and the gate's outcome to the model version's description."""
-    t = connect(settings)
-    t.log_texts(run_id, {"report.md": markdown, **({"gate.json": json.dumps(gate, indent=2)} if gate is not None else {})})
-    if gate is not None:
-        lineage = t.update_lineage(run_id, gate=gate)
-        images = "; ".join(f"image ({i['mode']}): {i['pinned']}" for i in lineage.get("images", []))
-        moved = ", ".join(f"{a} -> v{v}" for a, v in gate.get("aliases_moved", {}).items()) or "no alias moved"
-        verdict = "passed" if gate["passed"] else "failed: " + "; ".join(gate.get("reasons", []))
-        t.client.update_model_version(name, version, description="\n\n".join(
-            x for x in (_description(lineage), images, f"Gate {verdict} ({moved}).") if x))
