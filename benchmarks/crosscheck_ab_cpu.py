@@ -12,7 +12,7 @@ from pathlib import Path
 from loraline.settings import Settings
 from loraline.server import serve_openai
 import loraline.loadgen as lg
-from loraline.bench import random_prompts
+from loraline.workload import random_prompts
 from loraline.engine import run_serve_bench
 w = Path("/tmp/lg"); vocab = 2048
 s = Settings(home=w/"home", vllm_python="/work/main/.venv-vllm/bin/python")

@@ -6,9 +6,9 @@ random bf16 weights, the demo tokenizer padded to 49152 tokens, and a random ran
 linear layer, merged by loraline's merge step. Random weights are fine for speed: every request
 produces exactly ``--output-len`` tokens (``ignore_eos`` / ``min_new_tokens``).
 
-Paths (protocol: :mod:`loraline.bench`; fresh random prompts for every warm-up and repeat, so no
+Paths (protocol: :mod:`loraline.workload`; fresh random prompts for every warm-up and repeat, so no
 prefix-cache hits; median over repeats with the spread kept):
-- ``hf-merged`` / ``hf-peft``: HF ``generate``, batches of 32 (:func:`loraline.bench.bench_hf`);
+- ``hf-merged`` / ``hf-peft``: HF ``generate``, batches of 32 (:func:`loraline.hf_bench.bench_hf`);
 - ``vllm-merged`` / ``vllm-lora``: vLLM's offline engine, all prompts at once, 256 and 1024
   prompts, and a single stream (TTFT, TPOT) (:func:`loraline.engine.run_bench`);
 - ``vllm-server-merged`` / ``vllm-server-lora``: vLLM's OpenAI server, streaming, at concurrency
@@ -188,9 +188,10 @@ def phase_hf(work: Path, state: dict[str, Any], args: argparse.Namespace) -> Non
 
     import torch
 
-    from loraline.bench import Workload, bench_hf
+    from loraline.hf_bench import bench_hf
     from loraline.hf_models import load_causal_lm, load_peft
     from loraline.settings import Settings
+    from loraline.workload import Workload
 
     b = state["build"]
     settings = Settings(home=work / "home")
@@ -227,7 +228,7 @@ def phase_hf(work: Path, state: dict[str, Any], args: argparse.Namespace) -> Non
 
 
 def phase_vllm(work: Path, state: dict[str, Any], args: argparse.Namespace, mode: str, out: Path) -> None:
-    from loraline.bench import random_prompts
+    from loraline.workload import random_prompts
     from loraline.engine import run_bench, vllm_lora_rank
     from loraline.settings import Settings
 
@@ -319,7 +320,7 @@ def phase_vllm(work: Path, state: dict[str, Any], args: argparse.Namespace, mode
 def phase_server(work: Path, state: dict[str, Any], args: argparse.Namespace, mode: str, out: Path) -> None:
     """vLLM's OpenAI server, streaming (loraline's load generator) at each concurrency; on the merged
     server also vLLM's own ``vllm bench serve`` on the same levels and lengths (the cross-check)."""
-    from loraline.bench import Workload
+    from loraline.workload import Workload
     from loraline.benchmark import compare, load_server, run_crosscheck, server_results, vllm_memory_bytes
     from loraline.engine import engine_log_facts, vllm_lora_rank
     from loraline.server import serve_openai
@@ -372,7 +373,7 @@ def phase_server_ab(work: Path, state: dict[str, Any], args: argparse.Namespace)
     cross-check's TPOT gap comes from."""
     import statistics as st
 
-    from loraline.bench import Workload, random_prompts
+    from loraline.workload import Workload, random_prompts
     from loraline.benchmark import crosscheck_argv
     from loraline.engine import run_serve_bench
     from loraline.loadgen import run_level

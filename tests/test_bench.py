@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from loraline.bench import random_prompts
 from loraline.errors import EngineError
 from loraline.engine import engine_log_facts, run_bench
 from loraline.settings import Settings
+from loraline.workload import random_prompts
 
 # Lines as vLLM 0.24.0 logged them on an H200 (benchmarks/results/gpu-nvidia-h200.json).
 VLLM_LOG = """\

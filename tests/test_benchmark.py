@@ -16,9 +16,9 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import SMALL_BENCH
-from loraline.bench import PathResult, Percentiles
 from loraline.benchmark import recommend
 from loraline.settings import Settings
+from loraline.workload import PathResult, Percentiles
 
 NAME = "smol-sql"
 LORALINE = str(Path(sys.executable).with_name("loraline"))

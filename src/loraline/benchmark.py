@@ -1,4 +1,4 @@
-"""The release benchmark: every path of :mod:`loraline.bench`'s protocol, a report, a recommendation.
+"""The release benchmark: every path of :mod:`loraline.workload`'s protocol, a report, a recommendation.
 
 Paths, in the order they run (one model in memory at a time):
 
@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from loraline.bench import PathResult, Percentiles, Workload, bench_hf_paths, random_prompts
 from loraline.errors import EngineError
+from loraline.hf_bench import bench_hf_paths
 from loraline.settings import Settings
+from loraline.workload import PathResult, Percentiles, Workload, random_prompts
 
 GIB = 1024**3
 # Datasheet HBM bandwidth (bytes/s): single-stream decode floor = weight bytes / this.

@@ -1,6 +1,6 @@
 """Load on vLLM's OpenAI-compatible server: streaming completions at a fixed concurrency.
 
-The client side of the server path of the benchmark (:mod:`loraline.bench` holds the protocol).
+The client side of the server path of the benchmark (:mod:`loraline.workload` holds the protocol).
 Each request is a ``/v1/completions`` call with the prompt as token ids, greedy, ``max_tokens =
 output_len`` with vLLM's ``ignore_eos`` (the caller checks every request got exactly that many), streamed with ``return_token_ids``
 so every chunk says how many tokens it carries. Per request it records:

@@ -22,7 +22,7 @@ Sampling is greedy (temperature 0); the logprobs are vLLM's raw ones (before any
 the top ``logprobs`` at each step plus the chosen token.
 
 ``"mode": "bench"`` (the default mode is ``"generate"``, above) measures instead of generating,
-with one engine for every measurement (the protocol is :mod:`loraline.bench`'s)::
+with one engine for every measurement (the protocol is :mod:`loraline.workload`'s)::
 
     {"mode": "bench", "model": DIR, "lora": {...} | null, "engine": {...},
      "sampling": {more SamplingParams fields, e.g. "detokenize": false} | null,
