@@ -1,4 +1,5 @@
-"""Loading models for merge and parity: one place that decides dtype, safetensors-only and remote code."""
+"""Loading HF/peft models and tokenizers (merge, parity, evaluation, the HF benchmark, the demo): one place that decides
+dtype, safetensors-only and remote code."""
 
 from __future__ import annotations
 
