@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prefect's state (profiles, the result store of cached tasks) belongs to this session: not the user's ~/.prefect, and
+# not shared with a session running beside it (tests/streams.py runs two). Removed when the session ends.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="loraline-test-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
 
 from loraline.demo import DemoAssets, init_tiny_demo  # noqa: E402
 from loraline.settings import Settings  # noqa: E402
@@ -22,8 +27,23 @@ from loraline.settings import Settings  # noqa: E402
 
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
-    """The tiny demo (2-layer Llama) base + Trainer checkpoint-100, built once (about a minute): the fast tests' model."""
-    return init_tiny_demo(tmp_path_factory.mktemp("demo"), progress=False)
+    """The tiny demo (2-layer Llama) base + Trainer checkpoint-100, built once (about a minute): the fast tests' model.
+    Read it, never write into it (copy it first: ``adapter_copy``). With LORALINE_TEST_SHARED=DIR (tests/streams.py
+    sets it) the sessions running at once build it once there, under a file lock, and share it."""
+    shared = os.environ.get("LORALINE_TEST_SHARED")
+    if not shared:
+        return init_tiny_demo(tmp_path_factory.mktemp("demo"), progress=False)
+    from filelock import FileLock
+
+    root = Path(shared) / "tiny-demo"
+    done = root.with_name("tiny-demo.json")
+    with FileLock(f"{root}.lock"):
+        if not done.is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            a = init_tiny_demo(root, progress=False)
+            done.write_text(json.dumps({"base": str(a.base), "checkpoint": str(a.checkpoint), "losses": list(a.losses)}))
+    d = json.loads(done.read_text())
+    return DemoAssets(base=Path(d["base"]), checkpoint=Path(d["checkpoint"]), losses=tuple(d["losses"]))
 
 
 @pytest.fixture()
@@ -150,7 +170,6 @@ SMALL_BENCH = {
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
@@ -185,7 +204,7 @@ def _prepare_image_services(home: Path, reuse: bool) -> None:
                                 env={**os.environ, "DOCKER_HOST": st.docker_host, "HOST_PYTHON": sys.executable,
                                      "VLLM_SITE_PACKAGES": _site_packages(Settings(home=home).vllm_python)},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        _session_nice(proc.pid, 19)  # the CPU the tests leave idle until an image test waits for it
+        _session_nice(proc.pid, _BG["nice"])  # the CPU the tests leave idle until an image test waits for it
         _PREP["proc"] = proc
         out, err = proc.communicate(timeout=3600)
         if proc.returncode != 0:
@@ -211,6 +230,7 @@ def _prepare_image_services(home: Path, reuse: bool) -> None:
 # leave idle; the `smollm2_fetched` and `real_demo` fixtures wait for its two steps.
 
 _REAL: dict[str, object] = {}
+_BG: dict[str, int] = {"nice": 19}
 REAL_DEMO_FIXTURES = {"smollm2_fetched", "smollm2_base", "real_demo"}
 
 
@@ -228,10 +248,10 @@ def _start_real_demo() -> None:
     root = Path(tempfile.mkdtemp(prefix="loraline-test-real-demo-"))
     log = (root / "log").open("w")
     # One torch thread: at low priority two OpenMP threads wait on each other whenever the tests preempt one.
-    proc = subprocess.Popen(["nice", "-n", "15", sys.executable, str(REPO / "tests" / "bg_real_demo.py"), str(root), "1"],
+    proc = subprocess.Popen(["nice", "-n", str(min(_BG["nice"], 15)), sys.executable, str(REPO / "tests" / "bg_real_demo.py"), str(root), "1"],
                             env={**os.environ, "TQDM_DISABLE": "1"},
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    _session_nice(proc.pid, 19)  # the CPU the tests leave idle (a third of it in the middle of a CI run), no more
+    _session_nice(proc.pid, _BG["nice"])  # the CPU the tests leave idle (a third of it in the middle of a CI run), no more
     _REAL.update(root=root, proc=proc, log=log)
 
 
@@ -256,15 +276,38 @@ def real_demo_log() -> str:
     return (Path(_REAL["root"]) / "log").read_text()  # type: ignore[arg-type]
 
 
+DOCKER_FIXTURES = {"image_services", "engine_and_registry"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The tests that need the real demo's training run last, in their own order: the background build (niced) then
-    trains on the CPU the tests before them leave idle, instead of being waited for half-way (311 s of a CI run here)."""
+    """Markers from what a test needs: ``docker`` (a Docker engine and registry: ``image_services``,
+    ``engine_and_registry``, or marked in its module) and ``real`` (the real SmolLM2 model). ``make test`` runs
+    ``-m "docker or real"`` and the rest as two pytest processes at once (tests/streams.py).
+
+    The tests that need the real demo's training run last, in their own order: the background build then trains on
+    the CPU the tests before them leave idle, instead of being waited for half-way (311 s of a CI run here)."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & DOCKER_FIXTURES:
+            item.add_marker(pytest.mark.docker)
+        if names & REAL_DEMO_FIXTURES:
+            item.add_marker(pytest.mark.real)
     needs = [i for i in items if "real_demo" in getattr(i, "fixturenames", ())]
     if needs:
         items[:] = [i for i in items if i not in needs] + needs
 
 
+def _heavy(item: pytest.Item) -> bool:
+    return item.get_closest_marker("docker") is not None or item.get_closest_marker("real") is not None
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:  # `pytest --collect-only`: nothing will run, so nothing starts
+        return
+    # The background builds take only the CPU that this session's other tests leave idle; in a session of nothing
+    # but docker/real tests (tests/streams.py) they are what the tests wait for, at full priority.
+    _BG["nice"] = 19 if any(not _heavy(i) for i in session.items) else 0
     if any(REAL_DEMO_FIXTURES & set(getattr(item, "fixturenames", ())) for item in session.items):
         _start_real_demo()
     if any("image_services" in getattr(item, "fixturenames", ()) for item in session.items):
@@ -277,6 +320,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Stop what the background preparation started (also when no image test got to run)."""
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
     if "proc" in _REAL:
         from loraline.engine import kill_group
 

@@ -410,6 +410,7 @@ def test_bad_input_is_refused_with_its_message(case: str, demo_assets, settings:
         with pytest.raises(error) as e:
             run()
         assert message in str(e.value), str(e.value)
+        assert "hunter2" not in str(e.value)  # a credential in the input is never echoed back
     # Nothing ran that should not: no pickle payload executed, nothing written outside the archive's extraction dir.
     assert not (tmp_path / "PWNED").exists()
     assert not (tmp_path.parent / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 LORALINE = str(Path(sys.executable).with_name("loraline"))
+pytestmark = pytest.mark.docker
 
 
 def cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:

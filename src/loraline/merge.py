@@ -7,6 +7,8 @@ later step could mistake for a merged model.
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import shutil
 import tempfile
@@ -52,9 +54,11 @@ def merged_path(adapter: FetchedAdapter, base: FetchedBase, settings: Settings) 
 
 
 def merge_key(adapter: FetchedAdapter, base: FetchedBase, settings: Settings) -> str:
-    """Everything a merge's result depends on (the flow's cache key): both digests and the dtypes."""
+    """Everything a merge's result depends on (the flow's cache key): both digests, the dtypes, and the directory it is
+    written to (two homes on one Prefect result store each get their own merge: a cached result names its path)."""
     out, compute = _dtypes(base, settings)
-    return f"merge-{adapter.sha256}-{base.sha256}-{out}-{compute}"
+    where = hashlib.sha256(str(merged_path(adapter, base, settings).resolve()).encode()).hexdigest()[:16]
+    return f"merge-{adapter.sha256}-{base.sha256}-{out}-{compute}-{where}"
 
 
 def _record(path: Path) -> Path:

@@ -217,7 +217,9 @@ class Settings(BaseSettings):
 
 
 def redact(text: str) -> str:
-    """Drop credentials from a URI-like string (``scheme://user:secret@host`` -> ``scheme://***@host``)."""
+    """Drop credentials from a URI-like string (``scheme://user:secret@host`` -> ``scheme://***@host``), also without a
+    scheme (``user:secret@host:5000/ns`` -> ``***@host:5000/ns``, as a registry setting may be written)."""
     import re
 
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
+    text = re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
+    return re.sub(r"(?<![\w/:.@-])[^\s/@:]+:[^\s/@]+@(?=[\w.-])", "***@", text)
