@@ -15,6 +15,7 @@ Exit status: the first failure's, else 0 (a stream that `ARGS` leaves empty coun
 from __future__ import annotations
 
 import hashlib
+import shlex
 import os
 import shutil
 import signal
@@ -41,12 +42,12 @@ def main(args: list[str]) -> int:
     for i, expr in enumerate(STREAMS):
         cmd = [sys.executable, "-m", "pytest", "-m", expr, f"--basetemp={root / f'tmp{i}'}", *args]
         if i == 0:
-            print(f"streams: {' '.join(cmd)}", flush=True)
+            print(f"streams: {shlex.join(cmd)}", flush=True)
             procs.append((expr, subprocess.Popen(cmd, cwd=REPO, env=env), None))
         else:  # the pytest cache is the first stream's (two writers would lose each other's entries)
             cmd[3:3] = ["-p", "no:cacheprovider"]
             log = root / f"stream{i}.log"
-            print(f"streams: {' '.join(cmd)} > {log}", flush=True)
+            print(f"streams: {shlex.join(cmd)} > {log}", flush=True)
             with log.open("wb") as out:
                 procs.append((expr, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT), log))
     codes = []

@@ -122,7 +122,9 @@ def _by_id(flow_run_id: Any):
 
 
 def _watch_runs(after: float) -> list[Any]:
-    """Completed scheduled (not manually started) watch runs that started after ``after`` (epoch seconds)."""
+    """Finished scheduled (not manually started) watch runs that ended after ``after`` (epoch seconds): the runs whose
+    scan may have seen what was written at ``after`` — one that started just before it may be the one that releases
+    (seen: every run that started after the write then found the digest released by such a run)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterState, \
         FlowRunFilterStateType
@@ -133,7 +135,7 @@ def _watch_runs(after: float) -> list[Any]:
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["watch"])),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
                 any_=[StateType.COMPLETED, StateType.FAILED, StateType.CRASHED]))))
-    return sorted((r for r in runs if r.auto_scheduled and r.start_time and r.start_time.timestamp() > after),
+    return sorted((r for r in runs if r.auto_scheduled and r.start_time and r.end_time and r.end_time.timestamp() > after),
                   key=lambda r: r.start_time)
 
 

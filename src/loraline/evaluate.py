@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from loraline.hf_models import greedy
 from loraline.settings import Settings
 
 SQL_TIME_LIMIT_S = 5.0
@@ -169,8 +170,8 @@ def generate_answers(model_dir: Path, tokenizer_dir: Path, questions: list[str],
         for i in range(0, len(questions), batch):
             prompts = [render_prompt(tok, q) for q in questions[i:i + batch]]
             enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(**enc, max_new_tokens=settings.eval_max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
+            gen = greedy(model, enc["input_ids"], attention_mask=enc["attention_mask"],
+                         max_new_tokens=settings.eval_max_new_tokens, pad_token_id=tok.pad_token_id)
             out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return out
 

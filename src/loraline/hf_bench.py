@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from loraline.errors import EngineError
+from loraline.hf_models import greedy
 from loraline.settings import Settings
 from loraline.workload import PathResult, Percentiles, Workload, random_prompts
 
@@ -49,16 +50,8 @@ def hf_generate_batch(model: Any, prompts: Sequence[Sequence[int]], output_len: 
     device = next(model.parameters()).device
     ids = torch.tensor([list(p) for p in prompts], device=device)  # equal lengths: no padding needed
     t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=output_len,
-            min_new_tokens=output_len,
-            do_sample=False,
-            pad_token_id=pad_id,
-            stopping_criteria=StoppingCriteriaList([Stamp()]),
-        )
+    out = greedy(model, ids, max_new_tokens=output_len, pad_token_id=pad_id, min_new_tokens=output_len,
+                 stopping_criteria=StoppingCriteriaList([Stamp()]))
     if out.shape[1] - ids.shape[1] != output_len:
         raise EngineError(f"HF generate stopped after {out.shape[1] - ids.shape[1]} of {output_len} tokens: the timed "
                           "run must produce every token (min_new_tokens); report this model's generation config")

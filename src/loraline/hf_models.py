@@ -79,6 +79,18 @@ def load_tokenizer(adapter_dir: Path, base_dir: Path, settings: Settings) -> Any
     return AutoTokenizer.from_pretrained(str(src), trust_remote_code=settings.trust_remote_code)
 
 
+def greedy(model: Any, input_ids: Any, *, max_new_tokens: int, pad_token_id: int | None, attention_mask: Any = None,
+           **generate: Any) -> Any:
+    """Greedy decoding with transformers' ``generate`` from a batch of token ids, without gradients: what parity, the
+    task evaluation and the HF benchmark paths run. ``attention_mask`` defaults to all ones (equal-length prompts, no
+    padding); ``generate`` goes on to ``model.generate`` (``output_logits``, ``min_new_tokens``, ``stopping_criteria``)."""
+    import torch
+
+    with torch.no_grad():
+        return model.generate(input_ids, attention_mask=torch.ones_like(input_ids) if attention_mask is None else attention_mask,
+                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id, **generate)
+
+
 def _resize_for_adapter(model: Any, adapter_dir: Path) -> None:
     """Resize the base's embeddings when the adapter was trained with added tokens (saved embeddings)."""
     from safetensors import safe_open

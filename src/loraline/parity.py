@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+from loraline.hf_models import greedy
 from loraline.settings import Settings
 
 Verdict = Literal["identical", "close", "failed"]
@@ -121,16 +122,8 @@ def generate_greedy_ids(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # type: ignore[attr-defined]
     for prompt in prompt_ids:
         ids = torch.tensor([list(prompt)], dtype=torch.long)
-        with torch.no_grad():
-            out = model.generate(  # type: ignore[attr-defined]
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
+        out = greedy(model, ids, max_new_tokens=max_new_tokens, pad_token_id=pad, output_logits=True,
+                     return_dict_in_generate=True)
         gen = out.sequences[0, ids.shape[1]:].tolist()
         tokens, lps, tops = [], [], []
         for tok, logits in zip(gen, out.logits):
