@@ -90,36 +90,6 @@ def prefect_api_url(prefect_harness) -> str:
     return PREFECT_API_URL.value()
 
 
-def mlflow_state(settings: Settings) -> dict[str, object]:
-    """What a failed release must not leave behind: versions, aliases, RUNNING runs."""
-    from mlflow import MlflowClient
-
-    if not (settings.home / "mlflow.db").exists():
-        return {"versions": [], "aliases": [], "running": []}
-    client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
-    versions = client.search_model_versions("")
-    aliases = sorted(a for m in client.search_registered_models() for a in (m.aliases or {}))
-    exps = [e.experiment_id for e in client.search_experiments()]
-    running = [r.info.run_id for r in client.search_runs(exps, "attributes.status = 'RUNNING'")] if exps else []
-    return {"versions": [(v.name, str(v.version)) for v in versions], "aliases": aliases, "running": running}
-
-
-def adapter_version(src: Path, dst: Path) -> Path:
-    """Another version of an adapter: a copy with one LoRA B entry nudged by 1e-3 (a new digest, the same behaviour)."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    t = load_file(str(dst / "adapter_model.safetensors"))
-    k = next(k for k in sorted(t) if "lora_B" in k)
-    t[k][0, 0] += 1e-3
-    save_file(t, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
 # --------------------------------------------------------------------------- vLLM engine
 
 from collections.abc import Iterator  # noqa: E402
@@ -148,17 +118,6 @@ def demo_merged(demo_assets: DemoAssets, tmp_path_factory: pytest.TempPathFactor
     adapter = fetch_adapter(str(demo_assets.checkpoint), s)
     base = fetch_base(str(demo_assets.base), s)
     return adapter, base, merge_adapter(adapter, base, s)
-
-
-# A benchmark workload small enough for CI on 2 cores (every path, two server levels, two repeats).
-SMALL_BENCH = {
-    "LORALINE_BENCH_INPUT_LEN": "16",
-    "LORALINE_BENCH_OUTPUT_LEN": "8",
-    "LORALINE_BENCH_PROMPTS": "4",
-    "LORALINE_BENCH_REPEATS": "2",
-    "LORALINE_BENCH_CONCURRENCY": "[1,4]",
-    "LORALINE_BENCH_SERVER_MIN_REQUESTS": "4",
-}
 
 
 # --------------------------------------------------------------------------- Docker engine, registry, CPU base image
@@ -431,3 +390,9 @@ def real_demo(smollm2_fetched) -> DemoAssets:
     d = _wait_real_demo("demo.json")
     return DemoAssets(base=Path(d["base"]), checkpoint=Path(d["checkpoint"]), losses=tuple(d["losses"]),
                       early=tuple(Path(p) for p in d["early"]), gguf=Path(d["gguf"]))
+
+
+@pytest.fixture(scope="session")
+def real_demo_output(real_demo) -> str:
+    """What the session's `demo init` (tests/bg_real_demo.py) printed: its progress lines."""
+    return real_demo_log()

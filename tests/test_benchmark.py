@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import SMALL_BENCH
+from helpers import SMALL_BENCH
 from loraline.benchmark import recommend
 from loraline.settings import Settings
 from loraline.workload import PathResult, Percentiles

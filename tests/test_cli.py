@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import mlflow_state
+from helpers import coreutils_digest, loraline, mlflow_state
 from loraline.settings import Settings
-from test_digest import coreutils_digest
-
-LORALINE = str(Path(sys.executable).with_name("loraline"))
-
-
-def loraline(*args: str, home: Path, **extra_env: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "LORALINE_HOME": str(home), "LORALINE_BENCH": "false", **extra_env}
-    for k in [k for k in env if k.startswith("PREFECT_")]:
-        env.pop(k)  # a user's shell: no harness server, Prefect runs ephemeral
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    env.setdefault("LORALINE_VLLM_PYTHON", str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"))
-    # vLLM parity off: tests/test_engine.py covers it on this model, the real model's CLI release at its default (on).
-    env["LORALINE_VLLM_PARITY"] = extra_env.get("LORALINE_VLLM_PARITY", "false")
-    return subprocess.run([LORALINE, *args], capture_output=True, text=True, env=env, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import adapter_version
+from helpers import adapter_version
 from loraline.settings import Settings
 
 NAME = "smol-many"

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from mlflow import MlflowClient
-from conftest import adapter_version
+from helpers import adapter_version
 
 NAME = "smol-sql"
 

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
+from helpers import coreutils_digest
 from loraline.digest import digest_dir
-
-COREUTILS = r"""cd "$1" && find -L . -type f | sed 's|^./||' | LC_ALL=C sort | xargs -d '\n' sha256sum | sha256sum | cut -d' ' -f1"""
-
-
-def coreutils_digest(path: Path) -> str:
-    return subprocess.run(["bash", "-c", COREUTILS, "_", str(path)], check=True, capture_output=True, text=True).stdout.strip()
-
 
 def test_digest_matches_coreutils_recipe(tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()

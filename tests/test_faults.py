@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import mlflow_state
+from helpers import mlflow_state
 from loraline.settings import Settings
 
 NAME = "smol-fault"
@@ -100,7 +100,7 @@ def test_report_failure_rolls_the_gate_back_and_a_rerun_completes(prefect_harnes
     """The gate moved the aliases, then the report failed (fault injected: Prefect refuses the lineage table artifact):
     the Prefect transaction's rollback hook puts the aliases back; the version says why; the re-run completes."""
     import flows.release as fr
-    from conftest import adapter_version
+    from helpers import adapter_version
 
     name = "smol-rollback"
     kw = dict(base=str(demo_assets.base), name=name)

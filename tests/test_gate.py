@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import adapter_version
+from helpers import adapter_version
 from loraline.gate import ChampionScore, decide
 from loraline.params import GateThresholds
 from loraline.report import release_report

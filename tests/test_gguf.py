@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import mlflow_state
+from helpers import mlflow_state
 from loraline.digest import digest_dir, sha256_file
 from loraline.errors import SourceError
 from loraline.settings import Settings
@@ -165,7 +165,7 @@ def test_a_release_on_a_gguf_base_records_the_gguf_and_trace_finds_it(prefect_ha
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.release import release
     from loraline.demo import build_lora
-    from test_cli import loraline
+    from helpers import loraline
 
     home = smollm2_fetched.path.parents[1]  # the session home: its cache holds the conversion
     env = {"LORALINE_HOME": str(home), "LORALINE_VLLM_PARITY": "false", "LORALINE_BENCH": "false", "LORALINE_IMAGE": "none",
@@ -321,7 +321,7 @@ def test_a_bad_gguf_is_refused_naming_the_file_before_anything_is_converted(case
 
 
 def test_a_release_with_a_bad_gguf_base_exits_with_one_line_and_registers_nothing(tmp_path: Path) -> None:
-    from test_cli import loraline
+    from helpers import loraline
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from loraline.settings import Settings
-from conftest import mlflow_state
+from helpers import mlflow_state
 
 LORALINE = str(Path(sys.executable).with_name("loraline"))
 pytestmark = pytest.mark.slow
@@ -28,16 +28,6 @@ pytestmark = pytest.mark.slow
 
 def loraline(*args: str, env: dict[str, str], timeout: int = 1800) -> subprocess.CompletedProcess[str]:
     return subprocess.run([LORALINE, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def smoke_containers(docker_host: str) -> list[str]:
-    import docker
-
-    client = docker.DockerClient(base_url=docker_host)
-    try:
-        return [c.name for c in client.containers.list(all=True, filters={"label": "org.loraline.smoke"})]
-    finally:
-        client.close()
 
 
 def scaled_adapter(src: Path, dst: Path, factor: float) -> Path:
@@ -243,7 +233,7 @@ def test_a_base_image_the_engine_cannot_pull_is_refused_before_any_merge(engine_
 
     from loraline.errors import ImageError
     from loraline.image import check_base_image, preflight
-    from test_services import tiny_rootfs
+    from helpers import tiny_rootfs
 
     docker_host, registry = engine_and_registry
     missing = f"{registry}/no-such-vllm-base:v0"

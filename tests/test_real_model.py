@@ -23,8 +23,7 @@ import pytest
 from loraline import text2sql
 from loraline.digest import digest_dir
 from loraline.settings import Settings
-from conftest import real_demo_log
-from test_image import smoke_containers
+from helpers import smoke_containers
 
 LORALINE = str(Path(sys.executable).with_name("loraline"))
 pytestmark = pytest.mark.slow
@@ -34,12 +33,12 @@ def loraline(*args: str, env: dict[str, str], timeout: int = 2400) -> subprocess
     return subprocess.run([LORALINE, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_demo_init_writes_a_real_trainer_output(real_demo, smollm2_fetched) -> None:
+def test_demo_init_writes_a_real_trainer_output(real_demo, real_demo_output: str, smollm2_fetched) -> None:
     """`demo init`: the converted base and a Trainer output dir with an early and a final checkpoint of one run."""
     # The base is copied from the conversion in the home's cache (init_demo(cache=...)), which a release of the GGUF
     # then reuses too: one conversion, not two.
     assert digest_dir(real_demo.base) == smollm2_fetched.sha256
-    assert "(already converted: kept)" in real_demo_log()
+    assert "(already converted: kept)" in real_demo_output
     base_config = json.loads((real_demo.base / "config.json").read_text())
     assert (real_demo.base / "model.safetensors").is_file() and (real_demo.base / "chat_template.jinja").is_file() or \
         "chat_template" in json.loads((real_demo.base / "tokenizer_config.json").read_text())

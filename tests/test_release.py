@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 from safetensors.torch import load_file, save_file
 
-from conftest import mlflow_state
+from helpers import mlflow_state
 from loraline.digest import digest_dir
 from loraline.errors import InvalidAdapter
 from loraline.settings import Settings

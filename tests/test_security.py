@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_services import tiny_rootfs
+from helpers import tiny_rootfs
 
 from loraline.errors import ImageError
 from loraline.server import free_port

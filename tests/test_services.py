@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
+
+from helpers import tiny_rootfs
 
 LORALINE = str(Path(sys.executable).with_name("loraline"))
 pytestmark = pytest.mark.docker
@@ -19,17 +19,6 @@ pytestmark = pytest.mark.docker
 def cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([LORALINE, "services", *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "LORALINE_HOME": str(home)})
-
-
-def tiny_rootfs() -> bytes:
-    """A one-file root filesystem, so `docker import` makes an image without pulling anything."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        data = b"loraline services test\n"
-        info = tarfile.TarInfo("hello.txt")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @pytest.mark.slow
