@@ -281,7 +281,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """Stop what the background preparation started (also when no image test got to run)."""
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
     if "proc" in _REAL:
-        from loraline.engine import kill_group
+        from loraline.services.process import kill_group
 
         proc = _REAL["proc"]
         if isinstance(proc, subprocess.Popen) and proc.poll() is None:
@@ -290,7 +290,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         shutil.rmtree(Path(_REAL["root"]), ignore_errors=True)  # type: ignore[arg-type]
     if "thread" not in _PREP or _PREP["reuse"]:
         return
-    from loraline.engine import kill_group
+    from loraline.services.process import kill_group
 
     _PREP["stopping"] = True
     _PREP["thread"].join(timeout=5)  # type: ignore[attr-defined]

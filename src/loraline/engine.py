@@ -5,7 +5,8 @@ pins conflict with Prefect's, and in production it runs in the serving container
 :func:`run_generate` and :func:`run_bench` run :mod:`loraline.vllm_runner` as a file with ``settings.vllm_python``;
 :mod:`loraline.server` starts vLLM's OpenAI server the same way. Both use :func:`find_engine`,
 :func:`engine_env` and :func:`default_engine_args`, and stop the engine's whole process group
-(vLLM starts worker processes of its own).
+(vLLM starts worker processes of its own) with :func:`loraline.services.process.kill_group`, beside the
+embedded services' own process control.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 from loraline.errors import EngineError
 from loraline.hf_models import context_length
+from loraline.services.process import kill_group
 from loraline.settings import VLLM_MAX_LORA_RANKS, VLLM_VENV, Settings
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
@@ -339,68 +340,10 @@ def _run_runner(engine: Engine, request: dict[str, Any], settings: Settings, wha
     return response, "\n".join(ln for ln in out.splitlines() if not ln.startswith(RESULT_MARKER))
 
 
-def kill_group(proc: subprocess.Popen[Any], *, grace_s: float) -> None:
-    """Stop a process started with ``start_new_session=True`` and everything in its group.
-
-    SIGTERM first (with ``grace_s`` for the leader and its group to exit), then SIGKILL, then wait until no process of
-    the group runs (up to 30 s: a killed engine core takes a while to give its memory back, and the caller may start
-    the next engine as soon as this returns) and its orphaned zombies are reaped (up to 10 s more).
-    """
-    pgid = proc.pid  # a session leader's group id is its pid
-    if grace_s > 0 and proc.poll() is None:
-        _signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-        _wait_group_gone(pgid, deadline - time.monotonic())
-    _signal_group(pgid, signal.SIGKILL)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    _wait_group_gone(pgid, 30, zombies=False)
-    _wait_group_gone(pgid, 10)
-
-
 def require_dir(path: Path, marker: str, what: str) -> None:
     """Refuse a directory the engine could not load, before paying for an engine start."""
     if not (Path(path) / marker).is_file():
         raise EngineError(f"{what} directory {path} has no {marker}; pass a saved {what} directory (save_pretrained layout)")
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int, *, zombies: bool = True) -> bool:
-    """Whether group ``pgid`` still has a process; with ``zombies=False`` only one still running counts (an orphaned
-    zombie holds no memory and is reaped by init, here within about 2 s)."""
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    if zombies:
-        return True
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
-            return True
-    return False
-
-
-def _wait_group_gone(pgid: int, timeout_s: float, *, zombies: bool = True) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _group_alive(pgid, zombies=zombies) and time.monotonic() < deadline:
-        time.sleep(0.1)
 
 
 def _tail(text: str, lines: int = 40) -> str:

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraline.engine import require_dir, default_engine_args, engine_env, find_engine, kill_group
+from loraline.engine import require_dir, default_engine_args, engine_env, find_engine
 from loraline.errors import EngineError
 from loraline.probe import http_ok, wait_until
+from loraline.services.process import kill_group
 from loraline.settings import Settings
 
 HOST = "127.0.0.1"  # never another interface: the test server has no auth

@@ -1,0 +1,75 @@
+"""The MLflow tracking server (REST API + UI): the repository's ``mlflow/server.sh`` over the same SQLite store
+loraline uses without a server (``<home>/mlflow.db``), serving artifacts from ``<home>/mlartifacts``; its URL is
+recorded in ``<home>/services/mlflow/url``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from loraline.errors import ServiceError
+from loraline.probe import http_ok
+from loraline.services.process import HOST, alive_pid, service_dir, spawn, state, wait_up
+from loraline.settings import Settings
+
+# The repository's start script (not packaged: services run from a checkout; this file is src/loraline/services/).
+MLFLOW_SCRIPT = Path(__file__).resolve().parents[3] / "mlflow" / "server.sh"
+MLFLOW_START_TIMEOUT_S = 120.0  # the first start creates and migrates the SQLite DB: ~15 s on 2 cores
+
+
+def mlflow_ok(url: str, timeout_s: float = 3.0) -> bool:
+    """Does an MLflow server answer ``GET <url>/health`` with 200?"""
+    return http_ok(f"{url}/health", timeout_s)
+
+
+def mlflow_url(settings: Settings, timeout_s: float = 3.0) -> str | None:
+    """The URL of this home's MLflow server if its process is alive and /health answers.
+
+    The pid is checked too: after ``down`` the recorded port may belong to someone else's server.
+    """
+    url = state(settings, "mlflow", "url")
+    if url is None or alive_pid(settings.home / "services" / "mlflow") is None:
+        return None
+    return url if mlflow_ok(url, timeout_s) else None
+
+
+def start_mlflow(settings: Settings, port: int = 0) -> str:
+    """Start ``mlflow/server.sh`` on 127.0.0.1 over ``sqlite:///<home>/mlflow.db``; return its URL.
+
+    Idempotent: a server this home started that still answers is returned as is. The store is the
+    same SQLite file loraline writes to without a server, so runs from before and after are in one
+    place. Artifacts of experiments created through the server are ``mlflow-artifacts:/`` URIs,
+    stored under ``<home>/mlartifacts`` and read back through the server.
+    """
+    d = service_dir(settings, "mlflow")
+    running = mlflow_url(settings)
+    if running:
+        return running
+    if not MLFLOW_SCRIPT.is_file():
+        raise ServiceError(f"the MLflow start script {MLFLOW_SCRIPT} is missing: `services up` runs from a loraline "
+                           "checkout (git clone; pip install -e .), where it is mlflow/server.sh")
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    if not mlflow_bin.exists():
+        raise ServiceError(f"no mlflow executable beside {sys.executable}: install loraline's dependencies into this "
+                           "environment (pip install -e .)")
+    if not port:
+        from loraline.server import free_port
+
+        port = free_port()
+    url = f"http://{HOST}:{port}"
+    settings.artifact_root.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{settings.home / 'mlflow.db'}",
+        "MLFLOW_ARTIFACTS_DESTINATION": str(settings.artifact_root),
+        "MLFLOW_HOST": HOST,
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_BIN": str(mlflow_bin),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+    }
+    spawn(["bash", str(MLFLOW_SCRIPT)], d, env=env)
+    (d / "url").write_text(url)
+    wait_up(lambda: mlflow_ok(url), f"the MLflow server on {url}", d, timeout_s=MLFLOW_START_TIMEOUT_S)
+    return url
