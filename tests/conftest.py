@@ -163,7 +163,7 @@ def _prepare_image_services(home: Path, reuse: bool) -> None:
                                 env={**os.environ, "DOCKER_HOST": st.docker_host, "HOST_PYTHON": sys.executable,
                                      "VLLM_SITE_PACKAGES": _site_packages(Settings(home=home).vllm_python)},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        _session_nice(proc.pid, _BG["nice"])  # the CPU the tests leave idle until an image test waits for it
+        _session_nice(proc.pid, 19)  # the CPU the tests leave idle until an image test waits for it
         _PREP["proc"] = proc
         out, err = proc.communicate(timeout=3600)
         if proc.returncode != 0:
@@ -189,7 +189,6 @@ def _prepare_image_services(home: Path, reuse: bool) -> None:
 # leave idle; the `smollm2_fetched` and `real_demo` fixtures wait for its two steps.
 
 _REAL: dict[str, object] = {}
-_BG: dict[str, int] = {"nice": 19}
 REAL_DEMO_FIXTURES = {"smollm2_fetched", "smollm2_base", "real_demo"}
 
 
@@ -207,10 +206,10 @@ def _start_real_demo() -> None:
     root = Path(tempfile.mkdtemp(prefix="loraline-test-real-demo-"))
     log = (root / "log").open("w")
     # One torch thread: at low priority two OpenMP threads wait on each other whenever the tests preempt one.
-    proc = subprocess.Popen(["nice", "-n", str(min(_BG["nice"], 15)), sys.executable, str(REPO / "tests" / "bg_real_demo.py"), str(root), "1"],
+    proc = subprocess.Popen(["nice", "-n", "15", sys.executable, str(REPO / "tests" / "bg_real_demo.py"), str(root), "1"],
                             env={**os.environ, "TQDM_DISABLE": "1"},
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    _session_nice(proc.pid, _BG["nice"])  # the CPU the tests leave idle (a third of it in the middle of a CI run), no more
+    _session_nice(proc.pid, 19)  # the CPU the tests leave idle (a third of it in the middle of a CI run), no more
     _REAL.update(root=root, proc=proc, log=log)
 
 
@@ -257,16 +256,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         items[:] = [i for i in items if i not in needs] + needs
 
 
-def _heavy(item: pytest.Item) -> bool:
-    return item.get_closest_marker("docker") is not None or item.get_closest_marker("real") is not None
-
-
 def pytest_collection_finish(session: pytest.Session) -> None:
     if session.config.option.collectonly:  # `pytest --collect-only`: nothing will run, so nothing starts
         return
-    # The background builds take only the CPU that this session's other tests leave idle; in a session of nothing
-    # but docker/real tests (tests/streams.py) they are what the tests wait for, at full priority.
-    _BG["nice"] = 19 if any(not _heavy(i) for i in session.items) else 0
     if any(REAL_DEMO_FIXTURES & set(getattr(item, "fixturenames", ())) for item in session.items):
         _start_real_demo()
     if any("image_services" in getattr(item, "fixturenames", ()) for item in session.items):

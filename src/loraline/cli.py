@@ -63,12 +63,10 @@ def quiet_third_parties(settings: Settings, verbose: bool = False) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
     for name in ("mlflow", "alembic", "transformers", "peft", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    # The libraries' deprecation and advisory warnings (torch, transformers, peft, pydantic, MLflow, Prefect): not the
-    # user's to act on. loraline's own warnings, and anything else, still show.
-    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category)
-    for module in ("torch", "transformers", "peft", "pydantic", "mlflow", "prefect", "huggingface_hub", "accelerate"):
-        warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
+    # The libraries' warnings (deprecations, advice, SQLAlchemy's): not the user's to act on, and a refusal stays one
+    # line on stderr. loraline's own warnings still show (the later filter is checked first); -v shows them all.
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=r"(loraline|flows)(\.|$)")
 
 
 def emit(data: dict[str, Any], as_json: bool) -> None:
