@@ -6,9 +6,10 @@
                             containers; at low priority, so that they take the CPU the first stream leaves idle
 
 One pytest process runs them all in a row and leaves the cores a quarter idle (a CI run here: 75% busy on average,
-45-55% busy for 30 minutes of its second half). Two at the same priority were slower still (seen: the first stream at
-half its speed for 40 minutes): torch and vLLM run as many threads as there are cores, and two streams of them
-oversubscribe 2 cores. Each stream is an ordinary pytest session (`pytest -m EXPR ARGS`) with its own fixtures and
+45-55% busy for 30 minutes of its second half). Two at the same priority were slower still: after 39 minutes the
+first stream had run 90 of its 177 tests (through tests/test_evaluate.py) and the real release of the second had been
+running for 821 s (477 s in `make demo` alone) — torch and vLLM run as many threads as there are cores, and two
+streams of them oversubscribe 2 cores. Each stream is an ordinary pytest session (`pytest -m EXPR ARGS`) with its own fixtures and
 temporary directory (the tiny demo model is built once for both); the first stream prints as it goes, the second's
 output follows it. Exit status: the first failure's, else 0 (a stream that `ARGS` leaves empty counts as passed).
 

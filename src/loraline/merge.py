@@ -8,7 +8,6 @@ later step could mistake for a merged model.
 from __future__ import annotations
 
 import hashlib
-
 import json
 import shutil
 import tempfile

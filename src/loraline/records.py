@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from loraline.registry import _description
+from loraline.registry import version_description
 from loraline.settings import Settings, redact
 from loraline.tracking import TAG, connect
 
@@ -189,7 +189,7 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
         client.set_tag(run_id, TAG + k, v)
     set_status(client, name, version, "released")
     images = "; ".join(f"image ({i['mode']}): {i['pinned']}" for i in lineage["images"])
-    client.update_model_version(name, version, description=f"{_description(lineage)}\n\n{images}")
+    client.update_model_version(name, version, description=f"{version_description(lineage)}\n\n{images}")
     return entry
 
 
@@ -209,4 +209,4 @@ def log_report(name: str, version: str, run_id: str, markdown: str, gate: dict[s
         moved = ", ".join(f"{a} -> v{v}" for a, v in gate.get("aliases_moved", {}).items()) or "no alias moved"
         verdict = "passed" if gate["passed"] else "failed: " + "; ".join(gate.get("reasons", []))
         t.client.update_model_version(name, version, description="\n\n".join(
-            x for x in (_description(lineage), images, f"Gate {verdict} ({moved}).") if x))
+            x for x in (version_description(lineage), images, f"Gate {verdict} ({moved}).") if x))

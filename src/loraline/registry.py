@@ -255,7 +255,7 @@ def build_lineage(*, name: str, version: str, run_id: str, settings: Settings, a
     }
 
 
-def _description(lineage: dict[str, Any]) -> str:
+def version_description(lineage: dict[str, Any]) -> str:
     """The model version's description (lineage summary); :mod:`loraline.records` appends the images and the gate."""
     a, b, m, p = lineage["adapter"], lineage["base"], lineage["merged"], lineage["parity"]
     g = f", converted from the GGUF of {b['gguf']['origin']} (sha256 {b['gguf']['sha256'][:12]})" if b.get("gguf") else ""
@@ -339,7 +339,7 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
         lineage = build_lineage(name=name, version=str(version), run_id=run_id, settings=settings, adapter=adapter,
                                 base=base, merged=merged, validation=validation, parity=parity, vllm_parity=vllm_parity)
         mlflow.log_dict(lineage, LINEAGE_FILE)
-        client.update_model_version(name, version, description=_description(lineage))
+        client.update_model_version(name, version, description=version_description(lineage))
         mlflow.set_tag(f"{TAG}model_version", str(version))
         client.update_run(run_id, name=f"{name}-v{version} adapter {adapter.sha256[:12]}")  # readable in the runs list
         mlflow.end_run("FINISHED")
