@@ -121,7 +121,7 @@ demo: $(VENV)/.installed
 
 test:
 	@$(MAKE) --no-print-directory -j3 $(VENV)/.installed $(VLLM_VENV)/.installed browser
-	$(BIN)/python tests/streams.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/merge_bench.py

@@ -17,7 +17,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Prefect's state (profiles, the result store of cached tasks) belongs to this session: not the user's ~/.prefect, and
-# not shared with a session running beside it (tests/streams.py runs two). Removed when the session ends.
+# not shared with another session running at the same time. Removed when the session ends.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="loraline-test-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 
@@ -28,22 +28,8 @@ from loraline.settings import Settings  # noqa: E402
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
     """The tiny demo (2-layer Llama) base + Trainer checkpoint-100, built once (about a minute): the fast tests' model.
-    Read it, never write into it (copy it first: ``adapter_copy``). With LORALINE_TEST_SHARED=DIR (tests/streams.py
-    sets it) the sessions running at once build it once there, under a file lock, and share it."""
-    shared = os.environ.get("LORALINE_TEST_SHARED")
-    if not shared:
-        return init_tiny_demo(tmp_path_factory.mktemp("demo"), progress=False)
-    from filelock import FileLock
-
-    root = Path(shared) / "tiny-demo"
-    done = root.with_name("tiny-demo.json")
-    with FileLock(f"{root}.lock"):
-        if not done.is_file():
-            shutil.rmtree(root, ignore_errors=True)
-            a = init_tiny_demo(root, progress=False)
-            done.write_text(json.dumps({"base": str(a.base), "checkpoint": str(a.checkpoint), "losses": list(a.losses)}))
-    d = json.loads(done.read_text())
-    return DemoAssets(base=Path(d["base"]), checkpoint=Path(d["checkpoint"]), losses=tuple(d["losses"]))
+    Read it, never write into it (copy it first: ``adapter_copy``)."""
+    return init_tiny_demo(tmp_path_factory.mktemp("demo"), progress=False)
 
 
 @pytest.fixture()
@@ -240,8 +226,8 @@ DOCKER_FIXTURES = {"image_services", "engine_and_registry"}
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Markers from what a test needs: ``docker`` (a Docker engine and registry: ``image_services``,
-    ``engine_and_registry``, or marked in its module) and ``real`` (the real SmolLM2 model). ``make test`` runs
-    ``-m "docker or real"`` and the rest as two pytest processes at once (tests/streams.py).
+    ``engine_and_registry``, or marked in its module) and ``real`` (the real SmolLM2 model): ``pytest -m "not (docker
+    or real)"`` is the quick loop without Docker.
 
     The tests that need the real demo's training run last, in their own order: the background build then trains on
     the CPU the tests before them leave idle, instead of being waited for half-way (311 s of a CI run here)."""
