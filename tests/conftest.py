@@ -3,6 +3,7 @@ and Prefect's test harness (a real temporary Prefect server) for flow tests."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # not shared with another session running at the same time. Removed when the session ends.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="loraline-test-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)  # after every fixture and server has stopped
 
 from loraline.demo import DemoAssets, init_tiny_demo  # noqa: E402
 from loraline.settings import Settings  # noqa: E402
@@ -257,7 +259,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Stop what the background preparation started (also when no image test got to run)."""
-    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
     if "proc" in _REAL:
         from loraline.services.process import kill_group
 
