@@ -127,3 +127,14 @@ def test_dora_adapter_is_not_runtime_servable_but_merges_with_parity(demo_assets
     assert not any("lora" in k or "magnitude" in k for k in load_file(str(m.path / "model.safetensors")))
     parity = require_parity(check_parity(a.path, b.path, m.path, parity_prompts(m.path, settings)[:3], settings))
     assert parity.failed == 0
+
+
+def test_the_merge_cache_key_names_the_directory_it_writes(demo_merged, tmp_path: Path) -> None:
+    """Two homes on one Prefect result store: a cached merge names its path, so each home gets its own key (else one
+    home's release was handed the other's merged directory); one home, one key."""
+    from loraline.merge import merge_key
+
+    adapter, base, _ = demo_merged
+    a, b = Settings(home=tmp_path / "a"), Settings(home=tmp_path / "b")
+    assert merge_key(adapter, base, a) == merge_key(adapter, base, Settings(home=tmp_path / "a"))
+    assert merge_key(adapter, base, a) != merge_key(adapter, base, b)

@@ -200,8 +200,8 @@ def test_canary_secrets_appear_nowhere_a_release_writes(image_services, auth_mlf
         "MLFLOW_TRACKING_PASSWORD, or the Prefect Secret block loraline-mlflow-password"), refused.stderr[-3000:]
     save = ("from prefect.blocks.system import Secret; import sys; "
             "Secret(value=sys.stdin.read()).save('loraline-mlflow-password', overwrite=True)")
-    # Prefect's ephemeral API server for that PREFECT_HOME: allowed to start as slowly as the CLI allows it (its default,
-    # 20 s, was too short once on the busy 2-core CI box: the block was never saved).
+    # Prefect's ephemeral API server for that PREFECT_HOME: allowed to start as slowly as the CLI allows it (its default
+    # is 20 s; the save once exited 1 on a busy box, its stderr hidden, so it is shown now if it fails).
     saved = subprocess.run([py, "-c", save], env={**env, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"},
                            input=mlflow_password, text=True, capture_output=True, timeout=300)
     assert saved.returncode == 0, saved.stderr[-3000:]
