@@ -28,7 +28,7 @@ from loraline.merge import MergedModel, merge_adapter, merge_key, merged_path
 from loraline.parity import ParityReport, check_parity, check_vllm_parity, parity_key, parity_prompts, require_parity
 from loraline.params import BenchmarkWorkload, GateThresholds, ImageMode
 from loraline.records import experiment_of, log_evaluation, log_report, reopen
-from loraline.registry import check_model_name, find_release, register_model
+from loraline.registry import check_model_name, find_release, holding, register_model
 from loraline.report import lineage_rows, release_report
 from loraline.resume import resume_plan
 from loraline.settings import Settings
@@ -71,7 +71,7 @@ def validate_task(adapter: FetchedAdapter, base: FetchedBase, settings: Settings
 
 @task(name="find-release", cache_policy=NO_CACHE)
 def find_release_task(name: str, adapter: FetchedAdapter, base: FetchedBase, settings: Settings) -> dict[str, Any] | None:
-    return find_release(name, adapter, base, settings)
+    return find_release(name, adapter, base, settings, progress=get_run_logger().info)
 
 
 @task(name="merge", cache_key_fn=_merge_key)
@@ -96,7 +96,8 @@ def vllm_parity_task(adapter: FetchedAdapter, base: FetchedBase, merged: MergedM
 @task(name="register", cache_policy=NO_CACHE, task_run_name="register-{name}")
 def register_task(name: str, adapter: FetchedAdapter, base: FetchedBase, validation: ValidationReport,
                   merged: MergedModel, parity: ParityReport, vllm_parity: tuple[ParityReport, ...], settings: Settings) -> dict[str, Any]:
-    return register_model(name, adapter, base, validation, merged, parity, settings, vllm_parity)
+    return register_model(name, adapter, base, validation, merged, parity, settings, vllm_parity,
+                          progress=get_run_logger().info)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate-{lineage[model_name]}-v{lineage[model_version]}")
@@ -182,30 +183,33 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
     b = _retried_if_remote(fetch_base_task, base)(base, settings)
     v = validate_task(a, b, settings)
     preflight_task(settings, mode, v.runtime_lora_servable)  # engine and registry answer: refuse before any merge
-    existing = find_release_task(name, a, b, settings)
-    plan = resume_plan(existing, settings, mode)
-    if existing is not None and plan.done:  # released and gated before: a re-run never moves an alias back
-        name_flow_run(f"release-{name}-v{existing['model_version']}-existing")
-        return _with_image(existing, mode)
-    if plan.register:
+    existing = find_release_task(name, a, b, settings)  # its steps are now this run's, until holding() ends
+    if existing is None:
         # A cached merge result is only good while its directory is still on disk.
         m = merge_task.with_options(refresh_cache=not merged_path(a, b, settings).is_dir())(a, b, settings)
         p = parity_task(a, b, m, settings)
         vp = vllm_parity_task(a, b, m, v, settings) if settings.vllm_parity else ()
         result = register_task(name, a, b, v, m, p, vp, settings)
-    else:  # released before, but its evaluation, benchmark, image or report did not finish: do that now
+        if result["existing"]:  # another release registered these digests first (and ran its steps): continue that one
+            existing = result
+    else:  # released before: what its evaluation, benchmark, image, gate or report left undone is done now
         result = existing
-    name_flow_run(f"release-{name}-v{result['model_version']}")
-    if plan.evaluate:
-        result = evaluate_task(result, b.path, settings)
-    if plan.benchmark:
-        result = bench_release(result, settings, base_dir=b.path)
-    if plan.image:
-        result = image_release(result, settings, mode, base_dir=b.path)
-    with transaction():  # the gate's alias moves are rolled back if the report fails
-        decision = gate_task(result, thresholds, settings)
-        report_task(result, decision, settings)
-    return {**_with_image(result, mode), "gate": decision}
+    with holding(name, result["model_version"], settings):  # given back when the steps end, done or failed
+        plan = resume_plan(existing, settings, mode)
+        if plan.done:  # released and gated before: a re-run never moves an alias back
+            name_flow_run(f"release-{name}-v{result['model_version']}-existing")
+            return _with_image(result, mode)
+        name_flow_run(f"release-{name}-v{result['model_version']}")
+        if plan.evaluate:
+            result = evaluate_task(result, b.path, settings)
+        if plan.benchmark:
+            result = bench_release(result, settings, base_dir=b.path)
+        if plan.image:
+            result = image_release(result, settings, mode, base_dir=b.path)
+        with transaction():  # the gate's alias moves are rolled back if the report fails
+            decision = gate_task(result, thresholds, settings)
+            report_task(result, decision, settings)
+        return {**_with_image(result, mode), "gate": decision}
 
 
 def _with_image(lineage: dict[str, Any], mode: str) -> dict[str, Any]:

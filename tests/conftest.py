@@ -306,6 +306,28 @@ def image_services() -> SimpleNamespace:
                            mlflow_url=st.mlflow_url, prefect_url=st.prefect_url, base=base, env=env)  # type: ignore[attr-defined]
 
 
+@pytest.fixture(scope="session")
+def session_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    """An MLflow server and a Prefect server on 127.0.0.1, for tests that bring their own LORALINE_HOME: those of the
+    session's `loraline services up` when image tests run (started at collection, up long before the CPU base image
+    is built), else a pair started here (e.g. ``-m "not docker"``). Starting a pair costs a minute of CPU on 2 cores."""
+    if "thread" in _PREP:
+        deadline = time.monotonic() + 600
+        while not {"status", "error"} & set(_PREP) and _PREP["thread"].is_alive() and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(1)
+        st = _PREP.get("status")
+        if st is not None and st.mlflow_url and st.prefect_url:  # type: ignore[attr-defined]
+            yield SimpleNamespace(mlflow_url=st.mlflow_url, prefect_url=st.prefect_url)  # type: ignore[attr-defined]
+            return
+    from loraline import services
+
+    s = Settings(home=tmp_path_factory.mktemp("servers") / "home")
+    try:
+        yield SimpleNamespace(mlflow_url=services.start_mlflow(s), prefect_url=services.start_prefect(s))
+    finally:
+        services.down(s)
+
+
 # --------------------------------------------------------------------------- Prefect server + deployment runner
 
 
@@ -375,3 +397,33 @@ def real_demo(smollm2_fetched) -> DemoAssets:
 def real_demo_output(real_demo) -> str:
     """What the session's `demo init` (tests/bg_real_demo.py) printed: its progress lines."""
     return real_demo_log()
+
+
+# --------------------------------------------------------------------------- where the suite's CPU goes
+#
+# With LORALINE_TEST_CPU_REPORT=PATH, each test's wall time and the CPU the whole machine spent meanwhile (from
+# /proc/stat: every process, the servers and background builds included; `nice` time apart) go to PATH as JSON lines,
+# written as each test ends. On 2 cores the suite's time is bounded by its CPU: this says where to cut.
+
+_CPU_REPORT = os.environ.get("LORALINE_TEST_CPU_REPORT")
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds not niced, niced CPU seconds) the machine has spent since boot."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = f[:8]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (user + system + irq + softirq + steal) / hz, nice / hz
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    if not _CPU_REPORT:
+        yield
+        return
+    t0, (c0, n0) = time.time(), _cpu_seconds()
+    yield
+    t1, (c1, n1) = time.time(), _cpu_seconds()
+    with open(_CPU_REPORT, "a") as f:
+        f.write(json.dumps({"test": item.nodeid, "start": round(t0, 1), "wall_s": round(t1 - t0, 2),
+                            "cpu_s": round(c1 - c0, 1), "nice_cpu_s": round(n1 - n0, 1)}) + "\n")

@@ -84,3 +84,38 @@ def test_resume_plan_follows_what_is_asked(settings: Settings) -> None:
     plan = resume_plan({"images": [], "gate": {"passed": True}}, off, "none")
     assert plan.done  # no evaluation, benchmark or image asked for: the gated release stays as it is
     assert not resume_plan(None, off, "none").evaluate and resume_plan(None, off, "none").register
+
+
+def test_a_release_being_stepped_by_a_live_process_is_waited_for_then_taken(settings: Settings) -> None:
+    """Two releases of one adapter at once (the CI run of e5a4906: both evaluated one version, and MLflow's SQLite store
+    refused the second `loraline.eval.gain` tag). The steps after registration belong to one process at a time: the
+    version tag `loraline.owner`; another release waits for it, takes it when that process has ended, gives it back."""
+    import subprocess
+
+    from loraline.registry import OWNER, owner, release_claim, settled_release
+
+    t = connect(settings)
+    run_id = _run_with_lineage(t, {"model_name": "held", "model_version": "1", "images": []})
+    t.client.set_terminated(run_id)  # registered: its run finished
+    t.client.create_registered_model("held")
+    other = subprocess.Popen(["sleep", "60"])  # the process running the version's steps, alive on this host
+    holder = f"{socket.gethostname()}:{other.pid}"
+    mv = t.client.create_model_version("held", f"runs:/{run_id}/model", run_id=run_id, tags={OWNER: holder})
+    said: list[str] = []
+    try:
+        with pytest.raises(RegistryError, match=f"models:/held/1: another release \\({holder}\\) has been running its steps "
+                                                f"for .* s; wait for it, or delete the tag {OWNER} of that version"):
+            settled_release(t, "held", [mv], steps_wait_s=2, progress=said.append)
+        assert said == [f"models:/held/1 has these digests; {holder} is running its steps: waiting"]
+    finally:
+        other.kill()
+        other.wait()
+    found = settled_release(t, "held", [mv], steps_wait_s=2)  # that process has ended: this one takes the steps
+    assert found is not None and found["model_version"] == "1" and found["existing"] is True
+    assert t.version_tags("held", "1")[OWNER] == owner()
+    release_claim("held", "1", settings)
+    assert OWNER not in t.version_tags("held", "1")
+    # A process on another host cannot be seen from here: it is waited for, never taken over.
+    t.client.set_model_version_tag("held", "1", OWNER, "another-host:1")
+    with pytest.raises(RegistryError, match="another release \\(another-host:1\\)"):
+        settled_release(t, "held", [mv], steps_wait_s=1)

@@ -5,6 +5,10 @@ A release is one MLflow run (params, metrics, artifacts, the logged model) and o
 the registered model, created with its lineage tags in the same call. If anything fails after
 the run starts, the version (and a registered model this release created) is deleted and the run
 is marked FAILED: a failed release leaves no model version, alias or RUNNING run behind.
+
+The steps after registration (evaluate, benchmark, image, gate, report) of a version are run by one process at a time:
+the version tag ``loraline.owner`` (host:pid) names it, from the version's creation (or :func:`find_release`) until
+:func:`holding` ends; another release of the same digests waits for it, and takes over when it has ended.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import re
 import socket
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 from loraline import __version__
 from loraline.errors import ParityError, RegistryError, SettingsError, TrackingError
@@ -22,7 +27,7 @@ from loraline.merge import MergedModel
 from loraline.parity import ParityReport
 from loraline.settings import Settings, redact
 from loraline.sources import FetchedAdapter, FetchedBase
-from loraline.tracking import EXISTS, LINEAGE_FILE, TAG, Tracking, connect, failure
+from loraline.tracking import EXISTS, LINEAGE_FILE, SERVER_FAILED, TAG, Tracking, connect, failure
 from loraline.validation import ValidationReport
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -38,11 +43,15 @@ def check_model_name(name: str) -> str:
 
 
 def owner() -> str:
-    """The process registering a release (run tag ``loraline.owner``): host:pid."""
+    """This process, as the registering owner of a release (run tag ``loraline.owner``) and as the one running the
+    steps after registration on its model version (version tag ``loraline.owner``): host:pid."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+OWNER = f"{TAG}owner"
 FINISH_WAIT_S = 300.0  # how long a release waits for another process's registration of the same digests
+STEPS_WAIT_S = 3600.0  # ... and for another process running the steps after registration (evaluate ... report)
+CLAIM_SETTLE_S = 0.5  # between taking a version's steps and reading back who has them
 
 
 def _owner_dead(owner: str | None) -> bool:
@@ -57,6 +66,52 @@ def _owner_dead(owner: str | None) -> bool:
         return True
     except PermissionError:
         return False
+
+
+def _held_by_other(holder: str | None) -> bool:
+    return bool(holder) and holder != owner() and not _owner_dead(holder)
+
+
+def _claim(client: Any, name: str, version: str) -> bool:
+    """Take the steps after registration of ``models:/name/version`` for this process (version tag ``loraline.owner``).
+    MLflow tags are last-writer-wins: set, wait :data:`CLAIM_SETTLE_S`, read back; of two processes that found the
+    version free at the same moment, the later writer holds it and the other goes back to waiting."""
+    try:
+        client.set_model_version_tag(name, version, OWNER, owner())
+    except TrackingError as e:  # two writers of one tag at once: MLflow's SQLite store answers with a UNIQUE error
+        if "UNIQUE constraint" not in str(e):
+            raise
+    time.sleep(CLAIM_SETTLE_S)
+    return (client.get_model_version(name, version).tags or {}).get(OWNER) == owner()
+
+
+def release_claim(name: str, version: str, settings: Settings) -> None:
+    """This process is done with the steps of ``models:/name/version`` (they succeeded or failed): another release of
+    it may go on. Best effort: when MLflow does not answer, the tag names this process, and a process that has ended
+    holds nothing."""
+    try:
+        client = connect(settings).client
+        if (client.get_model_version(name, version).tags or {}).get(OWNER) == owner():
+            client.delete_model_version_tag(name, version, OWNER)
+    except TrackingError:
+        pass
+
+
+@contextmanager
+def holding(name: str, version: str, settings: Settings) -> Iterator[None]:
+    """The steps after registration of ``models:/name/version``, which :func:`find_release` or :func:`register_model`
+    gave this process: given back when they end (:func:`release_claim`), except after MLflow stopped answering (asking
+    it again would wait out the client's retries; the process that holds them ends)."""
+    try:
+        yield
+    except TrackingError as e:
+        if e.error_code not in SERVER_FAILED:
+            release_claim(name, version, settings)
+        raise
+    except BaseException:
+        release_claim(name, version, settings)
+        raise
+    release_claim(name, version, settings)
 
 
 def _end_interrupted(client: Any, run_id: str) -> None:
@@ -76,46 +131,67 @@ def end_dead_runs(client: Any, experiment: str, adapter_sha: str, base_sha: str)
     server went away): marked FAILED with ``loraline.status=interrupted``. Returns their ids."""
     runs = client.search_runs([experiment], f"attributes.status = 'RUNNING' and tags.`{TAG}adapter.sha256` = '{adapter_sha}' "
                                             f"and tags.`{TAG}base.sha256` = '{base_sha}'")
-    dead = [r for r in runs if _owner_dead(r.data.tags.get(f"{TAG}owner"))]
+    dead = [r for r in runs if _owner_dead(r.data.tags.get(OWNER))]
     for r in dead:
         _end_interrupted(client, r.info.run_id)
     return [r.info.run_id for r in dead]
 
 
-def settled_release(t: Tracking, name: str, versions: Sequence[Any], wait_s: float = FINISH_WAIT_S) -> dict[str, Any] | None:
-    """The lineage of the oldest finished release among ``versions``, waiting for one still being registered by a live
-    process; versions left by a process that was killed while registering (run RUNNING, owner gone) are removed."""
+def settled_release(t: Tracking, name: str, versions: Sequence[Any], wait_s: float = FINISH_WAIT_S,
+                    steps_wait_s: float = STEPS_WAIT_S, progress: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """The lineage of the oldest finished release among ``versions``, its steps after registration now held by this
+    process (:func:`release_claim` gives them back). Waits while a live process is still registering one, or is running
+    its steps (evaluate ... report: two processes never run them at once); versions left by a process that was killed
+    while registering (run RUNNING, owner gone) are removed."""
     client = t.client
-    deadline = time.monotonic() + wait_s
+    start = time.monotonic()
     pending = list(versions)
+    told: set[str] = set()
     while pending:
-        still = []
+        registering, stepping = [], []
         for mv in pending:
             run = client.get_run(mv.run_id)
             if run.info.status == "FINISHED":
                 tags = client.get_model_version(name, mv.version).tags or {}
+                mine = tags.get(OWNER) == owner()
+                if not mine and (_held_by_other(tags.get(OWNER)) or not _claim(client, name, mv.version)):
+                    holder = (client.get_model_version(name, mv.version).tags or {}).get(OWNER)
+                    stepping.append((mv, holder))
+                    if progress is not None and holder not in told:
+                        told.add(holder)
+                        progress(f"models:/{name}/{mv.version} has these digests; {holder} is running its steps: waiting")
+                    continue
+                tags = client.get_model_version(name, mv.version).tags or {}
                 return {**t.lineage(mv.run_id), "existing": True, "status": tags.get(f"{TAG}status"),
                         "failed_step": tags.get(f"{TAG}failed.step")}
-            if run.info.status == "RUNNING" and not _owner_dead(run.data.tags.get(f"{TAG}owner")):
-                still.append(mv)
+            if run.info.status == "RUNNING" and not _owner_dead(run.data.tags.get(OWNER)):
+                registering.append(mv)
             else:  # killed (or failed without its rollback): nothing of it may stay
                 _abandon(client, name, mv, run)
-        if not still:
-            return None
-        if time.monotonic() > deadline:
-            runs = ", ".join(f"{mv.run_id} (owner {client.get_run(mv.run_id).data.tags.get(f'{TAG}owner')})" for mv in still)
+        waited = time.monotonic() - start
+        if registering and waited > wait_s:
+            runs = ", ".join(f"{mv.run_id} (owner {client.get_run(mv.run_id).data.tags.get(OWNER)})" for mv in registering)
             raise RegistryError(f"{name}: another release of the same adapter and base is still registering (runs {runs}); "
                                 "wait for it, or end that run in the MLflow UI if its process is gone")
+        if stepping and waited > steps_wait_s:
+            mv, holder = stepping[0]
+            raise RegistryError(f"models:/{name}/{mv.version}: another release ({holder}) has been running its steps for "
+                                f"{waited:.0f} s; wait for it, or delete the tag {OWNER} of that version in the MLflow UI "
+                                "if its process is gone")
+        if not registering and not stepping:
+            return None
         time.sleep(1.0)
-        pending = still
+        pending = registering + [mv for mv, _ in stepping]
     return None
 
 
-def find_release(name: str, adapter: FetchedAdapter, base: FetchedBase, settings: Settings) -> dict[str, Any] | None:
-    """The lineage of the existing release of this adapter digest onto this base digest as ``name``, if any."""
+def find_release(name: str, adapter: FetchedAdapter, base: FetchedBase, settings: Settings,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """The lineage of the existing release of this adapter digest onto this base digest as ``name``, if any; its steps
+    after registration are then this process's until :func:`release_claim` (see :func:`settled_release`)."""
     t = connect(settings)
     found = t.find_versions(name=name, adapter_sha=adapter.sha256, base_sha=base.sha256)
-    return settled_release(t, name, found) if found else None
+    return settled_release(t, name, found, progress=progress) if found else None
 
 
 def _parity_line(p: ParityReport) -> str:
@@ -269,11 +345,13 @@ def version_description(lineage: dict[str, Any]) -> str:
 
 def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, validation: ValidationReport,
                    merged: MergedModel, parity: ParityReport, settings: Settings,
-                   vllm_parity: Sequence[ParityReport] = ()) -> dict[str, Any]:
-    """Record a release in MLflow and register the merged model as a version of ``name``.
+                   vllm_parity: Sequence[ParityReport] = (), progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Record a release in MLflow and register the merged model as a version of ``name``; its steps after registration
+    (evaluate ... report) are this process's until :func:`release_claim`.
 
     Idempotent: when a version of ``name`` already carries this adapter digest on this base
-    digest, its lineage is returned (with ``"existing": true``) and nothing is created.
+    digest, its lineage is returned (with ``"existing": true``) and nothing is created (after waiting for a process
+    still running its steps: :func:`settled_release`).
     """
     import mlflow
 
@@ -281,7 +359,7 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
     for p in (parity, *vllm_parity):
         if not p.passed:
             raise ParityError(f"refusing to register {name}: parity {p.a} vs {p.b} failed on {p.failed} of {p.prompts} prompts")
-    existing = find_release(name, adapter, base, settings)
+    existing = find_release(name, adapter, base, settings, progress)
     if existing is not None:
         return existing
     t = connect(settings)
@@ -304,7 +382,7 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
     end_dead_runs(client, exp, adapter.sha256, base.sha256)
     tags = _tags(adapter, base, merged, validation, parity, vllm_parity)
     run = mlflow.start_run(experiment_id=exp, run_name=f"release {name} adapter {adapter.sha256[:12]}",
-                           tags={**tags, f"{TAG}owner": owner()})
+                           tags={**tags, OWNER: owner()})
     run_id = run.info.run_id
     version = None
     try:
@@ -321,7 +399,9 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
             pip_requirements=["vllm"],  # the serving environment; the orchestrator never loads it
             tags=tags,
         )
-        mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags={**tags, f"{TAG}run_id": run_id},
+        # Created with its steps held by this process (OWNER): a release of the same digests waits for them.
+        mv = client.create_model_version(name, source=info.model_uri, run_id=run_id,
+                                         tags={**tags, f"{TAG}run_id": run_id, OWNER: owner()},
                                          model_id=info.model_id)
         version = mv.version
         # Two releases of the same digests racing: the oldest version wins, the newer is undone.
@@ -332,7 +412,7 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
             version = None
             mlflow.set_tag(f"{TAG}status", "duplicate")
             mlflow.end_run("KILLED")
-            winner = settled_release(t, name, older)  # waits while the older one finishes its registration
+            winner = settled_release(t, name, older, progress=progress)  # waits for the older one's registration and steps
             if winner is None:
                 raise RegistryError(f"{name}: the release of this adapter registered at the same time was interrupted; run the release again")
             return winner
