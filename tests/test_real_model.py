@@ -11,8 +11,6 @@ official ``openai`` client by the smoke test, scores like the merged model.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +20,6 @@ import pytest
 
 from loraline import text2sql
 from loraline.digest import digest_dir
-from loraline.settings import Settings
 from helpers import smoke_containers
 
 LORALINE = str(Path(sys.executable).with_name("loraline"))
@@ -59,24 +56,12 @@ def test_demo_init_writes_a_real_trainer_output(real_demo, real_demo_output: str
 
 
 @pytest.fixture(scope="module")
-def real_release(image_services, real_demo, smollm2_fetched) -> SimpleNamespace:
-    """`loraline release` of checkpoint-100 on the packaged GGUF with `services up` (its MLflow server, Prefect server,
-    Docker engine and registry), the merged image, vLLM parity at its default (on), the task evaluation on every
-    held-out question: what a user runs."""
-    svc = image_services
-    env = {**os.environ, **svc.env, "LORALINE_HOME": str(svc.home),
-           "LORALINE_EVAL_EXAMPLES": str(len(text2sql.load_examples("eval")))}
-    env.pop("LORALINE_VLLM_PARITY")  # the default: vLLM parity on
-    gguf = smollm2_fetched.gguf.file  # the base as the package ships it: --base PATH.gguf
-    # This home's cache gets the session's conversion of that file, as a second release on this machine would find it
-    # (the conversion itself, its lock and its records: tests/test_gguf.py); the release still hashes file and dir.
-    cached = Settings(home=svc.home).bases_dir / smollm2_fetched.path.name
-    if not cached.exists():
-        shutil.copytree(smollm2_fetched.path, cached)
-    proc = loraline("release", "--adapter", str(real_demo.checkpoint), "--base", gguf,
-                    "--name", "smol-real", "--image", "merged", "--json", env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return SimpleNamespace(svc=svc, env=env, gguf=gguf, out=json.loads(proc.stdout))
+def real_release(real_release_run) -> SimpleNamespace:
+    """`loraline release` of checkpoint-100 on the packaged GGUF with `services up`, the merged image, vLLM parity on,
+    the task evaluation on every held-out question (tests/conftest.py runs it in the background: ``real_release_run``)."""
+    r = real_release_run
+    assert r.proc.returncode == 0, r.proc.stderr[-4000:]
+    return SimpleNamespace(svc=r.svc, env=r.env, gguf=r.gguf, out=json.loads(r.proc.stdout))
 
 
 def test_real_release_is_accurate_served_and_gated(real_release) -> None:
@@ -207,12 +192,12 @@ def test_real_release_image_is_pushed_smoke_tested_and_traced(real_release, real
 
 
 
-def test_the_early_checkpoint_is_released_and_refused_by_the_gate(real_release, real_demo) -> None:
-    """checkpoint-10 of the same run: released (a version with its numbers), refused by the gate (worse than the
-    champion), naming both accuracies; the aliases stay on version 1."""
-    svc, env, ev = real_release.svc, real_release.env, real_release.out["evaluation"]
-    early = loraline("release", "--adapter", str(real_demo.early[0]), "--base", real_release.gguf,
-                     "--name", "smol-real", "--image", "none", "--json", env={**env, "LORALINE_VLLM_PARITY": "false"})
+def test_the_early_checkpoint_is_released_and_refused_by_the_gate(real_release, early_release_run) -> None:
+    """checkpoint-10 of the same run, released after checkpoint-100 (in the background: tests/conftest.py): released
+    (a version with its numbers), refused by the gate (worse than the champion), naming both accuracies; the aliases
+    stay on version 1."""
+    svc, ev = real_release.svc, real_release.out["evaluation"]
+    early = early_release_run.proc
     assert early.returncode == 0, early.stderr[-4000:]
     e = json.loads(early.stdout)
     assert e["model_version"] == "2" and e["evaluation"]["accuracy"] < ev["accuracy"], (e["evaluation"], ev)
