@@ -17,11 +17,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# OpenMP threads that wait for work sleep instead of spinning: the session runs many torch processes on 2 cores (eight
-# concurrent releases, background builds), and a spinning thread burns the core another process needs. Measured on
-# the eight-release test (servers started in its setup): call 141.59 s, machine CPU 326.8 s by default; 93.56 s and
-# 243.1 s with PASSIVE.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Prefect's state (profiles, the result store of cached tasks) belongs to this session: not the user's ~/.prefect, and
 # not shared with another session running at the same time. Removed when the session ends.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="loraline-test-prefect-")

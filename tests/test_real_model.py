@@ -159,10 +159,12 @@ def test_real_release_image_is_pushed_smoke_tested_and_traced(real_release, real
                             "champion"], name="mlflow-version-image")
         scroll_to_text(drv, "loraline.image.digest")
         screenshot(drv, "mlflow-version-image-digest")
-    # The release report (Prefect artifact on the flow run) names the pushed image by digest.
-    report = httpx.post(f"{svc.prefect_url}/api/artifacts/filter", json={"artifacts": {"key": {"any_": ["release-smol-real"]}}},
-                        timeout=30).json()
-    assert report and image["pinned"] in report[0]["data"], report
+    # The release report (Prefect artifact on that flow run: checkpoint-10's release, run meanwhile, has its own)
+    # names the pushed image by digest.
+    report = httpx.post(f"{svc.prefect_url}/api/artifacts/filter", timeout=30, json={"artifacts": {
+        "key": {"any_": ["release-smol-real"]}, "flow_run_id": {"any_": [r["id"] for r in runs]}}}).json()
+    assert len(report) == 1 and report[0]["data"].startswith("# Release smol-real v1"), report
+    assert image["pinned"] in report[0]["data"], report
 
     # trace IMAGE: from the registry's labels (nothing pulled or run) back to the adapter checkpoint.
     t = loraline("trace", image["pinned"], "--json", env=env)

@@ -17,8 +17,8 @@ import os
 import re
 import socket
 import time
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from loraline import __version__
