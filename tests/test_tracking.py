@@ -119,3 +119,24 @@ def test_a_release_being_stepped_by_a_live_process_is_waited_for_then_taken(sett
     t.client.set_model_version_tag("held", "1", OWNER, "another-host:1")
     with pytest.raises(RegistryError, match="another release \\(another-host:1\\)"):
         settled_release(t, "held", [mv], steps_wait_s=1)
+
+
+def test_steps_are_given_back_when_they_end_but_not_to_a_server_that_does_not_answer(settings: Settings) -> None:
+    """`holding`: the version's steps go back when they end, done or failed; after MLflow stopped answering the tag
+    stays (asking again would wait out the client's retries) and names this process, which will end."""
+    from loraline.registry import OWNER, holding, owner
+
+    t = connect(settings)
+    run_id = _run_with_lineage(t, {"model_name": "held"})
+    t.client.create_registered_model("held")
+    t.client.create_model_version("held", f"runs:/{run_id}/model", run_id=run_id)
+    for error, kept in ((None, False), (RuntimeError("a step failed"), False),
+                        (TrackingError("the MLflow server does not answer", error_code=UNAVAILABLE), True)):
+        t.client.set_model_version_tag("held", "1", OWNER, owner())
+        try:
+            with holding("held", "1", settings):
+                if error is not None:
+                    raise error
+        except (RuntimeError, TrackingError) as e:
+            assert e is error
+        assert (OWNER in t.version_tags("held", "1")) is kept, error

@@ -161,7 +161,6 @@ def settled_release(t: Tracking, name: str, versions: Sequence[Any], wait_s: flo
                         told.add(holder)
                         progress(f"models:/{name}/{mv.version} has these digests; {holder} is running its steps: waiting")
                     continue
-                tags = client.get_model_version(name, mv.version).tags or {}
                 return {**t.lineage(mv.run_id), "existing": True, "status": tags.get(f"{TAG}status"),
                         "failed_step": tags.get(f"{TAG}failed.step")}
             if run.info.status == "RUNNING" and not _owner_dead(run.data.tags.get(OWNER)):
