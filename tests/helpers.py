@@ -86,13 +86,17 @@ def smoke_containers(docker_host: str) -> list[str]:
         client.close()
 
 
-def loraline(*args: str, home: Path, **extra_env: str) -> subprocess.CompletedProcess[str]:
-    """``loraline ARGS`` as a user's shell runs it: a process of its own on ``home``, Prefect ephemeral (no harness),
-    no benchmark and no vLLM parity unless ``extra_env`` asks."""
+def loraline(*args: str, home: Path, prefect_api_url: str | None = None, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """``loraline ARGS`` as a user's shell runs it: a process of its own on ``home``, no benchmark and no vLLM parity
+    unless ``extra_env`` asks. Its flow runs go to ``prefect_api_url`` (the session's Prefect server: fixture
+    ``prefect_api_url``), as a shell with PREFECT_API_URL exported sends them; without it Prefect runs ephemeral, as in
+    a plain shell (a Prefect server started and migrated for the one command: about 20 s, 15 CPU-s here)."""
     env = {**os.environ, "LORALINE_HOME": str(home), "LORALINE_BENCH": "false", **extra_env}
     for k in [k for k in env if k.startswith("PREFECT_")]:
-        env.pop(k)  # a user's shell: no harness server, Prefect runs ephemeral
+        env.pop(k)  # a user's shell: none of the test session's Prefect settings
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    if prefect_api_url:
+        env["PREFECT_API_URL"] = prefect_api_url
     env.setdefault("LORALINE_VLLM_PYTHON", str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"))
     # vLLM parity off: tests/test_engine.py covers it on this model, the real model's CLI release at its default (on).
     env["LORALINE_VLLM_PARITY"] = extra_env.get("LORALINE_VLLM_PARITY", "false")

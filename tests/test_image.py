@@ -225,7 +225,7 @@ def engine_and_registry(tmp_path: Path):
 
 
 def test_a_base_image_the_engine_cannot_pull_is_refused_before_any_merge(engine_and_registry, demo_assets, home: Path,
-                                                                        tmp_path: Path) -> None:
+                                                                        prefect_api_url: str, tmp_path: Path) -> None:
     """Issue 13: `--image merged` on a base image nobody can pull failed only at the image build, after the merge,
     the registration and the whole benchmark. Now the preflight asks the engine (image present, or the manifest
     pullable) and the release is refused before anything is merged or registered."""
@@ -258,7 +258,7 @@ def test_a_base_image_the_engine_cannot_pull_is_refused_before_any_merge(engine_
 
     # The release, as a user runs it: refused with the setting and the fix named, nothing merged, nothing registered.
     env = {**os.environ, "LORALINE_HOME": str(home), "LORALINE_DOCKER_HOST": docker_host,
-           "LORALINE_IMAGE_REGISTRY": registry, "LORALINE_IMAGE_BASE": missing}
+           "LORALINE_IMAGE_REGISTRY": registry, "LORALINE_IMAGE_BASE": missing, "PREFECT_API_URL": prefect_api_url}
     proc = loraline("release", "--adapter", str(demo_assets.checkpoint), "--base", str(demo_assets.base),
                     "--name", "no-base", "--image", "merged", env=env, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
