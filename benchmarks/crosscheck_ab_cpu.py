@@ -4,7 +4,7 @@ B = loraline counting tokens from usage (as vllm bench serve), C = vllm bench se
 
     PYTHONPATH=src .venv/bin/python benchmarks/crosscheck_ab_cpu.py
 
-(it expects /tmp/lg/base from loraline.demo.build_llama; benchmarks/gpu_bench.py --phases server-ab is the
+(it expects /tmp/lg/base from loraline.tiny_models.build_llama; benchmarks/gpu_bench.py --phases server-ab is the
 maintained version of the same comparison, and takes --tiny on CPU).
 """
 import time, statistics, json

@@ -126,7 +126,7 @@ def phase_build(work: Path, state: dict[str, Any], model_cfg: dict[str, Any]) ->
     """Tokenizer, random base, random LoRA, merged model: once per machine (kept under ``work``)."""
     from safetensors import safe_open
 
-    from loraline.demo import build_llama, build_lora, build_tokenizer
+    from loraline.tiny_models import build_llama, build_lora, build_tokenizer
     from loraline.merge import merge_adapter
     from loraline.settings import Settings
     from loraline.sources import fetch_adapter, fetch_base

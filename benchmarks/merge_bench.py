@@ -44,7 +44,7 @@ def git_sha() -> str:
 def bench_merge(work: Path, repeats: int) -> dict[str, object]:
     import torch
 
-    from loraline.demo import build_llama, build_lora, build_tokenizer
+    from loraline.tiny_models import build_llama, build_lora, build_tokenizer
     from loraline.merge import merge_adapter
     from loraline.hf_models import load_causal_lm
     from loraline.settings import Settings

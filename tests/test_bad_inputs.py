@@ -130,7 +130,7 @@ def inf_weights(c: Ctx):
 
 
 def other_base_shapes(c: Ctx):
-    from loraline.demo import build_llama, build_lora
+    from loraline.tiny_models import build_llama, build_lora
 
     other = build_llama(c.tmp / "other-base", vocab_size=512, hidden_size=256, num_heads=4, num_kv_heads=1, intermediate_size=512)
     d = build_lora(other, c.tmp / "other-adapter", r=8, target_modules=["q_proj"])

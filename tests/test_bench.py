@@ -53,7 +53,7 @@ def test_run_bench_refuses_uneven_repeats_before_starting_an_engine(tmp_path: Pa
 def test_run_bench_times_every_repeat_and_single_stream_with_runtime_lora(
     vllm_python: Path, settings: Settings, tmp_path: Path
 ) -> None:
-    from loraline.demo import build_llama, build_lora, build_tokenizer
+    from loraline.tiny_models import build_llama, build_lora, build_tokenizer
 
     tok = build_tokenizer(tmp_path / "tok")
     base = build_llama(tmp_path / "base", tokenizer=tok)

@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from loraline import text2sql
-from loraline.demo import CHAT_TEMPLATE, DemoAssets, build_llama, build_lora, build_tokenizer
+from loraline.demo import DemoAssets
+from loraline.tiny_models import CHAT_TEMPLATE, build_llama, build_lora, build_tokenizer
 
 # peft reads transformers' deprecated is_gradient_checkpointing when it wraps a model.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -33,7 +34,7 @@ def test_training_takes_one_thread_beside_a_busy_process(tmp_path: Path) -> None
     import sys
     import time
 
-    from loraline.demo import SharedCores
+    from loraline.training import SharedCores
 
     shared = SharedCores(8)
     busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 4: pass"])
@@ -281,7 +282,7 @@ def test_execute_sql_is_read_only(tmp_path: Path) -> None:
 def test_frozen_layers_computed_once_train_the_same_adapter(demo_assets: DemoAssets, tmp_path: Path) -> None:
     """LoRA on the last layer only: computing the frozen layer below once per example (the demo's shortcut) gives the
     losses and the adapter that computing it at every step gives, and the adapter names the same modules."""
-    from loraline.demo import train_adapter
+    from loraline.training import train_adapter
 
     runs = {}
     for cached in (True, False):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from loraline.demo import build_lora
+from loraline.tiny_models import build_lora
 from loraline.engine import CPU_MAX_MODEL_LEN, max_model_len, vllm_lora_rank
 from loraline.image import build_args
 from loraline.hf_models import context_length

@@ -149,7 +149,7 @@ def _break(kind: str, src: Path, dst: Path, tmp: Path) -> tuple[Path, str]:
     """A broken copy of the demo checkpoint, and the message its refusal must carry."""
     import pickle
 
-    from loraline.demo import build_llama, build_lora
+    from loraline.tiny_models import build_llama, build_lora
 
     if kind == "different-base":
         other = build_llama(tmp / "other-base", vocab_size=512, hidden_size=256, num_heads=4, num_kv_heads=1, intermediate_size=512)

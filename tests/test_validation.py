@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from loraline.demo import build_llama, build_lora
+from loraline.tiny_models import build_llama, build_lora
 from loraline.errors import InvalidAdapter
 from loraline.settings import Settings
 from loraline.sources import fetch_adapter, fetch_base

@@ -1,10 +1,13 @@
-"""Loading HF/peft models and tokenizers (merge, parity, evaluation, the HF benchmark, the demo): one place that decides
-dtype, safetensors-only and remote code."""
+"""Loading HF/peft models and tokenizers (merge, parity, evaluation, the HF benchmark, the tiny models, training): one
+place that decides dtype, safetensors-only and remote code."""
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,15 @@ def load_peft(model_dir: Path, adapter_dir: Path, settings: Settings, dtype_name
     _resize_for_adapter(base, adapter_dir)
     # PeftModel reads adapter_model.safetensors; validation refused pickled adapters earlier.
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
+
+
+@contextmanager
+def no_checkpointing_deprecation() -> Iterator[None]:
+    """Silence one FutureWarning that peft raises by reading transformers' deprecated
+    ``is_gradient_checkpointing``: library-internal, nothing for a caller to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def load_tokenizer(adapter_dir: Path, base_dir: Path, settings: Settings) -> Any:
