@@ -25,7 +25,6 @@ os.environ.setdefault("LORALINE_BENCH", "false")
 os.environ.setdefault("LORALINE_VLLM_PARITY", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def du(path: Path) -> int:
@@ -47,7 +46,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/image-cpu.json"))
     args = ap.parse_args()
 
-    from flows.release import release
+    from loraline_flows.release import release
     from loraline.cli import quiet_third_parties
     from loraline.demo import init_tiny_demo
     from loraline.engine import vllm_lora_rank

@@ -14,13 +14,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import artifact_key, failing, flow_settings, progress
 from loraline.benchmark import release_dirs, run_benchmark
 from loraline.params import BenchmarkWorkload
 from loraline.plots import write_plots
 from loraline.records import log_benchmark
 from loraline.settings import Settings
 from loraline.trace import release_of
+from loraline_flows.common import artifact_key, failing, flow_settings, progress
 
 
 @task(name="benchmark", cache_policy=NO_CACHE, task_run_name="benchmark-{name}-v{version}")

@@ -24,8 +24,8 @@ def release(adapter: str, base: str, name: str, image: str | None, as_json: bool
     The benchmark takes minutes on a CPU (LORALINE_BENCH=false skips it; `loraline bench` runs it later)."""
     settings = load_settings()
     quiet_third_parties(settings, verbose)
-    from flows.release import release as release_flow
-    from flows.common import start_prefect_api
+    from loraline_flows.release import release as release_flow
+    from loraline_flows.common import start_prefect_api
 
     start_prefect_api(settings)
 
@@ -44,8 +44,8 @@ def bench(model: str, as_json: bool, verbose: bool) -> None:
     The workload comes from LORALINE_BENCH_* (input/output length, prompts, repeats, concurrency levels)."""
     settings = load_settings()
     quiet_third_parties(settings, verbose)
-    from flows.benchmark import benchmark as benchmark_flow
-    from flows.common import start_prefect_api
+    from loraline_flows.benchmark import benchmark as benchmark_flow
+    from loraline_flows.common import start_prefect_api
 
     start_prefect_api(settings)
 
@@ -65,8 +65,8 @@ def image_cmd(model: str, mode: str, as_json: bool, verbose: bool) -> None:
     LORALINE_IMAGE_REGISTRY, LORALINE_IMAGE_BASE)."""
     settings = load_settings()
     quiet_third_parties(settings, verbose)
-    from flows.image import image as image_flow
-    from flows.common import start_prefect_api
+    from loraline_flows.image import image as image_flow
+    from loraline_flows.common import start_prefect_api
 
     start_prefect_api(settings)
 

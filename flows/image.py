@@ -17,7 +17,6 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction, transaction
 
-from flows.common import artifact_key, failing, flow_settings, progress
 from loraline.benchmark import release_dirs
 from loraline.engine import vllm_lora_rank
 from loraline.evaluate import with_served
@@ -27,6 +26,7 @@ from loraline.records import log_image
 from loraline.settings import Settings
 from loraline.smoke import smoke_test
 from loraline.trace import release_of
+from loraline_flows.common import artifact_key, failing, flow_settings, progress
 
 
 @task(name="image-preflight", cache_policy=NO_CACHE)

@@ -17,9 +17,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction, transaction
 
-from flows.benchmark import bench_release
-from flows.common import artifact_key, failing, flow_settings, name_flow_run
-from flows.image import image_release, preflight_task
 from loraline.benchmark import release_dirs
 from loraline.evaluate import evaluate_release
 from loraline.gate import gate_release, undo_gate
@@ -34,6 +31,9 @@ from loraline.resume import resume_plan
 from loraline.settings import Settings
 from loraline.sources import FetchedAdapter, FetchedBase, fetch_adapter, fetch_base, parse_source
 from loraline.validation import ValidationReport, validate_adapter, validation_key
+from loraline_flows.benchmark import bench_release
+from loraline_flows.common import artifact_key, failing, flow_settings, name_flow_run
+from loraline_flows.image import image_release, preflight_task
 
 
 def _validate_key(_ctx: Any, p: dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """The deployments users start from the Prefect UI, served by one runner process. Wiring only.
 
-``python -m flows.serve`` (what ``loraline services up`` starts, with PREFECT_API_URL pointing at its
+``python -m loraline_flows.serve`` (what ``loraline services up`` starts, with PREFECT_API_URL pointing at its
 Prefect server) creates or updates five deployments and executes their runs until stopped:
 
 - ``release/release``: the whole release (its form: adapter, base, name, image mode, benchmark workload, gate);
@@ -21,13 +21,13 @@ from typing import Any
 
 from prefect.deployments.runner import EntrypointType
 
-from flows.benchmark import benchmark
-from flows.image import image
-from flows.release import release
-from flows.trace import trace
-from flows.watch import watch
 from loraline.params import BenchmarkWorkload, GateThresholds
 from loraline.settings import Settings
+from loraline_flows.benchmark import benchmark
+from loraline_flows.image import image
+from loraline_flows.release import release
+from loraline_flows.trace import trace
+from loraline_flows.watch import watch
 
 TAGS = ["loraline"]
 

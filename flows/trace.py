@@ -7,9 +7,9 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import artifact_key, flow_settings
 from loraline.report import lineage_rows
 from loraline.trace import trace as trace_ref
+from loraline_flows.common import artifact_key, flow_settings
 
 
 @flow(name="trace", flow_run_name="trace-{ref}", log_prints=True)

@@ -12,12 +12,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import artifact_key, flow_settings
-from flows.release import release
 from loraline.errors import WatchError
 from loraline.params import BenchmarkWorkload, GateThresholds, ImageMode
 from loraline.settings import Settings
 from loraline.watch import Candidate, adapter_sources, scan
+from loraline_flows.common import artifact_key, flow_settings
+from loraline_flows.release import release
 
 
 @task(name="scan", cache_policy=NO_CACHE, task_run_name="scan-{name}")

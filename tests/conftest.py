@@ -430,7 +430,7 @@ def session_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simple
 @pytest.fixture(scope="session")
 def prefect_services(demo_assets: DemoAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     """What `loraline services up` runs for the UI, without Docker: an MLflow server, a real `prefect server start`
-    and the runner serving loraline's deployments (`python -m flows.serve`), in a session home; stopped at the end.
+    and the runner serving loraline's deployments (`python -m loraline_flows.serve`), in a session home; stopped at the end.
 
     The release deployment's defaults are the demo checkpoint and base; no image (no engine here), no vLLM parity and
     no benchmark (tests/test_image.py and tests/test_benchmark.py cover those); the watch deployment watches a directory

@@ -51,7 +51,7 @@ def test_release_benchmarks_every_path_and_records_it(prefect_api_url: str, demo
     version (the command on its own, from a shell); a re-run of the release completes it without benchmarking again."""
     from prefect.client.orchestration import get_client
 
-    from flows.release import release
+    from loraline_flows.release import release
 
     for k, v in SMALL_BENCH.items():
         monkeypatch.setenv(k, v)

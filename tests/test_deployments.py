@@ -1,5 +1,5 @@
 """The deployments users drive from the Prefect UI, against a real `prefect server start`, the runner of
-`loraline services up` (`python -m flows.serve`) and a real MLflow server (fixture `prefect_services`)."""
+`loraline services up` (`python -m loraline_flows.serve`) and a real MLflow server (fixture `prefect_services`)."""
 
 from __future__ import annotations
 

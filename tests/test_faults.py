@@ -35,7 +35,7 @@ elif point == "merge":  # the merged weights are written to the staging dir, not
     import loraline.merge as m
     m.digest_dir = lambda path: os.kill(os.getpid(), signal.SIGKILL)
 sys.argv = ["loraline", "release", *sys.argv[2:]]
-from flows.cli import main
+from loraline_flows.cli import main
 main()
 """
 
@@ -99,7 +99,7 @@ def test_report_failure_rolls_the_gate_back_and_a_rerun_completes(prefect_harnes
                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The gate moved the aliases, then the report failed (fault injected: Prefect refuses the lineage table artifact):
     the Prefect transaction's rollback hook puts the aliases back; the version says why; the re-run completes."""
-    import flows.release as fr
+    import loraline_flows.release as fr
     from helpers import adapter_version
 
     name = "smol-rollback"
@@ -305,7 +305,7 @@ def test_evaluation_failure_marks_the_version_and_the_rerun_restores_it(prefect_
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A step after registration fails (the task evaluation; fault injected): the version stays, marked failed with the
     step and reason, no alias moves; the re-run evaluates the same version, its status comes back, the gate passes."""
-    import flows.release as fr
+    import loraline_flows.release as fr
 
     name = "smol-evalfail"
 

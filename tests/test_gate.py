@@ -115,7 +115,7 @@ def test_thresholds_refuse_nonsense_with_the_field_named() -> None:
 
 
 def test_gate_moves_aliases_only_for_passing_releases(prefect_harness, demo_assets, settings: Settings, tmp_path: Path) -> None:
-    from flows.release import release
+    from loraline_flows.release import release
 
     first = release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME)
     client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
@@ -157,7 +157,7 @@ def test_gate_refuses_a_challenger_worse_than_the_champion(prefect_harness, demo
                                                            tmp_path: Path) -> None:
     """Champion–challenger on a real MLflow registry: v1 becomes champion; v2 scores below it, so the gate refuses v2
     and `champion` stays on v1; with a tolerance covering the gap the same release passes."""
-    from flows.release import release
+    from loraline_flows.release import release
     from loraline.evaluate import EvalReport, EvalScore
     from loraline.gate import gate_release
     from loraline.records import log_evaluation

@@ -163,7 +163,7 @@ def test_concurrent_fetches_of_one_gguf_leave_one_whole_conversion(smollm2_fetch
 
 def test_a_release_on_a_gguf_base_records_the_gguf_and_trace_finds_it(prefect_api_url: str, smollm2_fetched, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.release import release
+    from loraline_flows.release import release
     from loraline.tiny_models import build_lora
     from helpers import loraline
 

@@ -45,7 +45,7 @@ def test_runtime_lora_images_share_the_base_layer(image_services, demo_assets, t
                                                    monkeypatch: pytest.MonkeyPatch, prefect_harness) -> None:
     """--image lora: base layer + adapter layer; the second adapter version on the same base uploads only its small
     layers, and the runtime-LoRA container answers like the merged model."""
-    from flows.release import release
+    from loraline_flows.release import release
 
     for k, v in image_services.env.items():
         monkeypatch.setenv(k, v)
@@ -63,7 +63,7 @@ def test_runtime_lora_images_share_the_base_layer(image_services, demo_assets, t
     # The second version is released without an image, then imaged by the stand-alone `image` flow.
     registered = release(adapter=str(other), base=str(demo_assets.base), name="smol-lora", image="none")
     assert registered["model_version"] == "2" and registered["images"] == [] and "image" not in registered
-    from flows.image import image as image_flow
+    from loraline_flows.image import image as image_flow
 
     v2 = image_flow(model="models:/smol-lora/2", mode="lora")
     img2 = next(i for i in v2["images"] if i["mode"] == "lora")
@@ -130,7 +130,7 @@ class CuttingProxy:
 
 def test_image_faults_leave_no_image_tag_and_a_rerun_succeeds(image_services, demo_assets, home: Path,
                                                                monkeypatch: pytest.MonkeyPatch, prefect_harness) -> None:
-    from flows.release import release
+    from loraline_flows.release import release
     from loraline.errors import ImageError
     from loraline.server import free_port
 
@@ -180,7 +180,7 @@ def test_image_faults_leave_no_image_tag_and_a_rerun_succeeds(image_services, de
     # Pushed, then recording it in MLflow fails (fault injected in place of an MLflow server going away after the
     # push): the push, the smoke test and the record are one Prefect transaction, and the push's rollback hook deletes
     # the manifest: no tag in the registry that MLflow does not know, no image tag on the version.
-    import flows.image as fi
+    import loraline_flows.image as fi
 
     real_log_image = fi.log_image
 

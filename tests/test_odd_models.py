@@ -103,7 +103,7 @@ def test_the_image_serves_the_model_context_not_more(qwen2_short: tuple[Path, Pa
 def test_lora_on_a_512_position_qwen2_releases_with_vllm_parity(qwen2_short: tuple[Path, Path], vllm_python: Path,
                                                                  prefect_harness, settings: Settings,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.release import release
+    from loraline_flows.release import release
 
     base, adapter = qwen2_short
     assert json.loads((base / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]

@@ -38,7 +38,7 @@ def task_states(flow_state) -> dict[str, str]:
 
 
 def test_release_registers_a_traced_version_and_is_idempotent(prefect_harness, demo_assets, settings: Settings) -> None:
-    from flows.release import release
+    from loraline_flows.release import release
 
     out = release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME)
     assert out["model_name"] == NAME and out["model_version"] == "1" and out["existing"] is False
@@ -88,7 +88,7 @@ def test_release_registers_a_traced_version_and_is_idempotent(prefect_harness, d
 
 
 def test_rerun_under_another_name_reuses_the_cached_merge(prefect_harness, demo_assets, settings: Settings) -> None:
-    from flows.release import release
+    from loraline_flows.release import release
 
     release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name="first")
     state = release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name="second", return_state=True)
@@ -109,7 +109,7 @@ def _nan_adapter(src: Path, dst: Path) -> Path:
 
 
 def test_refused_release_leaves_nothing_behind(prefect_harness, demo_assets, settings: Settings, tmp_path: Path) -> None:
-    from flows.release import release
+    from loraline_flows.release import release
 
     bad = _nan_adapter(demo_assets.checkpoint, tmp_path / "bad")
     with pytest.raises(InvalidAdapter, match="NaN/Inf"):
@@ -122,7 +122,7 @@ def test_failure_during_registration_rolls_back(prefect_harness, demo_assets, se
     """A fault injected after the model version exists (lineage.json upload fails): the version is deleted, the run FAILED."""
     import mlflow
 
-    from flows.release import release
+    from loraline_flows.release import release
 
     real = mlflow.log_dict
 
@@ -183,7 +183,7 @@ def _break(kind: str, src: Path, dst: Path, tmp: Path) -> tuple[Path, str]:
 def registry_in_use(prefect_harness, demo_assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A home where one good release ran (version 1, both aliases): the registry each bad input must leave as it is.
     Shared by the bad inputs below, which therefore also show that each one leaves nothing the next one would meet."""
-    from flows.release import release
+    from loraline_flows.release import release
 
     home = tmp_path_factory.mktemp("in-use") / "home"
     with pytest.MonkeyPatch.context() as mp:
@@ -197,7 +197,7 @@ def registry_in_use(prefect_harness, demo_assets, tmp_path_factory: pytest.TempP
 @pytest.mark.parametrize("kind", ["pickle-only", "different-base", "target-missing", "truncated-config", "nan", "rank-above-limit", "missing-files"])
 def test_each_bad_input_is_refused_by_the_flow_leaving_nothing(kind: str, registry_in_use: Path, demo_assets, home: Path,
                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.release import release
+    from loraline_flows.release import release
 
     monkeypatch.setenv("LORALINE_HOME", str(registry_in_use))
     settings = Settings()

@@ -80,7 +80,7 @@ def test_registry_credentials_come_from_a_prefect_secret_block(image_services, a
     from prefect import flow
     from prefect.blocks.system import Secret
 
-    from flows.common import flow_settings
+    from loraline_flows.common import flow_settings
     from loraline.image import push
     from loraline.oci import check_registry, delete_manifest, registry_image, registry_manifest
 

@@ -28,7 +28,7 @@ def log_finetune(client: MlflowClient, experiment: str, checkpoint: Path, folder
 
 def test_watch_releases_adapters_logged_to_an_experiment_once(prefect_harness, demo_assets, settings: Settings,
                                                               tmp_path: Path) -> None:
-    from flows.watch import watch
+    from loraline_flows.watch import watch
 
     client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
     settings.ensure_dirs()

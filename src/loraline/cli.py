@@ -1,4 +1,5 @@
-"""The ``loraline`` command line (commands that need no orchestrator; flows/cli.py adds ``release``)."""
+"""The ``loraline`` command line (commands that need no orchestrator; ``loraline_flows.cli``, flows/cli.py in the
+checkout, adds ``release``)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def quiet_third_parties(settings: Settings, verbose: bool = False) -> None:
     # The libraries' warnings (deprecations, advice, SQLAlchemy's): not the user's to act on, and a refusal stays one
     # line on stderr. loraline's own warnings still show (the later filter is checked first); -v shows them all.
     warnings.filterwarnings("ignore")
-    warnings.filterwarnings("default", module=r"(loraline|flows)(\.|$)")
+    warnings.filterwarnings("default", module=r"loraline(_flows)?(\.|$)")
 
 
 def emit(data: dict[str, Any], as_json: bool) -> None:

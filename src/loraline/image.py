@@ -1,6 +1,7 @@
 """The serving image: build it from a release and push it (reading it back from the registry is :mod:`loraline.oci`).
 
-A release's image is ``docker/Dockerfile`` on top of ``settings.image_base`` (vLLM's OpenAI image,
+A release's image is the packaged Dockerfile (``loraline/data/docker/Dockerfile``; ``docker/Dockerfile`` in a
+checkout links to it) on top of ``settings.image_base`` (vLLM's OpenAI image,
 or the CPU base from ``docker/base-cpu/build.sh``), in one of two modes:
 
 - ``merged``: the merged weights under ``/models/NAME``, served as ``NAME``;
@@ -26,6 +27,7 @@ import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -35,7 +37,8 @@ from loraline.errors import ImageError
 from loraline.oci import Auth, _short, auth_config, check_registry, registry_manifest
 from loraline.settings import Settings, redact
 
-DOCKERFILE = Path(__file__).resolve().parents[2] / "docker" / "Dockerfile"
+# Package data (the wheel ships it): what the build context's Dockerfile is. A Traversable: read it with read_bytes().
+DOCKERFILE = files("loraline") / "data" / "docker" / "Dockerfile"
 LABEL = "org.loraline."
 OCI = "org.opencontainers.image."
 MODES = ("merged", "lora")

@@ -15,17 +15,28 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Where `make setup` makes the engine's venv: beside the orchestrator's venv (.venv), i.e. in the checkout.
 VLLM_VENV = ".venv-vllm"
-_CHECKOUT = Path(__file__).resolve().parents[2]  # the repository root when installed editable (`make setup`)
+
+
+def _checkout() -> Path | None:
+    """The checkout this package runs from when installed editable (`make setup`: this file is
+    ``<checkout>/src/loraline/settings.py``), else None (a regular install: site-packages is no checkout)."""
+    here = Path(__file__).resolve()
+    root = here.parents[2]
+    return root if here.parent.parent.name == "src" and (root / "pyproject.toml").is_file() else None
+
+
+_CHECKOUT = _checkout()
 
 
 def default_vllm_python() -> Path | None:
     """The Python of the ``.venv-vllm`` that ``make setup`` made, or None when there is none.
 
     Looked for next to the running interpreter's venv (``sys.prefix``'s parent: ``.venv/bin/loraline`` finds
-    ``.venv-vllm`` from a plain shell, no variable exported), then in the checkout this package was installed from.
+    ``.venv-vllm`` from a plain shell, no variable exported), then in the checkout this package runs from (an editable
+    install's; a regular install has none).
     The path is kept as is (not resolved): a venv's ``bin/python`` is a symlink, and only through it is the venv used.
     """
-    for root in dict.fromkeys((Path(sys.prefix).absolute().parent, _CHECKOUT)):
+    for root in dict.fromkeys(r for r in (Path(sys.prefix).absolute().parent, _CHECKOUT) if r is not None):
         python = root / VLLM_VENV / "bin" / "python"
         if python.is_file():
             return python

@@ -7,11 +7,11 @@ listening on a unix socket under that directory, without iptables or a bridge (c
 ``--network host``); the registry is Debian's ``docker-registry`` (the CNCF distribution
 registry) with a filesystem store, bound to ``127.0.0.1:<port>``. Missing packages are installed
 with ``apt-get`` when this process may (root); otherwise the error says what to install.
-The MLflow tracking server (REST API + UI) is ``mlflow/server.sh`` over the same SQLite store
+The MLflow tracking server (REST API + UI) is ``mlflow/server.sh`` (package data) over the same SQLite store
 loraline uses without a server (``<home>/mlflow.db``), serving artifacts from ``<home>/mlartifacts``.
 The Prefect server (API + UI) is ``prefect server start`` over ``<home>/prefect/prefect.db``; while it
 runs, loraline's commands send their flow runs there instead of to an ephemeral server. Beside it,
-``python -m flows.serve`` creates loraline's deployments there and executes the runs started from the
+``python -m loraline_flows.serve`` creates loraline's deployments there and executes the runs started from the
 UI's Run button (a runner: Prefect's ``serve``).
 
 One module per service: :mod:`~loraline.services.docker_engine`, :mod:`~loraline.services.image_registry`,
@@ -34,7 +34,7 @@ from loraline.services.mlflow_server import MLFLOW_SCRIPT, MLFLOW_START_TIMEOUT_
 from loraline.services.prefect_server import (
     DEPLOYMENTS,
     PREFECT_START_TIMEOUT_S,
-    REPO,
+    SERVE_MODULE,
     SERVE_START_TIMEOUT_S,
     deployments,
     prefect_ok,
@@ -47,8 +47,8 @@ from loraline.services.process import HOST, PACKAGES, alive_pid, ensure_packages
 from loraline.settings import Settings
 
 __all__ = [
-    "DEPLOYMENTS", "HOST", "MLFLOW_SCRIPT", "MLFLOW_START_TIMEOUT_S", "PACKAGES", "PREFECT_START_TIMEOUT_S", "REPO",
-    "SERVE_START_TIMEOUT_S", "ServicesStatus", "configured", "deployments", "docker_host", "docker_ok", "down",
+    "DEPLOYMENTS", "HOST", "MLFLOW_SCRIPT", "MLFLOW_START_TIMEOUT_S", "PACKAGES", "PREFECT_START_TIMEOUT_S",
+    "SERVE_MODULE", "SERVE_START_TIMEOUT_S", "ServicesStatus", "configured", "deployments", "docker_host", "docker_ok", "down",
     "ensure_packages", "mlflow_ok", "mlflow_url", "prefect_ok", "prefect_url", "registry_ok", "serve_running",
     "short_dir", "short_path", "start_docker", "start_mlflow", "start_prefect", "start_registry", "start_serve", "status", "unmount_under",
     "up",

@@ -1,4 +1,5 @@
-"""The MLflow tracking server (REST API + UI): the repository's ``mlflow/server.sh`` over the same SQLite store
+"""The MLflow tracking server (REST API + UI): the packaged ``server.sh`` (``mlflow/server.sh`` in a checkout links to
+it) over the same SQLite store
 loraline uses without a server (``<home>/mlflow.db``), serving artifacts from ``<home>/mlartifacts``; its URL is
 recorded in ``<home>/services/mlflow/url``."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib.resources import as_file, files
 from pathlib import Path
 
 from loraline.errors import ServiceError
@@ -13,8 +15,8 @@ from loraline.probe import http_ok
 from loraline.services.process import HOST, alive_pid, service_dir, spawn, state, wait_up
 from loraline.settings import Settings
 
-# The repository's start script (not packaged: services run from a checkout; this file is src/loraline/services/).
-MLFLOW_SCRIPT = Path(__file__).resolve().parents[3] / "mlflow" / "server.sh"
+# The start script, package data (the wheel ships it; `mlflow/server.sh` in a checkout is a link to it). Run with bash.
+MLFLOW_SCRIPT = files("loraline") / "data" / "mlflow" / "server.sh"
 MLFLOW_START_TIMEOUT_S = 120.0  # the first start creates and migrates the SQLite DB: ~15 s on 2 cores
 
 
@@ -35,7 +37,7 @@ def mlflow_url(settings: Settings, timeout_s: float = 3.0) -> str | None:
 
 
 def start_mlflow(settings: Settings, port: int = 0) -> str:
-    """Start ``mlflow/server.sh`` on 127.0.0.1 over ``sqlite:///<home>/mlflow.db``; return its URL.
+    """Start the packaged ``server.sh`` on 127.0.0.1 over ``sqlite:///<home>/mlflow.db``; return its URL.
 
     Idempotent: a server this home started that still answers is returned as is. The store is the
     same SQLite file loraline writes to without a server, so runs from before and after are in one
@@ -47,12 +49,12 @@ def start_mlflow(settings: Settings, port: int = 0) -> str:
     if running:
         return running
     if not MLFLOW_SCRIPT.is_file():
-        raise ServiceError(f"the MLflow start script {MLFLOW_SCRIPT} is missing: `services up` runs from a loraline "
-                           "checkout (git clone; pip install -e .), where it is mlflow/server.sh")
+        raise ServiceError(f"the MLflow start script {MLFLOW_SCRIPT} is missing from the installed loraline package "
+                           "(package data loraline/data/mlflow/server.sh): reinstall loraline")
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     if not mlflow_bin.exists():
         raise ServiceError(f"no mlflow executable beside {sys.executable}: install loraline's dependencies into this "
-                           "environment (pip install -e .)")
+                           "environment (pip install . from a loraline checkout)")
     if not port:
         from loraline.server import free_port
 
@@ -69,7 +71,10 @@ def start_mlflow(settings: Settings, port: int = 0) -> str:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",
     }
-    spawn(["bash", str(MLFLOW_SCRIPT)], d, env=env)
-    (d / "url").write_text(url)
-    wait_up(lambda: mlflow_ok(url), f"the MLflow server on {url}", d, timeout_s=MLFLOW_START_TIMEOUT_S)
+    # as_file: the installed file itself (a temporary copy only if loraline were imported from a zip, kept until the
+    # server answers: bash has opened it by then).
+    with as_file(MLFLOW_SCRIPT) as script:
+        spawn(["bash", str(script)], d, env=env)
+        (d / "url").write_text(url)
+        wait_up(lambda: mlflow_ok(url), f"the MLflow server on {url}", d, timeout_s=MLFLOW_START_TIMEOUT_S)
     return url

@@ -1,13 +1,13 @@
 """The Prefect server (API + UI): ``prefect server start`` over ``<home>/prefect/prefect.db``, as a subprocess (the
-library never imports prefect); and beside it the deployment runner, ``python -m flows.serve`` run from the
-repository root, which creates loraline's deployments on that server and executes the runs started from the UI's Run
-button (Prefect's ``serve``). Their URLs and pids are under ``<home>/services/prefect/`` and ``.../serve/``."""
+library never imports prefect); and beside it the deployment runner, ``python -m loraline_flows.serve`` (the
+checkout's flows/, installed as the package loraline_flows), which creates loraline's deployments on that server and
+executes the runs started from the UI's Run button (Prefect's ``serve``). Their URLs and pids are under
+``<home>/services/prefect/`` and ``.../serve/``."""
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from loraline.probe import http_ok
 from loraline.services.process import HOST, alive_pid, service_dir, spawn, state, wait_up
@@ -68,9 +68,12 @@ def start_prefect(settings: Settings, port: int = 0) -> str:
 
 # --------------------------------------------------------------------------- deployment runner
 
-DEPLOYMENTS = ("release", "benchmark", "image", "trace", "watch")  # flows/serve.py: flow name == deployment name
+# loraline_flows/serve.py (flows/serve.py in a checkout): flow name == deployment name
+DEPLOYMENTS = ("release", "benchmark", "image", "trace", "watch")
 SERVE_START_TIMEOUT_S = 180.0
-REPO = Path(__file__).resolve().parents[3]  # the checkout's root (this file is src/loraline/services/): flows/ is there
+# The runner's module: the flows/ folder of the checkout, installed as the package loraline_flows (a name of loraline's
+# own: nothing installed is a top-level `flows`). This library only names it: it never imports it, nor prefect.
+SERVE_MODULE = "loraline_flows.serve"
 
 
 def deployments(url: str, timeout_s: float = 5.0) -> list[str]:
@@ -91,7 +94,7 @@ def serve_running(settings: Settings) -> bool:
 
 def start_serve(settings: Settings, url: str, env: dict[str, str] | None = None) -> list[str]:
     """Start the runner that creates loraline's deployments on the Prefect server at ``url`` and executes their runs
-    (``python -m flows.serve``: the UI's Run button works once it is up). Returns the deployments it serves."""
+    (``python -m loraline_flows.serve``: the UI's Run button works once it is up). Returns the deployments it serves."""
     d = service_dir(settings, "serve")
     want = [f"{n}/{n}" for n in DEPLOYMENTS]
     if serve_running(settings):
@@ -101,7 +104,9 @@ def start_serve(settings: Settings, url: str, env: dict[str, str] | None = None)
             "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "TOKENIZERS_PARALLELISM": "false"}
     log = d / "log"
     start = log.stat().st_size if log.exists() else 0
-    pid = spawn([sys.executable, "-m", "flows.serve"], d, env=full, cwd=REPO)
+    # Found wherever loraline is installed (no checkout needed). Run in its service directory: a cwd that lasts as
+    # long as the runner and holds no module that `python -m` (cwd first on sys.path) could take for an installed one.
+    pid = spawn([sys.executable, "-m", SERVE_MODULE], d, env=full, cwd=d)
 
     def ready() -> bool:  # the deployments exist and the runner said it polls for runs
         text = log.read_bytes()[start:].decode(errors="replace")
