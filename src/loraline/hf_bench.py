@@ -104,10 +104,10 @@ def bench_hf_paths(adapter_dir: Path, base_dir: Path, merged_dir: Path, settings
 
     import torch
 
-    from loraline.hf_models import base_dtype_name, load_causal_lm, load_peft
+    from loraline.hf_models import base_dtype_name, compute_dtype_name, load_causal_lm, load_peft
 
-    dtype = base_dtype_name(merged_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = compute_dtype_name(base_dtype_name(merged_dir), device)
     results = []
     for path, mode, load in (
         ("hf-merged", "merged", lambda: load_causal_lm(merged_dir, settings, dtype)),

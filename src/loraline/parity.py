@@ -195,9 +195,9 @@ def _generate_loaded(load: Callable[[], object], tokenizer_dir: Path, prompt_ids
 
 def hf_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], settings: Settings) -> list[Generation]:
     """Greedy generations of the model in ``model_dir`` (its own tokenizer and dtype) with transformers."""
-    from loraline.hf_models import base_dtype_name, load_causal_lm
+    from loraline.hf_models import base_dtype_name, compute_dtype_name, load_causal_lm
 
-    dtype = base_dtype_name(model_dir)
+    dtype = compute_dtype_name(base_dtype_name(model_dir))
     key = ("hf", _weights_stamp(model_dir), dtype, tuple(map(tuple, prompt_ids)), settings.parity_max_new_tokens,
            settings.parity_top_k, settings.trust_remote_code)
     return _remembered(key, lambda: _generate_loaded(lambda: load_causal_lm(model_dir, settings, dtype), model_dir,
@@ -206,10 +206,10 @@ def hf_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], setting
 
 def hf_peft_generations(adapter_dir: Path, base_dir: Path, tokenizer_dir: Path, prompt_ids: Sequence[Sequence[int]],
                         settings: Settings) -> list[Generation]:
-    """The reference: base + adapter unmerged (peft), greedy, in the merged model's dtype."""
-    from loraline.hf_models import base_dtype_name, load_peft
+    """The reference: base + adapter unmerged (peft), greedy, in the dtype the merged model is computed in."""
+    from loraline.hf_models import base_dtype_name, compute_dtype_name, load_peft
 
-    dtype = base_dtype_name(tokenizer_dir)
+    dtype = compute_dtype_name(base_dtype_name(tokenizer_dir))
     key = ("peft", _weights_stamp(adapter_dir), _weights_stamp(base_dir), str(tokenizer_dir), dtype,
            tuple(map(tuple, prompt_ids)), settings.parity_max_new_tokens, settings.parity_top_k, settings.trust_remote_code)
     return _remembered(key, lambda: _generate_loaded(lambda: load_peft(base_dir, adapter_dir, settings, dtype),

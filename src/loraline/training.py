@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from loraline import text2sql
-from loraline.hf_models import make_readable, no_checkpointing_deprecation
+from loraline.hf_models import base_dtype_name, compute_dtype_name, make_readable, no_checkpointing_deprecation
 
 __all__ = [
     "SharedCores",
@@ -311,7 +311,8 @@ def train_adapter(
     With ``progress``, the logged losses are printed to stderr.
 
     ``dtype`` is the frozen base weights' dtype while training (the LoRA weights stay float32, as peft keeps them):
-    bfloat16 halves the base's memory and is faster on CPUs with bf16 instructions. With ``last_layers``, the frozen
+    bfloat16 halves the base's memory and is faster on CPUs with bf16 instructions; ``"auto"``: the base's own dtype
+    where this CPU computes it fast, else float32 (:func:`~loraline.hf_models.compute_dtype_name`). With ``last_layers``, the frozen
     layers below are computed once per example, not once per step (:class:`_FrozenBottom`; ``cache_frozen=False``
     computes them every step, the same training at several times the cost). ``threads``, when given, sets torch's
     thread count before each step (e.g. :meth:`SharedCores.threads`).
@@ -330,6 +331,8 @@ def train_adapter(
     base_dir, run_dir = Path(base_dir), Path(run_dir)
     set_seed(seed)  # before get_peft_model: lora_A's init draws from the global RNG
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if dtype == "auto":
+        dtype = compute_dtype_name(base_dtype_name(base_dir))
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype))
     layers = None
     if last_layers is not None:
