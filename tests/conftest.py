@@ -17,6 +17,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch (OpenMP) thread per process, this one and those it starts: the session runs background work beside the
+# tests (the real demo, the image build, the real releases), and a 2-thread OpenMP region waits at every barrier for a
+# thread another process preempted. On 2 cores with one busy process beside them, test_merge.py's two parity tests
+# took 83.58 s with 2 threads and 17.06 s with one (17.98 s with 2 threads on an idle machine). vLLM binds its own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Prefect's state (profiles, the result store of cached tasks) belongs to this session: not the user's ~/.prefect, and
 # not shared with another session running at the same time. Removed when the session ends.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="loraline-test-prefect-")
