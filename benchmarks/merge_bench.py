@@ -46,7 +46,7 @@ def bench_merge(work: Path, repeats: int) -> dict[str, object]:
 
     from loraline.tiny_models import build_llama, build_lora, build_tokenizer
     from loraline.merge import merge_adapter
-    from loraline.hf_models import load_causal_lm
+    from loraline.hf_models import base_dtype_name, load_causal_lm
     from loraline.settings import Settings
     from loraline.sources import fetch_adapter, fetch_base
 
@@ -57,7 +57,8 @@ def bench_merge(work: Path, repeats: int) -> dict[str, object]:
     params = sum(p.numel() for p in load_causal_lm(base, settings).parameters())
 
     def floor(i: int) -> None:
-        load_causal_lm(base, settings).save_pretrained(str(work / f"copy-{i}"), safe_serialization=True)
+        # In the base's own dtype, as the merge writes it (not the dtype this CPU would compute in).
+        load_causal_lm(base, settings, base_dtype_name(base)).save_pretrained(str(work / f"copy-{i}"), safe_serialization=True)
 
     def merge(i: int) -> None:
         merge_adapter(a, b, Settings(home=work / f"home-{i}"))
