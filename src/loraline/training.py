@@ -312,8 +312,8 @@ def train_adapter(
 
     ``dtype`` is the frozen base weights' dtype while training (the LoRA weights stay float32, as peft keeps them):
     bfloat16 halves the base's memory and is faster on CPUs with bf16 instructions; ``"auto"``: the base's own dtype
-    where this CPU computes it fast, else float32 (:func:`~loraline.hf_models.compute_dtype_name`). With ``last_layers``, the frozen
-    layers below are computed once per example, not once per step (:class:`_FrozenBottom`; ``cache_frozen=False``
+    where this CPU computes it fast, else float32 (:func:`~loraline.hf_models.compute_dtype_name`). With
+    ``last_layers``, the frozen layers below are computed once per example, not once per step (:class:`_FrozenBottom`; ``cache_frozen=False``
     computes them every step, the same training at several times the cost). ``threads``, when given, sets torch's
     thread count before each step (e.g. :meth:`SharedCores.threads`).
     """

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from loraline.errors import ServiceError
 from loraline.services.process import HOST, service_dir
@@ -42,7 +43,8 @@ class Postgres:
 
     def url_with_password(self, database: str, driver: str = "postgresql") -> str:
         """The URL a service this home starts connects with: only ever put in that service's environment."""
-        return f"{driver}://{SUPERUSER}:{self.password_file.read_text().strip()}@{HOST}:{self.port}/{database}"
+        password = quote(self.password_file.read_text().strip(), safe="")
+        return f"{driver}://{SUPERUSER}:{password}@{HOST}:{self.port}/{database}"
 
 
 def binaries() -> Path:
@@ -50,7 +52,8 @@ def binaries() -> Path:
     found = shutil.which("pg_ctl")
     if found:
         return Path(found).resolve().parent
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+                      key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
     if not versions:
         raise ServiceError(f"PostgreSQL's pg_ctl is not on this machine: {_FIX}")
     return versions[-1].parent
@@ -61,10 +64,10 @@ def _owner() -> str | None:
     return SUPERUSER if os.geteuid() == 0 else None
 
 
-def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
+def _run(cmd: list[str], what: str) -> str:
     user = _owner()
     full = ["runuser", "-u", user, "--", *cmd] if user else cmd
-    proc = subprocess.run(full, capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(full, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise ServiceError(f"{what} failed: {(proc.stderr or proc.stdout).strip()[-1500:]}")
     return proc.stdout
