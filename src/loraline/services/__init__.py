@@ -25,6 +25,8 @@ from the services running for that home, so commands pick them up without export
 
 from __future__ import annotations
 
+import shutil
+
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -119,4 +121,5 @@ def down(settings: Settings, grace_s: float = 20.0) -> ServicesStatus:
         d = settings.home / "services" / name
         if stop(d, grace_s) and name == "docker":  # dockerd bind-mounts its data root and leaves it (and a netns) mounted
             unmount_under(d, short_path(settings))
+            shutil.rmtree(short_path(settings), ignore_errors=True)  # its socket and exec root: runtime state only
     return status(settings)
