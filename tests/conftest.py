@@ -306,13 +306,20 @@ def early_release_run(real_release_run) -> SimpleNamespace:
 
 
 DOCKER_FIXTURES = {"image_services", "engine_and_registry"}
+# vLLM runs on the host, from the engine environment (the tests' releases run with LORALINE_VLLM_PARITY=false unless
+# they ask for vLLM through these); the real releases run vLLM parity.
+ENGINE_FIXTURES = {"vllm_python", *REAL_RELEASE_FIXTURES}
+# Flows run through Prefect: its test harness, the session's server, the services' server and deployments, the real
+# releases' `loraline release` commands.
+E2E_FIXTURES = {"prefect_harness", "prefect_api_url", "prefect_services", *REAL_RELEASE_FIXTURES}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Markers from what a test needs: ``docker`` (a Docker engine and registry: ``image_services``,
-    ``engine_and_registry``, or marked in its module) and ``real`` (the real SmolLM2 model): ``pytest -m "not (docker
-    or real)"`` is the quick loop without Docker.
+    ``engine_and_registry``, or marked in its module), ``real`` (the real SmolLM2 model), ``engine`` (vLLM in the
+    engine environment, :data:`ENGINE_FIXTURES`) and ``e2e`` (flows run through Prefect, :data:`E2E_FIXTURES`);
+    ``ui`` is set by tests/test_ui.py itself. ``pytest -m "not (docker or real)"`` is the quick loop without Docker.
 
     The tests that need the real demo's training run last, in their own order: the background build then trains on
     the CPU the tests before them leave idle, instead of being waited for half-way (311 s of a CI run here)."""
@@ -322,6 +329,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             item.add_marker(pytest.mark.docker)
         if names & REAL_DEMO_FIXTURES:
             item.add_marker(pytest.mark.real)
+        if names & ENGINE_FIXTURES:
+            item.add_marker(pytest.mark.engine)
+        if names & E2E_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
     needs = [i for i in items if "real_demo" in getattr(i, "fixturenames", ())]
     if needs:
         items[:] = [i for i in items if i not in needs] + needs

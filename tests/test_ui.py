@@ -14,6 +14,7 @@ from browser import chromium_available, click_text, close_mlflow_assistant, fore
     screenshot, scroll_to_text, wait_for_text
 
 NAME = "smol-sql"
+pytestmark = pytest.mark.ui
 
 
 @pytest.fixture(scope="module")
