@@ -47,9 +47,12 @@ def test_postgres_starts_with_password_auth_on_loopback_and_keeps_its_data(reach
     assert ok.returncode == 0 and ok.stdout.strip() == "127.0.0.1", ok.stderr
     names = set(psql(url, "SELECT datname FROM pg_database", password).stdout.split())
     assert set(DATABASES) <= names
-    # The password is in no log or command line the service left.
+    # The password is in no log the service left and on no running process's command line.
     log = (s.home / "services" / "postgres" / "log").read_text()
-    assert password not in log
+    assert password not in log and "postgres" in log
+    cmdlines = [p.read_bytes() for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists()]
+    assert any(f"-p\0{pg.port}\0".encode() in c for c in cmdlines)  # the server's own command line is among them
+    assert not any(password.encode() in c for c in cmdlines)
 
     assert psql(url, "CREATE TABLE kept (x int); INSERT INTO kept VALUES (42)", password).returncode == 0
     assert start_postgres(s) == pg  # running: kept as it is

@@ -26,7 +26,6 @@ from the services running for that home, so commands pick them up without export
 from __future__ import annotations
 
 import shutil
-
 from dataclasses import asdict, dataclass
 from typing import Any
 

@@ -64,10 +64,14 @@ def _owner() -> str | None:
     return SUPERUSER if os.geteuid() == 0 else None
 
 
-def _run(cmd: list[str], what: str) -> str:
+def _as_owner(cmd: list[str]) -> list[str]:
+    """``cmd`` run as the cluster's owner (:func:`_owner`)."""
     user = _owner()
-    full = ["runuser", "-u", user, "--", *cmd] if user else cmd
-    proc = subprocess.run(full, capture_output=True, text=True, timeout=120)
+    return ["runuser", "-u", user, "--", *cmd] if user else cmd
+
+
+def _run(cmd: list[str], what: str) -> str:
+    proc = subprocess.run(_as_owner(cmd), capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise ServiceError(f"{what} failed: {(proc.stderr or proc.stdout).strip()[-1500:]}")
     return proc.stdout
@@ -94,9 +98,7 @@ def _check_reachable(d: Path) -> None:
 def _running(data: Path) -> bool:
     if not (data / "postmaster.pid").is_file():
         return False
-    user = _owner()
-    cmd = [str(binaries() / "pg_ctl"), "-D", str(data), "status"]
-    return subprocess.run(["runuser", "-u", user, "--", *cmd] if user else cmd, capture_output=True).returncode == 0
+    return subprocess.run(_as_owner([str(binaries() / "pg_ctl"), "-D", str(data), "status"]), capture_output=True).returncode == 0
 
 
 def start_postgres(settings: Settings, port: int = 0) -> Postgres:
