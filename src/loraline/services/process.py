@@ -95,23 +95,33 @@ def state(settings: Settings, name: str, file: str) -> str | None:
 def stop(d: Path, grace_s: float) -> bool:
     """Stop the service of state directory ``d`` if it runs: SIGTERM to its process group, SIGKILL after ``grace_s``,
     then its pid file is removed. True when it ran and was signalled (False: nothing to stop)."""
-    pid = alive_pid(d) if d.exists() else None
-    if pid is None:
-        return False
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and alive_pid(d) is not None:
-        time.sleep(0.2)
-    if alive_pid(d) is not None:
+    return stop_together([d], grace_s)[0]
+
+
+def stop_together(dirs: list[Path], grace_s: float) -> list[bool]:
+    """:func:`stop` for several services at once: all are signalled, then all are waited for (one ``grace_s`` in all:
+    a service that takes seconds to shut down does not hold up the others' shutdown)."""
+    signalled: dict[Path, int] = {}
+    for d in dirs:
+        pid = alive_pid(d) if d.exists() else None
+        if pid is None:
+            continue
         try:
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGTERM)
+            signalled[d] = pid
         except ProcessLookupError:
             pass
-    (d / "pid").unlink(missing_ok=True)
-    return True
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(alive_pid(d) is not None for d in signalled):
+        time.sleep(0.2)
+    for d, pid in signalled.items():
+        if alive_pid(d) is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        (d / "pid").unlink(missing_ok=True)
+    return [d in signalled for d in dirs]
 
 
 def unmount_under(*roots: Path) -> None:
