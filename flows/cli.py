@@ -15,15 +15,23 @@ from loraline.cli import cli, emit, load_settings, quiet_third_parties, run
               help="Serving image to build, push and smoke-test: merged weights, or base + adapter layers served as "
                    "runtime LoRA. Default LORALINE_IMAGE, else merged when a Docker engine and a registry are configured "
                    "(`loraline services up`), none otherwise.")
+@click.option("--submit", is_flag=True,
+              help="Run the release on the Prefect work pool (`loraline services up --production`, or PREFECT_API_URL "
+                   "of a server with loraline's deployments) instead of in this process: creates a flow run of "
+                   "release/release, follows it, and adds flow_run {id, name, worker, state} to the JSON. Sources must "
+                   "be readable where the workers run (shared paths, hf://, s3://, MLflow URIs).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the release's lineage).")
 @click.option("-v", "--verbose", is_flag=True, help="Show Prefect's and the libraries' logs on stderr.")
-def release(adapter: str, base: str, name: str, image: str | None, as_json: bool, verbose: bool) -> None:
+def release(adapter: str, base: str, name: str, image: str | None, submit: bool, as_json: bool, verbose: bool) -> None:
     """Release an adapter: fetch, validate, merge, parity-check, register, benchmark it, then build, push and
     smoke-test its serving image (a Prefect flow).
 
     The benchmark takes minutes on a CPU (LORALINE_BENCH=false skips it; `loraline bench` runs it later)."""
     settings = load_settings()
     quiet_third_parties(settings, verbose)
+    if submit:
+        emit(_submit(adapter, base, name, image, settings), as_json)
+        return
     from loraline_flows.release import release as release_flow
     from loraline_flows.common import start_prefect_api
 
@@ -72,6 +80,24 @@ def image_cmd(model: str, mode: str, as_json: bool, verbose: bool) -> None:
 
     result = image_flow(model=model, mode=mode)
     emit(result, as_json)
+
+
+def _submit(adapter: str, base: str, name: str, image: str | None, settings) -> dict:  # noqa: ANN001
+    import os
+    from pathlib import Path
+
+    from loraline_flows.submit import submit_release
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        raise click.ClickException("--submit needs a Prefect server with loraline's deployments and a work pool: "
+                                   "`loraline services up --production`, or set PREFECT_API_URL")
+    # Local sources travel as absolute paths: the workers do not start in this directory.
+    params = {"adapter": str(Path(adapter).resolve()) if Path(adapter).exists() else adapter,
+              "base": str(Path(base).resolve()) if Path(base).exists() else base, "name": name}
+    if image is not None:
+        params["image"] = image
+    return submit_release(params, settings, api)
 
 
 def main() -> None:

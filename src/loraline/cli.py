@@ -216,12 +216,12 @@ def services() -> None:
     """The local services on 127.0.0.1: Docker engine, image registry, MLflow tracking server (UI) and Prefect server (UI)."""
 
 
-def _services(action: str, as_json: bool) -> None:
+def _services(action: str, as_json: bool, **kwargs: Any) -> None:
     settings = load_settings()
     quiet_third_parties(settings)
     from loraline import services as svc
 
-    st = getattr(svc, action)(settings)
+    st = getattr(svc, action)(settings, **kwargs)
     if as_json:
         click.echo(json.dumps(st.to_dict(), indent=2))
         return
@@ -237,14 +237,27 @@ def _services(action: str, as_json: bool) -> None:
         click.echo(f"prefect: {st.prefect_url} (UI; export PREFECT_API_URL={st.prefect_url}/api)")
     if st.deployments:
         click.echo(f"deployments: {', '.join(st.deployments)} (Run in the UI: {st.prefect_url}/deployments)")
+    if st.stack == "production":
+        if st.postgres:
+            click.echo(f"postgres: {st.postgres} (databases mlflow, prefect; password in {st.home}/services/postgres/password)")
+        if st.s3_endpoint:
+            click.echo(f"s3: {st.s3_endpoint} bucket {st.s3_bucket} (aws --endpoint-url {st.s3_endpoint} s3 ls "
+                       f"s3://{st.s3_bucket}, with AWS_SHARED_CREDENTIALS_FILE={st.s3_credentials_file})")
+        click.echo(f"work pool: {st.work_pool}, workers: {', '.join(st.workers or []) or 'none'} "
+                   f"(loraline release ... --submit)")
 
 
 @services.command("up")
+@click.option("--production", "production", flag_value=True, default=None,
+              help="The production stack: PostgreSQL, an S3 object store (SeaweedFS), MLflow on them, Prefect on "
+                   "PostgreSQL with the work pool 'loraline' and two workers (releases: `loraline release --submit`).")
+@click.option("--embedded", "production", flag_value=False, help="The embedded stack (SQLite, one `serve` runner): the default.")
 @click.option("--json", "as_json", is_flag=True)
-def services_up(as_json: bool) -> None:
+def services_up(production: bool | None, as_json: bool) -> None:
     """Start the Docker engine, the registry (installing Debian's docker.io/docker-registry if missing), MLflow, Prefect
-    and the runner that serves loraline's deployments (release, benchmark, image, trace, watch)."""
-    _services("up", as_json)
+    and the runner that serves loraline's deployments (release, benchmark, image, trace, watch). Without a flag, the
+    stack this home ran last."""
+    _services("up", as_json, production=production)
 
 
 @services.command("down")

@@ -36,13 +36,18 @@ def mlflow_url(settings: Settings, timeout_s: float = 3.0) -> str | None:
     return url if mlflow_ok(url, timeout_s) else None
 
 
-def start_mlflow(settings: Settings, port: int = 0) -> str:
+def start_mlflow(settings: Settings, port: int = 0, *, backend: str | None = None, artifacts: str | None = None,
+                 secret_env: dict[str, str] | None = None) -> str:
     """Start the packaged ``server.sh`` on 127.0.0.1 over ``sqlite:///<home>/mlflow.db``; return its URL.
 
     Idempotent: a server this home started that still answers is returned as is. The store is the
     same SQLite file loraline writes to without a server, so runs from before and after are in one
     place. Artifacts of experiments created through the server are ``mlflow-artifacts:/`` URIs,
     stored under ``<home>/mlartifacts`` and read back through the server.
+
+    The production stack passes ``backend`` (``postgresql://USER@HOST:PORT/DB``, no password), ``artifacts``
+    (``s3://BUCKET/PREFIX``) and ``secret_env`` (``PGPASSWORD``, the S3 keys and endpoint): environment only, so no
+    secret is on the server's command line; the server alone holds the S3 keys (clients get ``mlflow-artifacts:/``).
     """
     d = service_dir(settings, "mlflow")
     running = mlflow_url(settings)
@@ -60,11 +65,13 @@ def start_mlflow(settings: Settings, port: int = 0) -> str:
 
         port = free_port()
     url = f"http://{HOST}:{port}"
-    settings.artifact_root.mkdir(parents=True, exist_ok=True)
+    if artifacts is None:
+        settings.artifact_root.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
-        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{settings.home / 'mlflow.db'}",
-        "MLFLOW_ARTIFACTS_DESTINATION": str(settings.artifact_root),
+        **(secret_env or {}),
+        "MLFLOW_BACKEND_STORE_URI": backend or f"sqlite:///{settings.home / 'mlflow.db'}",
+        "MLFLOW_ARTIFACTS_DESTINATION": artifacts or str(settings.artifact_root),
         "MLFLOW_HOST": HOST,
         "MLFLOW_PORT": str(port),
         "MLFLOW_BIN": str(mlflow_bin),

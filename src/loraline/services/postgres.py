@@ -37,13 +37,21 @@ class Postgres:
     socket_dir: Path
     password_file: Path
 
+    def server_url(self) -> str:
+        """The server's URL without a database or password (what ``services status`` shows)."""
+        return f"postgresql://{SUPERUSER}@{HOST}:{self.port}"
+
+    def password(self) -> str:
+        """The password: only ever put in the environment of a service this home starts (e.g. as PGPASSWORD)."""
+        return self.password_file.read_text().strip()
+
     def url(self, database: str, driver: str = "postgresql") -> str:
         """The URL of ``database`` over TCP, without the password (what status prints and logs may show)."""
         return f"{driver}://{SUPERUSER}@{HOST}:{self.port}/{database}"
 
     def url_with_password(self, database: str, driver: str = "postgresql") -> str:
         """The URL a service this home starts connects with: only ever put in that service's environment."""
-        password = quote(self.password_file.read_text().strip(), safe="")
+        password = quote(self.password(), safe="")
         return f"{driver}://{SUPERUSER}:{password}@{HOST}:{self.port}/{database}"
 
 
@@ -99,6 +107,15 @@ def _running(data: Path) -> bool:
     if not (data / "postmaster.pid").is_file():
         return False
     return subprocess.run(_as_owner([str(binaries() / "pg_ctl"), "-D", str(data), "status"]), capture_output=True).returncode == 0
+
+
+def postgres(settings: Settings) -> Postgres | None:
+    """The home's cluster if it runs (creates nothing)."""
+    d = settings.home / "services" / NAME
+    port = d / "port"
+    if not port.is_file() or not (d / "data").is_dir() or not _running(d / "data"):
+        return None
+    return Postgres(port=int(port.read_text().strip()), socket_dir=d / "socket", password_file=d / "password")
 
 
 def start_postgres(settings: Settings, port: int = 0) -> Postgres:

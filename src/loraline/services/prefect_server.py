@@ -28,11 +28,13 @@ def prefect_url(settings: Settings, timeout_s: float = 3.0) -> str | None:
     return url if prefect_ok(url, timeout_s) else None
 
 
-def start_prefect(settings: Settings, port: int = 0) -> str:
+def start_prefect(settings: Settings, port: int = 0, *, database_url: str | None = None) -> str:
     """Start ``prefect server start`` (API + UI) on 127.0.0.1; return its URL (the API is under ``/api``).
 
     Its database is ``<home>/prefect/prefect.db``, the one loraline's commands use in Prefect's
     ephemeral mode when no server runs, so flow runs from before ``services up`` show in the UI too.
+    The production stack passes ``database_url`` (``postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DB``): it is put in
+    the server's environment only, never on its command line.
     """
     d = service_dir(settings, "prefect")
     running = prefect_url(settings)
@@ -59,6 +61,8 @@ def start_prefect(settings: Settings, port: int = 0) -> str:
         "PREFECT_UI_STATIC_DIRECTORY": str(d / "ui"),  # the UI bundle is copied here, not into the venv
         "DO_NOT_TRACK": "1",
     }
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     spawn([sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port), "--analytics-off"],
           d, env=env)
     (d / "url").write_text(url)

@@ -98,9 +98,10 @@ def stop(d: Path, grace_s: float) -> bool:
     return stop_together([d], grace_s)[0]
 
 
-def stop_together(dirs: list[Path], grace_s: float) -> list[bool]:
+def stop_together(dirs: list[Path], grace_s: float, again_after_s: float | None = None) -> list[bool]:
     """:func:`stop` for several services at once: all are signalled, then all are waited for (one ``grace_s`` in all:
-    a service that takes seconds to shut down does not hold up the others' shutdown)."""
+    a service that takes seconds to shut down does not hold up the others' shutdown). With ``again_after_s``, those
+    still running then get SIGTERM a second time (a Prefect worker stops only at the second)."""
     signalled: dict[Path, int] = {}
     for d in dirs:
         pid = alive_pid(d) if d.exists() else None
@@ -111,8 +112,14 @@ def stop_together(dirs: list[Path], grace_s: float) -> list[bool]:
             signalled[d] = pid
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(alive_pid(d) is not None for d in signalled):
+    start = time.monotonic()
+    again = again_after_s is not None
+    while time.monotonic() < start + grace_s and any(alive_pid(d) is not None for d in signalled):
+        if again and time.monotonic() >= start + again_after_s:
+            again = False
+            for d, pid in signalled.items():
+                if alive_pid(d) is not None:
+                    _signal_group(pid, signal.SIGTERM)
         time.sleep(0.2)
     for d, pid in signalled.items():
         if alive_pid(d) is not None:
