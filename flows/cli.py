@@ -95,6 +95,7 @@ def _submit(adapter: str, base: str, name: str, image: str | None, settings) -> 
     # Local sources travel as absolute paths: the workers do not start in this directory.
     params = {"adapter": str(Path(adapter).resolve()) if Path(adapter).exists() else adapter,
               "base": str(Path(base).resolve()) if Path(base).exists() else base, "name": name}
+    image = image or (settings.image if settings.image != "auto" else None)  # --image, else LORALINE_IMAGE if set
     if image is not None:
         params["image"] = image
     return submit_release(params, settings, api)

@@ -193,19 +193,22 @@ def test_watch_schedule_releases_each_new_digest_once(watch_schedule) -> None:
 
 
 def test_prefect_yaml_deploys_the_same_flows_with_valid_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
-    """prefect.yaml (production: `prefect deploy --all` to a GPU work pool) names real flows, and its parameters pass
-    those flows' validation (what `prefect deploy` and the worker check)."""
+    """prefect.yaml (production: `prefect deploy --all` to the work pool; `services up --production` deploys it) names
+    real flows by module path (no checkout needed where the workers run), and its parameters pass those flows'
+    validation (what `prefect deploy` and the worker check)."""
     import yaml
     from prefect.flows import load_flow_from_entrypoint
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)
     spec = yaml.safe_load((repo / "prefect.yaml").read_text())
-    assert spec["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $LORALINE_CHECKOUT }}"
+    assert spec["pull"] == []  # nothing to pull: the workers have loraline installed
+    assert (repo / "prefect.yaml").resolve() == repo / "src" / "loraline" / "data" / "prefect" / "prefect.yaml"
     names = {d["name"] for d in spec["deployments"]}
     assert names == {"release", "benchmark", "image", "trace", "watch"}
     for d in spec["deployments"]:
-        assert d["work_pool"]["name"] == "gpu", d["name"]
+        assert d["work_pool"]["name"] == "loraline", d["name"]
+        assert d["entrypoint"] == f"loraline_flows.{d['name']}.{d['name']}"
         fl = load_flow_from_entrypoint(d["entrypoint"])
         assert fl.name == d["name"]
         params = {k: ("/data/base" if isinstance(v, str) and v.startswith("{{") else v) for k, v in d["parameters"].items()}

@@ -53,7 +53,15 @@ from loraline.services.prefect_server import (
 from loraline.services.object_store import object_store, start_object_store, stop_object_store
 from loraline.services.postgres import postgres, start_postgres, stop_postgres
 from loraline.services.process import HOST, PACKAGES, alive_pid, ensure_packages, state, stop, unmount_under
-from loraline.services.work_pool import WORK_POOL, deploy, ensure_work_pool, start_workers, stop_workers, workers_running
+from loraline.services.work_pool import (
+    WORK_POOL,
+    deploy,
+    ensure_crash_automation,
+    ensure_work_pool,
+    start_workers,
+    stop_workers,
+    workers_running,
+)
 from loraline.errors import ServiceError
 from loraline.settings import Settings
 
@@ -116,6 +124,7 @@ def up(settings: Settings, production: bool | None = None) -> ServicesStatus:
                  secret_env={"PGPASSWORD": pg.password(), **store.env()})
     url = start_prefect(settings, database_url=pg.url_with_password("prefect", driver="postgresql+asyncpg"))
     ensure_work_pool(url)
+    ensure_crash_automation(url)
     deploy(settings, url)
     access, secret = store.keys()  # runs read s3:// sources with these (boto3's standard variables)
     start_workers(settings, url, env={"LORALINE_S3_ENDPOINT_URL": store.endpoint, "AWS_ACCESS_KEY_ID": access,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from loraline.probe import http_ok
-from loraline.services.process import HOST, alive_pid, ensure_packages, service_dir, spawn, wait_up
+from loraline.services.process import HOST, alive_pid, ensure_packages, service_dir, service_port, spawn, wait_up
 from loraline.settings import Settings
 
 
@@ -20,10 +20,7 @@ def start_registry(settings: Settings, port: int = 0) -> str:
     if state.exists() and registry_ok(state.read_text().strip()) and alive_pid(d):
         return state.read_text().strip()
     ensure_packages("docker-registry")
-    if not port:
-        from loraline.server import free_port
-
-        port = free_port()
+    port = port or service_port(d, "addr")
     addr = f"{HOST}:{port}"
     config = d / "config.yml"
     config.write_text(json.dumps({  # YAML is a superset of JSON

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from loraline.errors import ServiceError
 from loraline.probe import http_ok
-from loraline.services.process import HOST, alive_pid, service_dir, spawn, state, wait_up
+from loraline.services.process import HOST, alive_pid, service_dir, service_port, spawn, state, wait_up
 from loraline.settings import Settings
 
 # The start script, package data (the wheel ships it; `mlflow/server.sh` in a checkout is a link to it). Run with bash.
@@ -60,10 +60,7 @@ def start_mlflow(settings: Settings, port: int = 0, *, backend: str | None = Non
     if not mlflow_bin.exists():
         raise ServiceError(f"no mlflow executable beside {sys.executable}: install loraline's dependencies into this "
                            "environment (pip install . from a loraline checkout)")
-    if not port:
-        from loraline.server import free_port
-
-        port = free_port()
+    port = port or service_port(d)
     url = f"http://{HOST}:{port}"
     if artifacts is None:
         settings.artifact_root.mkdir(parents=True, exist_ok=True)

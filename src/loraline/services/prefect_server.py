@@ -10,7 +10,7 @@ import os
 import sys
 
 from loraline.probe import http_ok
-from loraline.services.process import HOST, alive_pid, service_dir, spawn, state, wait_up
+from loraline.services.process import HOST, alive_pid, service_dir, service_port, spawn, state, wait_up
 from loraline.settings import Settings
 
 PREFECT_START_TIMEOUT_S = 180.0  # the first start migrates its SQLite DB and copies the UI bundle
@@ -40,10 +40,7 @@ def start_prefect(settings: Settings, port: int = 0, *, database_url: str | None
     running = prefect_url(settings)
     if running:
         return running
-    if not port:
-        from loraline.server import free_port
-
-        port = free_port()
+    port = port or service_port(d)
     url = f"http://{HOST}:{port}"
     settings.prefect_home.mkdir(parents=True, exist_ok=True)
     env = {

@@ -84,6 +84,22 @@ def wait_up(check: Any, what: str, d: Path, timeout_s: float = 60.0) -> None:
     raise ServiceError(f"{what} did not come up (log: {d / 'log'}):\n{tail}")
 
 
+def service_port(d: Path, file: str = "url") -> int:
+    """The port a service recorded in ``d/file`` (``http://HOST:PORT`` or ``HOST:PORT``) when it is free again, else a
+    free one: a service restarted by ``up`` keeps its address, so clients that know it (a running release) reconnect."""
+    import socket
+
+    from loraline.server import free_port
+
+    try:
+        port = int((d / file).read_text().strip().rsplit(":", 1)[1])
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, port))
+        return port
+    except (OSError, ValueError, IndexError):
+        return free_port()
+
+
 def state(settings: Settings, name: str, file: str) -> str | None:
     """The content of ``<home>/services/<name>/<file>`` if it exists (a stat and a read; creates nothing)."""
     try:

@@ -24,6 +24,11 @@ WORKERS = ("worker-1", "worker-2")
 WORKER_LIMIT = 2  # runs per worker at once: without a limit one worker takes every run of a poll
 PREFECT_YAML = files("loraline") / "data" / "prefect" / "prefect.yaml"
 WATCH_SETTINGS = ("LORALINE_WATCH_BASE", "LORALINE_WATCH_EXPERIMENT")
+# A run whose worker or host dies stays Running on the server; with heartbeats from every run and this automation
+# (Prefect's own recipe, "detect zombie flows") the server marks it Crashed once no heartbeat came for CRASH_AFTER_S.
+HEARTBEAT_S = 30  # Prefect's minimum
+CRASH_AFTER_S = 90
+CRASH_AUTOMATION = "loraline: crash flow runs without a heartbeat"
 
 
 def _prefect(args: list[str], url: str, what: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
@@ -48,6 +53,26 @@ def ensure_work_pool(url: str) -> None:
         if c.get(f"/work_pools/{WORK_POOL}").status_code == 200:
             return
     _prefect(["work-pool", "create", WORK_POOL, "--type", "process"], url, f"creating the work pool {WORK_POOL!r}")
+
+
+def ensure_crash_automation(url: str) -> None:
+    """Create :data:`CRASH_AUTOMATION` unless the server has it."""
+    with _api(url) as c:
+        have = c.post("/automations/filter", json={"automations": {"name": {"any_": [CRASH_AUTOMATION]}}})
+        have.raise_for_status()
+        if have.json():
+            return
+        c.post("/automations/", json={
+            "name": CRASH_AUTOMATION, "enabled": True,
+            "description": f"A flow run that sent no heartbeat for {CRASH_AFTER_S} s (its worker or host died) is marked Crashed.",
+            "trigger": {"type": "event", "posture": "Proactive", "after": ["prefect.flow-run.heartbeat"],
+                        "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                                   "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"],
+                        "match": {"prefect.resource.id": ["prefect.flow-run.*"]}, "for_each": ["prefect.resource.id"],
+                        "threshold": 1, "within": CRASH_AFTER_S},
+            "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
+                         "message": f"no heartbeat for {CRASH_AFTER_S} s: its worker or host died"}],
+        }).raise_for_status()
 
 
 def deploy(settings: Settings, url: str) -> list[str]:
@@ -75,6 +100,7 @@ def start_workers(settings: Settings, url: str, env: dict[str, str] | None = Non
     """Start the workers that are not running; wait until each has registered with the pool. Returns their names."""
     full = {**os.environ, **(env or {}), "PREFECT_API_URL": f"{url}/api", "LORALINE_HOME": str(settings.home.resolve()),
             "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
             "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "TOKENIZERS_PARALLELISM": "false"}
     started = []
