@@ -8,8 +8,8 @@ from loraline.cli import cli, emit, load_settings, quiet_third_parties, run
 
 
 @cli.command()
-@click.option("--adapter", required=True, envvar="LORALINE_ADAPTER", help="Adapter source: dir, hf://ORG/NAME@REV, runs:/, models:/, mlflow-artifacts:/")
-@click.option("--base", required=True, envvar="LORALINE_BASE", help="Base model source: dir, hf://ORG/NAME@REV, or a .gguf file (converted once, cached under LORALINE_HOME/bases)")
+@click.option("--adapter", required=True, envvar="LORALINE_ADAPTER", help="Adapter source: dir, hf://ORG/NAME@REV, runs:/, models:/, mlflow-artifacts:/, s3://BUCKET/PREFIX (LORALINE_S3_*)")
+@click.option("--base", required=True, envvar="LORALINE_BASE", help="Base model source: dir, hf://ORG/NAME@REV, s3://BUCKET/PREFIX, or a .gguf file, local or s3:// (converted once, cached under LORALINE_HOME/bases)")
 @click.option("--name", required=True, envvar="LORALINE_MODEL_NAME", help="MLflow registered model name")
 @click.option("--image", "image", type=click.Choice(["merged", "lora", "none"]), default=None,
               help="Serving image to build, push and smoke-test: merged weights, or base + adapter layers served as "

@@ -18,7 +18,7 @@ from loraline.stores import init_once, store_key
 
 # Prefect Secret blocks a flow reads a secret from when the environment does not set it.
 SECRET_BLOCKS = {"hf_token": "loraline-hf-token", "registry_password": "loraline-registry-password",
-                 "mlflow_tracking_password": "loraline-mlflow-password"}
+                 "mlflow_tracking_password": "loraline-mlflow-password", "s3_secret_access_key": "loraline-s3-secret-key"}
 
 
 def artifact_key(*parts: str) -> str:

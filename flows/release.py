@@ -49,7 +49,7 @@ def _parity_key(_ctx: Any, p: dict[str, Any]) -> str:
 
 
 def _retried_if_remote(fetch: Any, source: str) -> Any:
-    """``fetch`` as is for a remote source (hf://, MLflow: retried), without retries for a local one (a directory, an
+    """``fetch`` as is for a remote source (hf://, MLflow, s3://: retried), without retries for a local one (a directory, an
     archive, a .gguf file): missing or bad, it does not get better by waiting (the retries cost 42 s before the error)."""
     return fetch.with_options(retries=0) if parse_source(source).kind == "local" else fetch
 
@@ -161,9 +161,10 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
     the serving image and smoke-test it; then the gate moves the `candidate`/`champion` aliases and a report is published.
 
     Args:
-        adapter: adapter source: a local dir (a Trainer checkpoint-N/ too), hf://ORG/NAME@REV, or an MLflow artifact URI
-            (runs:/RUN_ID/PATH, models:/..., mlflow-artifacts:/...).
-        base: base model source: a local dir, hf://ORG/NAME@REV, or a .gguf file (dequantized once into the cache).
+        adapter: adapter source: a local dir (a Trainer checkpoint-N/ too), hf://ORG/NAME@REV, an MLflow artifact URI
+            (runs:/RUN_ID/PATH, models:/..., mlflow-artifacts:/...), or s3://BUCKET/PREFIX (endpoint and keys: LORALINE_S3_*).
+        base: base model source: a local dir, hf://ORG/NAME@REV, s3://BUCKET/PREFIX, or a .gguf file, local or s3://
+            (dequantized once into the cache).
         name: the MLflow registered model name (one experiment of the same name holds the runs).
         image: serving image mode: merged (merged weights baked in), lora (base + adapter layers, runtime LoRA) or
             none; empty: LORALINE_IMAGE (merged when a Docker engine and a registry are configured, e.g. by

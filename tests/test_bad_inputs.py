@@ -350,8 +350,9 @@ def mlflow_artifact_traversal(c: Ctx):
             "MLflow source 'runs:/0123456789abcdef0123456789abcdef/../../../etc': '..' climbs out of the run's artifacts")
 
 
-def bad_source_scheme(c: Ctx):
-    return lambda: c.release_steps("s3://bucket/adapters/run-7"), SourceError, "s3:// sources are not supported yet"
+def s3_prefix_traversal(c: Ctx):
+    return (lambda: c.release_steps("s3://bucket/adapters/../../etc"), SourceError,
+            "S3 source 's3://bucket/adapters/../../etc': prefix 'adapters/../../etc' is an absolute path or climbs out")
 
 
 def missing_path(c: Ctx):
@@ -394,7 +395,7 @@ CASES = {f.__name__: f for f in [
     missing_weights, empty_dir, symlink_outside, archive_traversal, archive_absolute, archive_symlink, hub_link_outside,
     mlflow_artifact_traversal, other_base_name, dora, modules_to_save, resized_embeddings, no_chat_template,
     lora_image_of_dora,
-    bad_source_scheme, missing_path, invalid_model_name, unknown_alias, wrong_mlflow_uri, registry_with_credentials,
+    s3_prefix_traversal, missing_path, invalid_model_name, unknown_alias, wrong_mlflow_uri, registry_with_credentials,
 ]}
 
 

@@ -49,7 +49,7 @@ def test_parent_of_checkpoints_names_them(demo_assets, settings: Settings) -> No
     [
         ("", "empty source"),
         ("hf://just-a-name", r"expected hf://ORG/NAME"),
-        ("s3://bucket/prefix", "s3:// sources are not supported"),
+        ("s3:///prefix", r"expected s3://BUCKET/PREFIX"),
         ("ftp://host/x", "unknown scheme"),
         ("/does/not/exist", "does not exist"),
     ],

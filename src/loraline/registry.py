@@ -26,7 +26,7 @@ from loraline.errors import ParityError, RegistryError, SettingsError, TrackingE
 from loraline.merge import MergedModel
 from loraline.parity import ParityReport
 from loraline.settings import Settings, redact
-from loraline.sources import FetchedAdapter, FetchedBase
+from loraline.sources import FetchedAdapter, FetchedBase, S3Source
 from loraline.tracking import EXISTS, LINEAGE_FILE, SERVER_FAILED, TAG, Tracking, connect, failure
 from loraline.validation import ValidationReport
 
@@ -225,7 +225,17 @@ def _tags(adapter: FetchedAdapter, base: FetchedBase, merged: MergedModel, valid
         t["base.revision"] = base.revision
     if base.gguf:  # the base was converted from a GGUF file: which file, from which package, by what
         t.update(_gguf_tags(base))
+    for part, fetched in (("adapter", adapter), ("base", base)):
+        if fetched.s3:  # downloaded from S3: which store, which objects at which ETag / version
+            t.update(_s3_tags(part, fetched.s3))
     return {TAG + k: redact(v) for k, v in t.items()}
+
+
+def _s3_tags(part: str, s3: S3Source) -> dict[str, str]:
+    objects = "; ".join(f"{o.key} {o.etag}" + (f" {o.version_id}" if o.version_id else "") for o in s3.objects)
+    if len(objects) > 4000:  # a run tag holds 8000 characters; lineage.json has them all
+        objects = f"{len(s3.objects)} objects: see lineage.json {part}.s3.objects"
+    return {f"{part}.s3.endpoint": s3.endpoint, f"{part}.s3.objects": objects}
 
 
 def _gguf_tags(base: FetchedBase) -> dict[str, str]:
@@ -308,9 +318,10 @@ def build_lineage(*, name: str, version: str, run_id: str, settings: Settings, a
             "files": list(adapter.files),
             "training_step": adapter.training_step,
             "training_loss": adapter.training_loss,
+            **({"s3": adapter.s3.to_dict()} if adapter.s3 else {}),
         },
         "base": {"source": redact(base.source), "resolved": redact(base.resolved), "revision": base.revision, "name": base.name, "sha256": base.sha256,
-                 **({"gguf": base.gguf.to_dict()} if base.gguf else {})},
+                 **({"gguf": base.gguf.to_dict()} if base.gguf else {}), **({"s3": base.s3.to_dict()} if base.s3 else {})},
         "merged": {"path": str(merged.path), "sha256": merged.sha256, "dtype": merged.dtype, "bytes": merged.bytes,
                    "parameters": merged.parameters},
         "lora": {

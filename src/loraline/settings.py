@@ -62,6 +62,20 @@ class Settings(BaseSettings):
         description="Hugging Face token for private Hub repos (never logged); flows also read it from the Prefect Secret "
         "block `loraline-hf-token`.",
     )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3 endpoint of s3://BUCKET/PREFIX sources (e.g. http://127.0.0.1:8333 for SeaweedFS or MinIO); default: "
+        "boto3's own AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS S3. No credentials in it: they go below.",
+    )
+    s3_access_key_id: str | None = Field(
+        default=None, description="Access key of s3:// sources, with s3_secret_access_key; default: boto3's chain "
+        "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the shared credentials file, an instance role).",
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="Secret key of s3:// sources (never logged); flows also read it from the Prefect Secret "
+        "block `loraline-s3-secret-key`.",
+    )
+    s3_region: str = Field(default="us-east-1", description="Region s3:// requests are signed for.")
     hf_cache_dir: Path | None = Field(default=None, description="Hugging Face Hub cache directory; default: huggingface_hub's.")
     hf_offline: bool = Field(default=False, description="Resolve Hub repos from the local cache only.")
     parity_prompts: int = Field(default=8, ge=1, description="How many eval questions the parity check generates on.")
@@ -179,6 +193,21 @@ class Settings(BaseSettings):
             )
         return v
 
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _plain_endpoint(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        from urllib.parse import urlsplit
+
+        u = urlsplit(v.strip())
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"LORALINE_S3_ENDPOINT_URL={v!r} must be an http(s) URL, e.g. http://127.0.0.1:8333")
+        if "@" in u.netloc:
+            raise ValueError("LORALINE_S3_ENDPOINT_URL must not hold credentials; set LORALINE_S3_ACCESS_KEY_ID and "
+                             "LORALINE_S3_SECRET_ACCESS_KEY instead")
+        return v.strip().rstrip("/")
+
     @model_validator(mode="after")
     def _absolute_home(self) -> "Settings":
         # Resolve once so every path derived from home is stable across chdir.
@@ -213,6 +242,11 @@ class Settings(BaseSettings):
     def bases_dir(self) -> Path:
         """Base models converted from GGUF files, by the file's sha256 (``gguf-<sha256>/``)."""
         return self.home / "bases"
+
+    @property
+    def s3_cache_dir(self) -> Path:
+        """Objects of s3:// sources, one directory per pinned listing (``<sha256 of keys, ETags, VersionIds>/``)."""
+        return self.home / "s3"
 
     @property
     def merged_dir(self) -> Path:
