@@ -94,6 +94,7 @@ def service_port(d: Path, file: str = "url") -> int:
     try:
         port = int((d / file).read_text().strip().rsplit(":", 1)[1])
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: its old connections may linger
             s.bind((HOST, port))
         return port
     except (OSError, ValueError, IndexError):
