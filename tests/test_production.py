@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.production]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.production, pytest.mark.docker]  # `up` starts an engine too
 
 LORALINE = str(Path(sys.executable).with_name("loraline"))
 LOCKED = re.compile(r"database is locked|deadlock detected|could not serialize access|too many clients", re.I)
