@@ -31,15 +31,6 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def scaled(src: Path, dst: Path, factor: float) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    f = dst / "adapter_model.safetensors"
-    save_file({k: (v * factor if "lora_B" in k else v).contiguous() for k, v in load_file(f).items()}, f)
-    return dst
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", type=Path, help="demo dir with base/ and checkpoint-100/ (default: made in a temp dir)")
@@ -56,6 +47,7 @@ def main() -> None:
     from loraline.services import configured, status
     from loraline.settings import Settings
     from loraline.smoke import smoke_test
+    from loraline.tiny_models import scaled_adapter
 
     settings = configured(Settings())
     quiet_third_parties(settings)
@@ -65,7 +57,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="image-bench-"))
     demo = args.demo or init_tiny_demo(tmp / "demo", progress=False).base.parent
     name = f"image-bench-{time.strftime('%H%M%S')}"
-    v2_adapter = scaled(demo / "checkpoint-100", tmp / "checkpoint-200", 1.5)
+    v2_adapter = scaled_adapter(demo / "checkpoint-100", tmp / "checkpoint-200", 1.5)
     for adapter in (demo / "checkpoint-100", v2_adapter):
         release(adapter=str(adapter), base=str(demo / "base"), name=name, image="none")
     lineages = [release_of(f"models:/{name}/{v}", settings) for v in (1, 2)]

@@ -28,20 +28,10 @@ LOCKED = re.compile(r"database is locked|deadlock detected|could not serialize a
 
 
 def _variants(checkpoint: Path, root: Path, n: int) -> list[Path]:
-    """``n`` copies of the demo adapter whose LoRA B matrices are scaled a little differently: ``n`` digests."""
-    import shutil
+    """``n`` copies of the demo adapter, LoRA B scaled a little differently: ``n`` digests."""
+    from loraline.tiny_models import scaled_adapter
 
-    from safetensors.torch import load_file, save_file
-
-    out = []
-    for i in range(n):
-        dst = root / f"adapter-{i}"
-        shutil.copytree(checkpoint, dst)
-        weights = load_file(str(dst / "adapter_model.safetensors"))
-        save_file({k: (v * (1 + 0.01 * i) if "lora_B" in k else v).contiguous() for k, v in weights.items()},
-                  str(dst / "adapter_model.safetensors"))
-        out.append(dst)
-    return out
+    return [scaled_adapter(checkpoint, root / f"adapter-{i}", 1 + 0.01 * i) for i in range(n)]
 
 
 def _services(prod: SimpleNamespace, *args: str) -> subprocess.CompletedProcess[str]:
@@ -208,6 +198,20 @@ def test_four_releases_at_once_run_on_both_workers_and_store_artifacts_in_the_bu
         run_id = r.json["mlflow_run_id"]
         for f in ("lineage.json", "parity.json", "report.md"):
             assert any(k.endswith(f"/{run_id}/artifacts/{f}") for k in keys), (run_id, f)
+    # A client with the tracking URI and no S3 keys reads every artifact through the server; trace works there too.
+    run_id = results[0].json["mlflow_run_id"]
+    stored = sorted(k.split(f"/{run_id}/artifacts/", 1)[1] for k in keys if f"/{run_id}/artifacts/" in k)
+    keyless = {k: v for k, v in prod.env.items() if not k.startswith(("AWS_", "MLFLOW_S3", "LORALINE_S3"))}
+    code = ("import sys, mlflow, pathlib; c = mlflow.MlflowClient(sys.argv[1]); d = c.download_artifacts(sys.argv[2], '');"
+            "print('\\n'.join(sorted(str(p.relative_to(d)) for p in pathlib.Path(d).rglob('*') if p.is_file())))")
+    read = subprocess.run([sys.executable, "-c", code, prod.status["mlflow_url"], run_id], env=keyless,
+                          capture_output=True, text=True, timeout=300)
+    assert read.returncode == 0, read.stderr[-2000:]
+    assert read.stdout.split() == stored and "lineage.json" in stored
+    trace = subprocess.run([LORALINE, "trace", f"models:/prod-four/{results[0].json['model_version']}", "--json"],
+                           env=keyless, capture_output=True, text=True, timeout=300)
+    assert trace.returncode == 0, trace.stderr[-2000:]
+    assert json.loads(trace.stdout)["adapter"]["sha256"] == results[0].json["adapter"]["sha256"]
 
 
 def test_a_worker_killed_mid_release_crashes_its_run_and_a_resubmit_completes_on_the_other(prod: SimpleNamespace) -> None:

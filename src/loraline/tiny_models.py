@@ -214,3 +214,16 @@ def build_lora(
     _copy_tokenizer(base_dir, out_dir)
     make_readable(out_dir)
     return out_dir
+
+
+def scaled_adapter(src: Path, dst: Path, factor: float) -> Path:
+    """A copy of the adapter (or Trainer checkpoint) ``src`` at ``dst`` whose LoRA B matrices are multiplied by
+    ``factor``: another adapter digest of the same shape, for tests and benchmarks that need several. Returns ``dst``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    f = dst / "adapter_model.safetensors"
+    save_file({k: (v * factor if "lora_B" in k else v).contiguous() for k, v in load_file(f).items()}, str(f))
+    return dst

@@ -96,15 +96,17 @@ def workers_running(settings: Settings) -> list[str]:
     return [w for w in WORKERS if alive_pid(settings.home / "services" / w) is not None]
 
 
-def start_workers(settings: Settings, url: str, env: dict[str, str] | None = None) -> list[str]:
-    """Start the workers that are not running; wait until each has registered with the pool. Returns their names."""
+def start_workers(settings: Settings, url: str, env: dict[str, str] | None = None,
+                  names: tuple[str, ...] = WORKERS) -> list[str]:
+    """Start the workers (``names``, default all) that are not running; wait until each polls the pool. Returns
+    ``names``."""
     full = {**os.environ, **(env or {}), "PREFECT_API_URL": f"{url}/api", "LORALINE_HOME": str(settings.home.resolve()),
             "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
             "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "TOKENIZERS_PARALLELISM": "false"}
     started = []
-    for name in WORKERS:
+    for name in names:
         d = service_dir(settings, name)
         if alive_pid(d) is None:
             spawn([sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--name", name, "--type",
@@ -113,7 +115,7 @@ def start_workers(settings: Settings, url: str, env: dict[str, str] | None = Non
     for name in started:
         wait_up(lambda n=name: n in pool_workers(url), f"the Prefect worker {name} of pool {WORK_POOL!r}",
                 settings.home / "services" / name, timeout_s=120)
-    return list(WORKERS)
+    return list(names)
 
 
 def pool_workers(url: str) -> list[str]:
