@@ -217,3 +217,97 @@ def test_prefect_yaml_deploys_the_same_flows_with_valid_parameters(monkeypatch: 
         fl.validate_parameters(params)  # raises on a wrong name or type
     watch = next(d for d in spec["deployments"] if d["name"] == "watch")
     assert watch["schedules"] == [{"interval": 300}] and watch["concurrency_limit"] == 1
+
+
+K8S_IMAGE = "registry.example.com/loraline-worker:0.1.0"
+K8S_SECRETS = {"LORALINE_HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "LORALINE_REGISTRY_PASSWORD",
+               "MLFLOW_TRACKING_PASSWORD"}
+
+
+def test_kubernetes_job_template_is_accepted_by_prefect_and_renders_the_gpu_job(prefect_api_url: str, tmp_path: Path) -> None:
+    """The Kubernetes work pool's base job template (package data, README "Production"): Prefect's server accepts it for
+    a `kubernetes` pool created with the README's command (prefect-kubernetes is not needed for that) and stores it,
+    rejects the same template with an undeclared placeholder or a default of the wrong type, validates a release
+    deployment's job variables against it, and resolves them (as a worker does) into a Job with the image, the GPUs and
+    the secrets as secretKeyRef only."""
+    import asyncio
+    import copy
+    import os
+    import subprocess
+    import sys
+    import uuid
+    from importlib.resources import files
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.utilities.templating import find_placeholders
+    from prefect.workers.base import BaseJobConfiguration
+
+    packaged = files("loraline") / "data" / "prefect" / "kubernetes-job-template.json"
+    template = json.loads(packaged.read_text())
+    props = template["variables"]["properties"]
+    used = {p.name for p in find_placeholders(json.dumps(template["job_configuration"]))}
+    assert used == set(props)  # every placeholder declared (the server's check) and every variable used
+    assert {"image", "gpu_count", "cpu_request", "memory_request", "secret_name", "namespace", "service_account_name",
+            "finished_job_ttl", "loraline_home"} <= used
+    assert props["image"]["default"].startswith("loraline-worker.invalid/")  # a placeholder users must replace
+
+    pool = f"loraline-k8s-{uuid.uuid4().hex[:8]}"
+    spec = tmp_path / "kubernetes-job-template.json"
+    spec.write_text(packaged.read_text())
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    proc = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "work-pool", "create", pool, "--type",
+                           "kubernetes", "--base-job-template", str(spec)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    release = next(d for d in yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())["deployments"]
+                   if d["name"] == "release")
+    job_variables = {"image": K8S_IMAGE, "gpu_count": 2}
+    with prefect(prefect_api_url), get_client(sync_client=True) as c:
+        wp = c.read_work_pool(pool)
+        assert wp.type == "kubernetes" and wp.base_job_template == template
+        bad = copy.deepcopy(template)
+        bad["job_configuration"]["job_manifest"]["spec"]["activeDeadlineSeconds"] = "{{ deadline_s }}"
+        with pytest.raises(PrefectHTTPStatusError, match="undeclared variable.*deadline_s"):
+            c.create_work_pool(WorkPoolCreate(name=f"{pool}-bad", type="kubernetes", base_job_template=bad))
+        bad = copy.deepcopy(template)
+        bad["variables"]["properties"]["gpu_count"]["default"] = "one"
+        with pytest.raises(PrefectHTTPStatusError, match="job variable defaults: .* field 'gpu_count'"):
+            c.create_work_pool(WorkPoolCreate(name=f"{pool}-bad", type="kubernetes", base_job_template=bad))
+        flow_id = c.create_flow_from_name("release")
+        with pytest.raises(PrefectHTTPStatusError, match="creating deployment: .* field 'gpu_count'"):
+            c.create_deployment(flow_id, f"{pool}-bad", work_pool_name=pool, entrypoint=release["entrypoint"],
+                                job_variables={"image": K8S_IMAGE, "gpu_count": "two"})
+        dep_id = c.create_deployment(flow_id, f"release-{pool}", work_pool_name=pool, entrypoint=release["entrypoint"],
+                                     parameters=release["parameters"], job_variables=job_variables)
+        dep = c.read_deployment(dep_id)
+        assert dep.work_pool_name == pool and dep.job_variables == job_variables
+
+        class KubernetesJob(BaseJobConfiguration):  # the fields prefect-kubernetes' job configuration adds
+            namespace: str
+            job_manifest: dict[str, Any]
+
+        job = asyncio.run(KubernetesJob.from_template_and_values(wp.base_job_template, dep.job_variables))
+    manifest = job.job_manifest
+    assert manifest["spec"]["backoffLimit"] == 0 and manifest["spec"]["ttlSecondsAfterFinished"] == props["finished_job_ttl"]["default"]
+    assert job.namespace == manifest["metadata"]["namespace"] == props["namespace"]["default"]
+    pod = manifest["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == props["service_account_name"]["default"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] >= 1
+    (ctr,) = pod["containers"]
+    assert ctr["image"] == K8S_IMAGE and "args" not in ctr  # the worker adds Prefect's flow-run command as args
+    assert ctr["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert ctr["resources"]["requests"] == {"cpu": props["cpu_request"]["default"], "memory": props["memory_request"]["default"]}
+    assert ctr["securityContext"]["allowPrivilegeEscalation"] is False
+    envs = {e["name"]: e for e in ctr["env"]}
+    home = props["loraline_home"]["default"]
+    assert envs["LORALINE_HOME"] == {"name": "LORALINE_HOME", "value": home}
+    assert {m["mountPath"] for m in ctr["volumeMounts"]} >= {home}
+    assert K8S_SECRETS <= set(envs)
+    for name in K8S_SECRETS:  # from the Kubernetes Secret, never a literal value
+        assert envs[name] == {"name": name, "valueFrom": {"secretKeyRef": {
+            "name": props["secret_name"]["default"], "key": name, "optional": True}}}, envs[name]
+    assert [e["name"] for e in ctr["env"] if "value" in e] == ["LORALINE_HOME"]
