@@ -61,6 +61,17 @@ def test_release_registers_a_traced_version_and_is_idempotent(prefect_harness, d
     assert run.data.params["lora.r"] == "8" and run.data.params["adapter.sha256"] == out["adapter"]["sha256"]
     assert run.data.metrics["parity_failed"] == 0 and run.data.metrics["merge_seconds"] > 0
     assert run.data.metrics["merged_bytes"] == out["merged"]["bytes"]
+    # The KV-cache plan for the configured device (LORALINE_PLAN_DEVICE, default cpu: the engine's 1 GiB), as vLLM reports it.
+    assert run.data.metrics["plan.kv_tokens"] == 2_097_152 and run.data.metrics["plan.max_concurrency"] == 1024
+    assert mv.tags["loraline.plan"] == "cpu: 2,097,152 KV tokens, 1024.00x at 2,048 tokens per request (bfloat16 KV, 1.00 GiB)"
+    assert out["plan"]["kv_tokens"] == 2_097_152 and out["plan"]["device"] == "cpu"
+    # `loraline plan models:/NAME/VERSION` plans the release's merged model; a version that does not exist is refused.
+    from loraline.errors import PlanError
+    from loraline.plan import model_dir_of
+
+    assert model_dir_of(f"models:/{NAME}/1", settings) == Path(out["merged"]["path"])
+    with pytest.raises(PlanError, match=rf"cannot plan models:/{NAME}/7: .*"):
+        model_dir_of(f"models:/{NAME}/7", settings)
     # The task evaluation ran on 8 eval questions, merged and base, and is recorded on the run, version and lineage.
     ev = out["evaluation"]
     assert ev["examples"] == 8 and 0 <= ev["accuracy"] <= 1 and ev["gain"] == round(ev["accuracy"] - ev["base_accuracy"], 4)
@@ -73,6 +84,7 @@ def test_release_registers_a_traced_version_and_is_idempotent(prefect_harness, d
     assert "## Task evaluation" in report and f"| merged | {ev['accuracy']:.1%}" in report
     lineage = json.loads(Path(client.download_artifacts(run.info.run_id, "lineage.json")).read_text())
     assert lineage["merged"]["sha256"] == out["merged"]["sha256"] and lineage["model_version"] == "1"
+    assert lineage["plan"]["vllm_log_line"].startswith("CPU KV cache size: 2,097,152 tokens")
     # The registered model holds the merged weights, loadable from the registry.
     import mlflow
 

@@ -94,6 +94,8 @@ def emit(data: dict[str, Any], as_json: bool) -> None:
                 table.add_row(f"{part}.gguf.sha256", str(g.get("sha256")))
                 table.add_row(f"{part}.gguf.origin", str(g.get("origin")))
                 table.add_row(f"{part}.gguf.converter", ", ".join(f"{k} {v}" for k, v in (g.get("converter") or {}).items()))
+    if isinstance(data.get("plan"), dict):  # the release's KV-cache plan (loraline plan)
+        table.add_row("KV plan", str(data["plan"].get("summary") or data["plan"].get("error")))
     if isinstance(data.get("parity"), dict):
         p = data["parity"]
         table.add_row("parity", f"{p['identical']} identical, {p['close']} close, {p['failed']} failed of {p['prompts']}")
@@ -209,6 +211,66 @@ def trace(ref: str, as_json: bool) -> None:
     from loraline.trace import trace as trace_ref
 
     emit(trace_ref(ref, settings), as_json)
+
+
+@cli.command("plan")
+@click.argument("ref")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu (budget: LORALINE_VLLM_CPU_KVCACHE_GIB), or a GPU: h100, h200, or any name with --device-memory-gib.")
+@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
+              help="GPUs: the fraction of the device vLLM may use (on CPU the budget is LORALINE_VLLM_CPU_KVCACHE_GIB).")
+@click.option("--max-model-len", type=int, default=None,
+              help="Tokens per request; default: what loraline starts engines with (CPU: the model's context, at most "
+                   "2048; GPU: the model's context).")
+@click.option("--kv-cache-dtype", default="auto", show_default=True,
+              help="auto (the model's dtype), fp8, fp8_e4m3 or fp8_e5m2; on GPUs also bfloat16, float16, float32.")
+@click.option("--device-memory-gib", type=float, default=None,
+              help="A GPU's total memory as torch reports it (GiB), for GPUs loraline has not measured.")
+@click.option("--engine", type=click.Choice(["server", "offline"]), default="server", show_default=True,
+              help="vLLM's batch defaults: the OpenAI server (what the image runs) or the offline LLM (benchmark, parity).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan(ref: str, device: str, gpu_memory_utilization: float, max_model_len: int | None, kv_cache_dtype: str,
+         device_memory_gib: float | None, engine: str, as_json: bool) -> None:
+    """Plan the KV cache vLLM will give REF (a model directory, or models:/NAME/VERSION, models:/NAME@ALIAS: the
+    release's merged model) on a device: KV bytes per token, block size and blocks, KV tokens and the maximum
+    concurrency at --max-model-len — the two figures vLLM prints at start — from config.json, without starting vLLM.
+    Exact on CPU; on GPUs the activation peak and CUDA graphs are estimated (see `loraline.plan`)."""
+    settings = load_settings()
+    quiet_third_parties(settings)
+    from loraline.plan import GiB, model_dir_of, plan_kv_cache
+
+    p = plan_kv_cache(model_dir_of(ref, settings), settings, device=device, max_model_len=max_model_len,
+                      kv_cache_dtype=kv_cache_dtype, gpu_memory_utilization=gpu_memory_utilization,
+                      device_memory_gib=device_memory_gib, engine=engine)  # type: ignore[arg-type]
+    if as_json:
+        click.echo(json.dumps(p.to_dict(), indent=2))
+        return
+    windows = f", sliding windows {p.sliding_windows}" if p.sliding_windows else ""
+    rows = [
+        ("model", f"{p.model} ({p.architecture}, {p.num_layers} layers x {p.num_kv_heads} KV heads x {p.head_size}{windows})"),
+        ("KV per token", f"{p.kv_bytes_per_token:,} B ({p.kv_cache_dtype})"),
+        ("block", f"{p.block_size} tokens, {p.block_bytes:,} B per block id ({p.kv_groups} group(s))"),
+    ]
+    b = p.budget
+    if "total_bytes" in b:
+        est = set(b["estimated"])
+        terms = [(k, b[k]) for k in ("weights_bytes", "activation_peak_bytes", "cuda_graphs_bytes")]
+        rows.append(("budget", f"{b['total_bytes'] / GiB:.2f} GiB x {b['gpu_memory_utilization']} - "
+                     + " - ".join(f"{k.removesuffix('_bytes').replace('_', ' ')} {v / GiB:.2f}"
+                                  + (" (est.)" if k in est else "") for k, v in terms)
+                     + f" = {p.budget_bytes / GiB:.2f} GiB"))
+    else:
+        rows.append(("budget", f"{p.budget_bytes / GiB:.2f} GiB ({b['source']})"))
+    rows += [
+        ("blocks", f"{p.num_blocks:,} ({p.blocks_per_request} per request of {p.max_model_len:,} tokens)"),
+        ("KV tokens", f"{p.kv_tokens:,}"),
+        ("max concurrency", f"{p.max_concurrency:.2f}x at {p.max_model_len:,} tokens per request"
+                            + ("" if p.fits else "  (does NOT fit one request: vLLM refuses to start)")),
+        ("vLLM will print", p.vllm_log_line),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
 
 
 @cli.group()

@@ -13,6 +13,7 @@
     ├── ImageError          the serving image could not be built, pushed, pulled or did not answer right
     ├── GateError           the gate cannot decide on a release (its version or the champion cannot be read)
     ├── WatchError          the watched experiment or folder cannot be read
+    ├── PlanError           a model's KV cache cannot be planned (not a model directory, an unplanned layout or device)
     └── ServiceError        a local service (Docker engine, registry, MLflow, Prefect) cannot be started or reached
 """
 
@@ -73,6 +74,10 @@ class GateError(LoralineError):
 
 
 class WatchError(LoralineError):
+    pass
+
+
+class PlanError(LoralineError):
     pass
 
 

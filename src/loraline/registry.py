@@ -298,9 +298,23 @@ def _metrics(adapter: FetchedAdapter, merged: MergedModel, validation: Validatio
     return m
 
 
+def kv_plan_record(merged: MergedModel, settings: Settings) -> tuple[dict[str, float], str, dict[str, Any]]:
+    """The release's KV-cache plan on ``settings.plan_device`` (:mod:`loraline.plan`): ``(plan.* metrics, the
+    ``loraline.plan`` tag, lineage's ``plan`` section)``. A model the planner cannot plan is recorded as such: a plan
+    is a record of the release, never a reason to refuse it."""
+    from loraline.plan import plan_kv_cache
+
+    try:
+        p = plan_kv_cache(merged.path, settings, device=settings.plan_device,
+                          gpu_memory_utilization=settings.image_gpu_memory_utilization or 0.9)
+    except Exception as e:  # noqa: BLE001 - see the docstring; the reason is in the tag and the lineage
+        return {}, f"not planned: {e}"[:4000], {"device": settings.plan_device, "error": str(e)}
+    return p.metrics(), p.summary(), {**p.to_dict(), "summary": p.summary()}
+
+
 def build_lineage(*, name: str, version: str, run_id: str, settings: Settings, adapter: FetchedAdapter, base: FetchedBase,
                   merged: MergedModel, validation: ValidationReport, parity: ParityReport,
-                  vllm_parity: Sequence[ParityReport] = ()) -> dict[str, Any]:
+                  vllm_parity: Sequence[ParityReport] = (), plan: dict[str, Any] | None = None) -> dict[str, Any]:
     """The release record: written as ``lineage.json`` and printed by ``loraline release --json``."""
     return {
         "schema": "loraline.lineage/v1",
@@ -335,6 +349,7 @@ def build_lineage(*, name: str, version: str, run_id: str, settings: Settings, a
         },
         "parity": parity.summary(),
         "vllm_parity": {p.b: {**p.summary(), "first_divergences": [r.first_divergence for r in p.results]} for p in vllm_parity},
+        **({"plan": plan} if plan is not None else {}),
         "images": [],
         "loraline_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -390,14 +405,15 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
             created_model = False
 
     end_dead_runs(client, exp, adapter.sha256, base.sha256)
-    tags = _tags(adapter, base, merged, validation, parity, vllm_parity)
+    plan_metrics, plan_tag, plan = kv_plan_record(merged, settings)
+    tags = {**_tags(adapter, base, merged, validation, parity, vllm_parity), TAG + "plan": redact(plan_tag)}
     run = mlflow.start_run(experiment_id=exp, run_name=f"release {name} adapter {adapter.sha256[:12]}",
                            tags={**tags, OWNER: owner()})
     run_id = run.info.run_id
     version = None
     try:
         mlflow.log_params(_params(adapter, base, validation, settings))
-        mlflow.log_metrics(_metrics(adapter, merged, validation, parity, vllm_parity))
+        mlflow.log_metrics({**_metrics(adapter, merged, validation, parity, vllm_parity), **plan_metrics})
         mlflow.log_artifact(str(adapter.path / "adapter_config.json"))
         mlflow.log_dict(parity.to_dict(), "parity.json")
         for p in vllm_parity:
@@ -427,7 +443,8 @@ def register_model(name: str, adapter: FetchedAdapter, base: FetchedBase, valida
                 raise RegistryError(f"{name}: the release of this adapter registered at the same time was interrupted; run the release again")
             return winner
         lineage = build_lineage(name=name, version=str(version), run_id=run_id, settings=settings, adapter=adapter,
-                                base=base, merged=merged, validation=validation, parity=parity, vllm_parity=vllm_parity)
+                                base=base, merged=merged, validation=validation, parity=parity, vllm_parity=vllm_parity,
+                                plan=plan)
         mlflow.log_dict(lineage, LINEAGE_FILE)
         client.update_model_version(name, version, description=version_description(lineage))
         mlflow.set_tag(f"{TAG}model_version", str(version))

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     )
     engine_timeout_s: float = Field(default=600, gt=0, description="Hard limit on one engine run or server start, in seconds.")
     vllm_cpu_kvcache_gib: int = Field(default=1, ge=1, description="KV cache vLLM reserves on CPU engines (VLLM_CPU_KVCACHE_SPACE), GiB.")
+    plan_device: str = Field(
+        default="cpu", description="Device the KV-cache plan recorded on every release is for (`loraline plan --device`): "
+        "cpu (budget: vllm_cpu_kvcache_gib), h100, h200.")
 
     vllm_parity: bool = Field(
         default=True,
