@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from loraline.settings import Settings
+from loraline.tiny_models import scaled_adapter
 from helpers import mlflow_state
 
 LORALINE = str(Path(sys.executable).with_name("loraline"))
@@ -28,17 +28,6 @@ pytestmark = pytest.mark.slow
 
 def loraline(*args: str, env: dict[str, str], timeout: int = 1800) -> subprocess.CompletedProcess[str]:
     return subprocess.run([LORALINE, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def scaled_adapter(src: Path, dst: Path, factor: float) -> Path:
-    """Another adapter version on the same base: the demo checkpoint with lora_B scaled (a new digest, same shapes)."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    f = dst / "adapter_model.safetensors"
-    tensors = load_file(f)
-    save_file({k: (v * factor if "lora_B" in k else v).contiguous() for k, v in tensors.items()}, f)
-    return dst
 
 
 def test_runtime_lora_images_share_the_base_layer(image_services, demo_assets, tmp_path: Path, home: Path,

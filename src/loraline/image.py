@@ -309,6 +309,25 @@ def build_image(lineage: dict[str, Any], mode: str, settings: Settings, *, adapt
         client.close()
 
 
+def _earlier_image(client: Any, lineage: dict[str, Any], mode: str, image_base: str) -> list[str] | None:
+    """The newest image in the engine built by loraline from the same base model, mode and base image, as the build's
+    only cache source (``None``: the engine's own cache).
+
+    A COPY that misses the cache makes a new layer even for identical files (the directories it creates get the build
+    time), and the legacy builder picks among equal cached candidates in no fixed order: seen in CI, a second adapter
+    version on the same base re-uploaded its 1 MB base-model layer. Naming one earlier image makes the base layer that
+    image's, so the registry has it already."""
+    wanted = [f"{LABEL}base.sha256={lineage['base']['sha256']}", f"{LABEL}mode={mode}",
+              f"{OCI}base.name={image_base}"]
+    try:
+        found = client.images.list(filters={"label": wanted})
+    except Exception:  # noqa: BLE001 - only an optimisation: the engine's own cache still applies
+        return None
+    if not found:
+        return None
+    return [max(found, key=lambda im: im.attrs.get("Created", "")).id]
+
+
 def _build_and_push(client: Any, lineage: dict[str, Any], mode: str, settings: Settings, *, adapter_dir: Path,
                     base_dir: Path, merged_dir: Path, lora_rank: int, progress: Progress) -> Image:
     from docker.errors import APIError
@@ -326,6 +345,7 @@ def _build_and_push(client: Any, lineage: dict[str, Any], mode: str, settings: S
                       lora_rank=lora_rank)
     args["BASE_IMAGE"] = settings.image_base
     lab = labels(lineage, mode, settings.image_base)
+    cache_from = _earlier_image(client, lineage, mode, settings.image_base)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=settings.home, prefix="build-") as tmp:
         ctx = write_context(Path(tmp) / "context.tar", mode=mode, name=name, merged_dir=merged_dir, base_dir=base_dir,
@@ -335,7 +355,8 @@ def _build_and_push(client: Any, lineage: dict[str, Any], mode: str, settings: S
         with ctx.open("rb") as f:
             try:
                 for ev in client.api.build(fileobj=f, custom_context=True, tag=f"{repo}:{tag}", buildargs=args,
-                                           labels=lab, rm=True, forcerm=True, pull=False, decode=True):
+                                           labels=lab, rm=True, forcerm=True, pull=False, decode=True,
+                                           cache_from=cache_from):
                     if "error" in ev:
                         raise ImageError(f"docker build of {repo}:{tag} failed: {ev['error'].strip()}")
                     if line := (ev.get("stream") or "").strip():
