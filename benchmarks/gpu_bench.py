@@ -517,10 +517,10 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = args.work / "state.json"
     state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if not state:
+    if "protocol" not in state:  # a fresh state, or one only serve_tuning.py's build wrote
         import torch
 
-        state = {
+        state.update({
             "benchmark": "loraline GPU benchmark: HF generate vs vLLM offline, merged vs runtime LoRA",
             "model": "SmolLM2-360M-Instruct architecture, random bf16 weights; demo tokenizer padded to 49152; "
                      f"LoRA r={LORA_RANK} alpha={LORA_ALPHA} on all linear layers, random non-zero",
@@ -539,8 +539,8 @@ def main() -> int:
                 "single_stream": "TTFT: wall time of a max_tokens=1 request; TPOT: (e2e of a full request on another "
                                  "prompt - TTFT) / (output_len - 1); p50 over the pairs",
             },
-            "results": {},
-        }
+            "results": state.get("results", {}),
+        })
     try:
         transformers = __import__("transformers")
         peft = __import__("peft")

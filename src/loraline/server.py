@@ -1,8 +1,8 @@
 """vLLM's OpenAI-compatible server as a context manager, in the engine environment.
 
 ``with serve_openai(model_dir, settings, served_model_name="m") as server:`` starts
-``$LORALINE_VLLM_PYTHON -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 in its own process
-group, logging to a file, waits until ``GET /health`` answers 200, and on leaving the block
+``$LORALINE_VLLM_PYTHON -m vllm.entrypoints.openai.api_server`` (or ``vllm serve``: ``frontend="serve"``, which takes
+``--api-server-count``) on 127.0.0.1 in its own process group, logging to a file, waits until ``GET /health`` answers 200, and on leaving the block
 always stops the whole group (SIGTERM, then SIGKILL). A server that dies or does not come up in
 time raises :class:`~loraline.errors.EngineError` with the last lines of its log.
 """
@@ -26,6 +26,12 @@ from loraline.services.process import kill_group
 from loraline.settings import Settings
 
 HOST = "127.0.0.1"  # never another interface: the test server has no auth
+# How the server is started: vLLM's OpenAI server module (one API process), or the ``vllm serve`` command, whose
+# ``--api-server-count N`` puts N API processes in front of one engine (benchmarks/serve_tuning.py).
+FRONTENDS = {
+    "api_server": ("-m", "vllm.entrypoints.openai.api_server", "--model"),
+    "serve": ("-m", "vllm.entrypoints.cli.main", "serve"),
+}
 STOP_GRACE_S = 20.0
 
 
@@ -70,6 +76,7 @@ def serve_openai(
     max_lora_rank: int | None = None,
     port: int | None = None,
     extra_args: Sequence[str] = (),
+    frontend: str = "api_server",
 ) -> Iterator[Server]:
     """Serve ``model_dir`` (plus runtime LoRA ``lora_modules``: name -> adapter dir) until the block ends.
 
@@ -84,8 +91,7 @@ def serve_openai(
     port = port or free_port()
     engine_args = default_engine_args(engine, settings, model_dir)
     cmd = [
-        str(engine.python), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(Path(model_dir).resolve()),
+        str(engine.python), *FRONTENDS[frontend], str(Path(model_dir).resolve()),
         "--host", HOST,
         "--port", str(port),
         "--served-model-name", served_model_name,
