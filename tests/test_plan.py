@@ -123,6 +123,49 @@ def test_gpu_estimate_reproduces_the_recorded_gpu_runs(tmp_path: Path, settings:
     assert abs(p.kv_tokens / vllm_tokens - 1) < 0.01 and abs(p.max_concurrency / vllm_x - 1) < 0.01
 
 
+def test_gpu_plan_matches_servers_it_was_not_fitted_on(tmp_path: Path, settings: Settings) -> None:
+    """Three OpenAI servers of SmolLM2-360M on one H200 with --gpu-memory-utilization 0.2 --max-model-len 1024 (vLLM
+    0.24, benchmarks/results/serve-tuning-nvidia-h200.json) printed 700,704-700,720 KV tokens, 684.28-684.30x."""
+    p = plan_kv_cache(_smollm2_360m(tmp_path / "smol"), settings, device="h200", max_model_len=1024,
+                      gpu_memory_utilization=0.2)
+    for vllm_tokens, vllm_x in ((700_720, 684.30), (700_704, 684.28)):
+        assert abs(p.kv_tokens / vllm_tokens - 1) < 0.001 and abs(p.max_concurrency / vllm_x - 1) < 0.001
+
+
+def test_the_image_takes_its_server_flags_from_the_plan(tmp_path: Path, settings: Settings) -> None:
+    """What a serving image runs (docker/Dockerfile's SERVER, --max-model-len, VLLM_ARGS) for a CPU and a GPU base."""
+    from loraline.image import CUDA_GRAPH_MAX_SEQS, GPU_API_SERVERS, SERVERS, build_args
+
+    smol = _smollm2_360m(tmp_path / "smol")
+    lineage = {"model_name": "m"}
+
+    def args(s: Settings, *, cpu_base: bool, model: Path = smol) -> dict[str, str]:
+        return build_args(lineage, "merged", s, cpu_base=cpu_base, model_dir=model, lora_rank=8)
+
+    # CPU base: vLLM's OpenAI server module, the context capped at 2,048, vLLM's CPU server batch (128 sequences).
+    cpu = args(settings, cpu_base=True)
+    assert cpu["SERVER"] == SERVERS["api_server"] and cpu["MAX_MODEL_LEN"] == "2048"
+    assert cpu["VLLM_ARGS"] == "--enforce-eager --max-num-seqs 128"
+    # GPU base for an H200: `vllm serve` with 4 API processes, at most the largest CUDA-graph batch; the model's context.
+    h200 = args(settings.model_copy(update={"plan_device": "h200"}), cpu_base=False)
+    assert h200["SERVER"] == SERVERS["serve"] and h200["MAX_MODEL_LEN"] == ""
+    assert h200["VLLM_ARGS"] == f"--api-server-count {GPU_API_SERVERS} --max-num-seqs {CUDA_GRAPH_MAX_SEQS}"
+    # A GPU the release does not name (LORALINE_PLAN_DEVICE=cpu): no plan, the same server flags.
+    assert args(settings, cpu_base=False)["VLLM_ARGS"] == h200["VLLM_ARGS"]
+    # A context the KV cache cannot hold once (vLLM would refuse to start): lowered to what the plan finds.
+    huge = write_config(tmp_path / "huge", num_hidden_layers=64, num_key_value_heads=64, num_attention_heads=64,
+                        head_dim=128, hidden_size=8192, sliding_window=None, max_position_embeddings=1 << 20)
+    (huge / "model.safetensors").write_bytes(smol.joinpath("model.safetensors").read_bytes())
+    big = args(settings.model_copy(update={"plan_device": "h200"}), cpu_base=False, model=huge)
+    plan = plan_kv_cache(huge, settings, device="h200")
+    assert not plan.fits and 0 < int(big["MAX_MODEL_LEN"]) <= plan.kv_tokens and int(big["MAX_MODEL_LEN"]) % 16 == 0
+    assert plan_kv_cache(huge, settings, device="h200", max_model_len=int(big["MAX_MODEL_LEN"])).fits
+    # The user's flags win: none of loraline's is added twice.
+    mine = args(settings.model_copy(update={"image_vllm_args": "--max-num-seqs 64 --api-server-count=2 --max-model-len 512"}),
+                cpu_base=False)
+    assert mine["VLLM_ARGS"] == "--max-num-seqs 64 --api-server-count=2 --max-model-len 512" and mine["MAX_MODEL_LEN"] == ""
+
+
 def test_refs_that_are_not_models_are_refused_naming_the_input_and_the_fix(tmp_path: Path, settings: Settings) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(PlanError, match=rf"cannot plan '{missing}': it does not exist; pass a model directory"):

