@@ -210,9 +210,9 @@ def run_generate(
 
 def run_generations(runs: Sequence[Generate], settings: Settings) -> list[dict[str, Any]]:
     """:func:`run_generate` for several runs in one engine process, one engine after the other: vLLM and torch are
-    imported once, and the later engines start warm (a release's vLLM parity, merged then base + LoRA: 14.8 s for
-    both instead of 12.6 s + 12.4 s on the demo's tiny model, see README "Measured"). The outputs are the same as from
-    separate processes (each engine is started, used and torn down in turn; greedy sampling).
+    imported once, and the later engines start warm (a release's vLLM parity, merged then base + LoRA, on the demo's
+    tiny model: benchmarks/parity_bench.py, README "Measured"). The outputs are the same as from separate processes
+    (each engine is started, used and torn down in turn; greedy sampling; tests/test_engine.py compares them).
 
     Returns one runner response per run, in order; each response's ``timings.process_s`` is the whole process's (shared
     by the runs). The process is killed after ``settings.engine_timeout_s`` per run.
