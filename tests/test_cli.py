@@ -100,9 +100,14 @@ def test_rerun_of_an_unchanged_release_answers_its_lineage_from_mlflow_marked_ca
     assert "already holds" not in flow.stderr
 
 
-def test_rerun_is_not_answered_from_the_cache_when_the_settings_ask_for_more(cli_release, demo_assets) -> None:
+def test_rerun_is_not_answered_from_the_cache_when_the_settings_ask_for_more(cli_release, demo_assets,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a release that is done *for these settings* is answered from MLflow: a re-run asking for a step the release
-    lacks, or under settings its validation would refuse, is the flow's (here: refused, as a first release would be)."""
+    lacks, or under settings its validation would refuse, is the flow's (here: refused, as a first release would be).
+    An MLflow server that does not answer is the flow's error at once (not after a second wait in the flow)."""
+    import socket
+
+    from loraline.errors import TrackingError
     from loraline.resume import cached_release
 
     home, first, api = cli_release
@@ -115,6 +120,12 @@ def test_rerun_is_not_answered_from_the_cache_when_the_settings_ask_for_more(cli
     proc = loraline("release", "--adapter", adapter, "--base", base, "--name", "smol-sql", "--json", home=home,
                     prefect_api_url=api, LORALINE_MAX_LORA_RANK="1")
     assert proc.returncode == 1 and "rank 8 is above max_lora_rank=1" in proc.stderr, proc.stderr[-2000:]
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(TrackingError, match=rf"the MLflow server at http://127.0.0.1:{port} does not answer"):
+        cached_release(adapter, base, "smol-sql", s.model_copy(update={"tracking_uri": f"http://127.0.0.1:{port}"}))
 
 
 def _runs(home: Path) -> list[str]:

@@ -65,15 +65,16 @@ def cached_release(adapter: str, base: str, name: str, settings: Settings, image
     a base directory, or a ``.gguf`` file already converted in this home), when every version of these digests is
     finished and none is held by another live process, and the settings validation depends on still let the adapter
     through (:func:`loraline.validation.settings_allow`). Anything else — a remote source, a version still registering
-    or running its steps, MLflow not answering, a step left to do — is the flow's (None). Reads only: nothing is
-    claimed, written or copied.
+    or running its steps, MLflow refusing the credentials (the flow may have them from a Prefect Secret block), a step
+    left to do — is the flow's (None). An MLflow server that does not answer raises the :class:`TrackingError` the flow
+    would raise after the same wait. Reads only: nothing is claimed, written or copied.
     """
     from loraline.digest import digest_dir, sha256_file
-    from loraline.errors import LoralineError
+    from loraline.errors import LoralineError, TrackingError
     from loraline.image import image_mode
     from loraline.registry import OWNER, held_by_other, check_model_name
     from loraline.sources import adapter_digest, parse_source
-    from loraline.tracking import TAG, connect
+    from loraline.tracking import TAG, UNAVAILABLE, connect
     from loraline.validation import settings_allow
 
     if image is not None:
@@ -89,8 +90,8 @@ def cached_release(adapter: str, base: str, name: str, settings: Settings, image
         base_dir = Path(b_src.location)
         if base_dir.suffix.lower() == ".gguf" and base_dir.is_file():
             base_dir = settings.bases_dir / f"gguf-{sha256_file(base_dir)}"  # converted once, by the first release
-        if not kept.is_dir() or not (base_dir / "config.json").is_file():
-            return None
+        if not kept.is_dir() or not (base_dir / "config.json").is_file() or not settings_allow(kept, base_dir, settings):
+            return None  # not fetched in this home yet, or validation would now refuse it (the flow says why)
         base_sha = digest_dir(base_dir)
         t = connect(settings)
         versions = t.find_versions(name=name, adapter_sha=adapter_sha, base_sha=base_sha)
@@ -102,8 +103,12 @@ def cached_release(adapter: str, base: str, name: str, settings: Settings, image
             return None  # another process runs its steps: the flow waits for it
         lineage = {**t.lineage(mv.run_id), "existing": True, "status": tags.get(f"{TAG}status"),
                    "failed_step": tags.get(f"{TAG}failed.step")}
-        if not resume_plan(lineage, settings, mode).done or not settings_allow(kept, base_dir, settings):
+        if not resume_plan(lineage, settings, mode).done:
             return None
+    except TrackingError as e:
+        if e.error_code == UNAVAILABLE:  # the flow would wait out MLflow's retries again, then fail with this error
+            raise
+        return None  # e.g. refused credentials: the flow also reads the Prefect Secret block of the MLflow password
     except (LoralineError, OSError):
         return None  # the flow says what is wrong, with its fix
     return {**with_image(lineage, mode), "cached": True}
