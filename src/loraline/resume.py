@@ -87,11 +87,13 @@ def cached_release(adapter: str, base: str, name: str, settings: Settings, image
             return None  # remote sources are fetched by the flow (retried); archives are extracted there
         adapter_sha = adapter_digest(Path(a_src.location))
         kept = settings.adapters_dir / adapter_sha  # what fetch kept of it when it was released from this home
+        if not kept.is_dir():
+            return None  # a new adapter (a first release pays only this digest before the flow)
         base_dir = Path(b_src.location)
         if base_dir.suffix.lower() == ".gguf" and base_dir.is_file():
             base_dir = settings.bases_dir / f"gguf-{sha256_file(base_dir)}"  # converted once, by the first release
-        if not kept.is_dir() or not (base_dir / "config.json").is_file() or not settings_allow(kept, base_dir, settings):
-            return None  # not fetched in this home yet, or validation would now refuse it (the flow says why)
+        if not (base_dir / "config.json").is_file() or not settings_allow(kept, base_dir, settings):
+            return None  # a base not converted yet, or validation would now refuse the pair (the flow says why)
         base_sha = digest_dir(base_dir)
         t = connect(settings)
         versions = t.find_versions(name=name, adapter_sha=adapter_sha, base_sha=base_sha)
