@@ -20,11 +20,18 @@ from loraline.cli import cli, emit, load_settings, quiet_third_parties, run
                    "of a server with loraline's deployments) instead of in this process: creates a flow run of "
                    "release/release, follows it, and adds flow_run {id, name, worker, state} to the JSON. Sources must "
                    "be readable where the workers run (shared paths, hf://, s3://, MLflow URIs).")
+@click.option("--no-cache", "no_cache", is_flag=True,
+              help="Run the flow even when this adapter and base are already released as NAME with nothing left to do "
+                   "(by default such a re-run answers the release from MLflow, marked \"cached\": true, without a flow run).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the release's lineage).")
 @click.option("-v", "--verbose", is_flag=True, help="Show Prefect's and the libraries' logs on stderr.")
-def release(adapter: str, base: str, name: str, image: str | None, submit: bool, as_json: bool, verbose: bool) -> None:
+def release(adapter: str, base: str, name: str, image: str | None, submit: bool, no_cache: bool, as_json: bool,
+            verbose: bool) -> None:
     """Release an adapter: fetch, validate, merge, parity-check, register, benchmark it, then build, push and
     smoke-test its serving image (a Prefect flow).
+
+    A re-run of a release that is done (same adapter and base digests, same NAME, nothing asked for missing) answers
+    from MLflow in seconds, marked "cached": true; --no-cache runs the flow anyway.
 
     The benchmark takes minutes on a CPU (LORALINE_BENCH=false skips it; `loraline bench` runs it later)."""
     settings = load_settings()
@@ -32,6 +39,15 @@ def release(adapter: str, base: str, name: str, image: str | None, submit: bool,
     if submit:
         emit(_submit(adapter, base, name, image, settings), as_json)
         return
+    if not no_cache:
+        from loraline.resume import cached_release
+
+        # Before Prefect is imported or its API started: most of a re-run's time (README "Measured").
+        if (cached := cached_release(adapter, base, name, settings, image)) is not None:
+            click.echo(f"loraline release: {cached['model_uri']} already holds this adapter and base with nothing left to "
+                       "do: answered from MLflow, no flow run (cached; --no-cache runs the flow)", err=True)
+            emit(cached, as_json)
+            return
     from loraline_flows.release import release as release_flow
     from loraline_flows.common import start_prefect_api
 

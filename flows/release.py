@@ -27,7 +27,7 @@ from loraline.params import BenchmarkWorkload, GateThresholds, ImageMode
 from loraline.records import experiment_of, log_evaluation, log_report, reopen
 from loraline.registry import check_model_name, find_release, holding, register_model
 from loraline.report import lineage_rows, release_report
-from loraline.resume import resume_plan
+from loraline.resume import resume_plan, with_image
 from loraline.settings import Settings
 from loraline.sources import FetchedAdapter, FetchedBase, fetch_adapter, fetch_base, parse_source
 from loraline.validation import ValidationReport, validate_adapter, validation_key
@@ -199,7 +199,7 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
         plan = resume_plan(existing, settings, mode)
         if plan.done:  # released and gated before: a re-run never moves an alias back
             name_flow_run(f"release-{name}-v{result['model_version']}-existing")
-            return _with_image(result, mode)
+            return with_image(result, mode)
         name_flow_run(f"release-{name}-v{result['model_version']}")
         if plan.evaluate:
             result = evaluate_task(result, b.path, settings)
@@ -210,13 +210,5 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
         with transaction():  # the gate's alias moves are rolled back if the report fails
             decision = gate_task(result, thresholds, settings)
             report_task(result, decision, settings)
-        return {**_with_image(result, mode), "gate": decision}
+        return {**with_image(result, mode), "gate": decision}
 
-
-def _with_image(lineage: dict[str, Any], mode: str) -> dict[str, Any]:
-    """The summary's ``image`` {ref, digest, mode, pinned}: the image of ``mode`` this release has, if any."""
-    img = next((i for i in lineage.get("images", []) if i.get("mode") == mode), None)
-    out = dict(lineage)
-    if img is not None:
-        out["image"] = {k: img[k] for k in ("ref", "digest", "mode", "pinned")}
-    return out

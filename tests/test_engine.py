@@ -19,7 +19,8 @@ import pytest
 from loraline.engine import find_engine, run_generate, vllm_lora_rank
 from loraline.errors import EngineError, ParityError
 from loraline.hf_models import load_tokenizer
-from loraline.parity import check_vllm_parity, encode_prompts, parity_prompts, require_parity
+from loraline.parity import (check_vllm_parity, encode_prompts, hf_peft_generations, parity_prompts, report,
+                             require_parity, vllm_generations)
 from loraline.server import serve_openai
 from loraline.settings import Settings
 from loraline.text2sql import chat_messages, load_examples
@@ -100,6 +101,14 @@ def test_vllm_merged_and_runtime_lora_match_hf_peft(demo_merged, engine_settings
         assert rep.max_abs_logprob_diff < 0.5
     assert (merged_report.b, lora_report.b) == ("vllm-merged", "vllm-lora")
     print("vLLM parity:", merged_report.summary(), lora_report.summary())
+    # Both engines ran in one engine process, the LoRA one second (warm): in a process of its own it answers the same,
+    # so every prompt's verdict, divergence, logprob difference and text are those of separate processes.
+    ids = encode_prompts(load_tokenizer(merged.path, merged.path, engine_settings), prompts)
+    reference = hf_peft_generations(adapter.path, base.path, merged.path, ids, engine_settings)
+    alone, _ = vllm_generations(base.path, ids, engine_settings, lora=("adapter", adapter.path, vllm_lora_rank(adapter.path)))
+    separate = report("hf-peft", "vllm-lora", prompts, reference, alone, top_k=engine_settings.parity_top_k,
+                      max_new_tokens=engine_settings.parity_max_new_tokens, seconds=0.0)
+    assert lora_report.results == separate.results
 
 
 @pytest.mark.slow

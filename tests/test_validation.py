@@ -158,6 +158,30 @@ def test_base_requiring_remote_code_is_refused(demo_assets, settings: Settings, 
         check(demo_assets.checkpoint, base, settings)
 
 
+def test_settings_allow_agrees_with_validation_on_the_settings_it_reads(demo_assets, settings: Settings, tmp_path: Path) -> None:
+    """What a cached re-run checks instead of validating again (loraline.resume.cached_release): the verdict of the two
+    checks that depend on the settings, the same as validate_adapter's for each setting."""
+    import shutil
+
+    from loraline.validation import settings_allow
+
+    remote = tmp_path / "remote-base"
+    shutil.copytree(demo_assets.base, remote)
+    cfg = json.loads((remote / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (remote / "config.json").write_text(json.dumps(cfg))
+    cases = [(demo_assets.base, settings), (demo_assets.base, settings.model_copy(update={"max_lora_rank": 1})),
+             (remote, settings), (remote, settings.model_copy(update={"trust_remote_code": True}))]
+    for base, s in cases:
+        try:
+            check(demo_assets.checkpoint, base, s)
+            valid = True
+        except InvalidAdapter:
+            valid = False
+        assert settings_allow(demo_assets.checkpoint, base, s) is valid, (base, s.max_lora_rank, s.trust_remote_code)
+    assert [settings_allow(demo_assets.checkpoint, b, s) for b, s in cases] == [True, False, False, True]
+
+
 def test_hub_base_name_mismatch(adapter_copy: Path, demo_assets, settings: Settings) -> None:
     from dataclasses import replace
 

@@ -82,6 +82,8 @@ def emit(data: dict[str, Any], as_json: bool) -> None:
     for key in ("model_name", "model_version", "model_uri", "mlflow_run_id", "tracking_uri"):
         if key in data:
             table.add_row(key, str(data[key]))
+    if data.get("cached"):
+        table.add_row("cached", "released before with nothing left to do: read from MLflow, no flow run (--no-cache runs it)")
     if str(data.get("tracking_uri", "")).startswith("http") and "model_name" in data:
         table.add_row("MLflow UI", f"{data['tracking_uri']}/#/models/{data['model_name']}/versions/{data['model_version']}")
     for part in ("adapter", "base", "merged"):

@@ -2,7 +2,7 @@
 
 vLLM never runs inside loraline's process (two processes, two environments): its
 pins conflict with Prefect's, and in production it runs in the serving container anyway.
-:func:`run_generate` and :func:`run_bench` run :mod:`loraline.vllm_runner` as a file with ``settings.vllm_python``;
+:func:`run_generate` (:func:`run_generations`: several engines, one process) and :func:`run_bench` run :mod:`loraline.vllm_runner` as a file with ``settings.vllm_python``;
 :mod:`loraline.server` starts vLLM's OpenAI server the same way. Both use :func:`find_engine`,
 :func:`engine_env` and :func:`default_engine_args`, and stop the engine's whole process group
 (vLLM starts worker processes of its own) with :func:`loraline.services.process.kill_group`, beside the
@@ -166,6 +166,26 @@ def vllm_lora_rank(adapter_dir: Path) -> int:
     return fit
 
 
+@dataclass(frozen=True)
+class Generate:
+    """One greedy generation run of :func:`run_generations`: prompts (token ids) on the model in ``model_dir``.
+
+    ``lora`` is ``(name, adapter_dir, max_lora_rank)`` for base + runtime LoRA; ``engine_args`` override
+    :func:`default_engine_args`."""
+
+    model_dir: Path
+    prompts: Sequence[Sequence[int]]
+    max_tokens: int
+    lora: tuple[str, Path, int] | None = None
+    logprobs: int = 5
+    ignore_eos: bool = False
+    engine_args: Mapping[str, Any] | None = None
+
+    @property
+    def what(self) -> str:
+        return f"vLLM on {self.model_dir}" + (f" with LoRA {self.lora[1]}" if self.lora else "")
+
+
 def run_generate(
     model_dir: Path,
     prompts: list[list[int]],
@@ -184,24 +204,55 @@ def run_generate(
     :mod:`loraline.vllm_runner`): ``outputs`` in prompt order, ``timings``, ``vllm_version``.
     The run is killed (its whole process group) after ``settings.engine_timeout_s``.
     """
-    require_dir(model_dir, "config.json", "model")
-    if lora is not None:
-        require_dir(lora[1], "adapter_config.json", "LoRA adapter")
+    run = Generate(model_dir, prompts, max_tokens, lora, logprobs, ignore_eos, engine_args)
+    return run_generations([run], settings)[0]
+
+
+def run_generations(runs: Sequence[Generate], settings: Settings) -> list[dict[str, Any]]:
+    """:func:`run_generate` for several runs in one engine process, one engine after the other: vLLM and torch are
+    imported once, and the later engines start warm (a release's vLLM parity, merged then base + LoRA, on the demo's
+    tiny model: benchmarks/parity_bench.py, README "Measured"). The outputs are the same as from separate processes
+    (each engine is started, used and torn down in turn; greedy sampling; tests/test_engine.py compares them).
+
+    Returns one runner response per run, in order; each response's ``timings.process_s`` is the whole process's (shared
+    by the runs). The process is killed after ``settings.engine_timeout_s`` per run.
+    """
+    if not runs:
+        return []
+    for run in runs:  # refused before paying for an engine start
+        require_dir(run.model_dir, "config.json", "model")
+        if run.lora is not None:
+            require_dir(run.lora[1], "adapter_config.json", "LoRA adapter")
     engine = find_engine(settings)
-    request = {
-        "model": str(Path(model_dir).resolve()),
-        "lora": None if lora is None else {"name": lora[0], "path": str(Path(lora[1]).resolve()), "max_lora_rank": int(lora[2])},
-        "prompts": [[int(t) for t in p] for p in prompts],
-        "max_tokens": max_tokens,
-        "logprobs": logprobs,
-        "ignore_eos": ignore_eos,
-        "engine": {**default_engine_args(engine, settings, model_dir), **(engine_args or {})},
-    }
-    what = f"vLLM on {model_dir}" + (f" with LoRA {lora[1]}" if lora else "")
-    response, _ = _run_runner(engine, request, settings, what)
-    if len(response["outputs"]) != len(prompts):
-        raise EngineError(f"{what} answered {len(response['outputs'])} outputs for {len(prompts)} prompts")
-    return response
+    requests = [
+        {
+            "model": str(Path(run.model_dir).resolve()),
+            "lora": None if run.lora is None else {"name": run.lora[0], "path": str(Path(run.lora[1]).resolve()),
+                                                   "max_lora_rank": int(run.lora[2])},
+            "prompts": [[int(t) for t in p] for p in run.prompts],
+            "max_tokens": run.max_tokens,
+            "logprobs": run.logprobs,
+            "ignore_eos": run.ignore_eos,
+            "engine": {**default_engine_args(engine, settings, run.model_dir), **(run.engine_args or {})},
+        }
+        for run in runs
+    ]
+    what = " then ".join(run.what for run in runs)
+    timeout_s = settings.engine_timeout_s * len(runs)
+    if len(runs) == 1:
+        response, _ = _run_runner(engine, requests[0], settings, what, timeout_s)
+        responses = [response]
+    else:
+        combined, _ = _run_runner(engine, {"mode": "generate-many", "requests": requests}, settings, what, timeout_s)
+        responses = list(combined.get("responses") or [])
+        if len(responses) != len(runs):
+            raise EngineError(f"{what} answered {len(responses)} responses for {len(runs)} runs")
+        for response in responses:
+            response.setdefault("timings", {})["process_s"] = combined["timings"]["process_s"]
+    for run, response in zip(runs, responses):
+        if len(response["outputs"]) != len(run.prompts):
+            raise EngineError(f"{run.what} answered {len(response['outputs'])} outputs for {len(run.prompts)} prompts")
+    return responses
 
 
 # vLLM's own reports in its log (vllm/v1/worker, vllm/v1/core/kv_cache_utils.py, vllm/v1/engine/core.py).
@@ -302,12 +353,14 @@ def run_serve_bench(runs: Sequence[Mapping[str, Any]], settings: Settings) -> di
     return response
 
 
-def _run_runner(engine: Engine, request: dict[str, Any], settings: Settings, what: str) -> tuple[dict[str, Any], str]:
+def _run_runner(engine: Engine, request: dict[str, Any], settings: Settings, what: str,
+                timeout_s: float | None = None) -> tuple[dict[str, Any], str]:
     """Run :mod:`loraline.vllm_runner` on ``request``: ``(its answer, the engine's log)``.
 
-    The run is killed (its whole process group) after ``settings.engine_timeout_s``; a failure,
+    The run is killed (its whole process group) after ``timeout_s`` (default ``settings.engine_timeout_s``); a failure,
     a missing answer or an error answer raises :class:`EngineError` with the log's last lines.
     """
+    timeout_s = settings.engine_timeout_s if timeout_s is None else timeout_s
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [str(engine.python), str(RUNNER)],
@@ -319,12 +372,12 @@ def _run_runner(engine: Engine, request: dict[str, Any], settings: Settings, wha
         start_new_session=True,  # its own process group, so a kill reaches vLLM's workers too
     )
     try:
-        out, _ = proc.communicate(json.dumps(request), timeout=settings.engine_timeout_s)
+        out, _ = proc.communicate(json.dumps(request), timeout=timeout_s)
     except subprocess.TimeoutExpired:
         kill_group(proc, grace_s=0)
         out, _ = proc.communicate()
         raise EngineError(
-            f"{what} did not finish within {settings.engine_timeout_s:.0f}s and was killed; raise "
+            f"{what} did not finish within {timeout_s:.0f}s and was killed; raise "
             f"LORALINE_ENGINE_TIMEOUT_S if the machine is slow.\n--- engine log (last lines) ---\n{_tail(out)}"
         ) from None
     finally:

@@ -216,20 +216,8 @@ def hf_peft_generations(adapter_dir: Path, base_dir: Path, tokenizer_dir: Path, 
                                                      tokenizer_dir, prompt_ids, settings))
 
 
-def vllm_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], settings: Settings, *,
-                     lora: tuple[str, Path, int] | None = None) -> tuple[list[Generation], int | None]:
-    """Greedy generations by vLLM's offline engine (out of process), with runtime LoRA when ``lora`` is given, and
-    the ``max_model_len`` the engine ran with (None if it did not say)."""
-    from loraline.engine import run_generate
-
-    response = run_generate(
-        model_dir,
-        [list(p) for p in prompt_ids],
-        settings,
-        lora=lora,
-        max_tokens=settings.parity_max_new_tokens,
-        logprobs=settings.parity_top_k,
-    )
+def _parsed(response: dict) -> tuple[list[Generation], int | None]:
+    """A runner response as generations, and the ``max_model_len`` the engine ran with (None if it did not say)."""
     generations = [
         Generation(
             tokens=tuple(out["token_ids"]),
@@ -243,6 +231,30 @@ def vllm_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], setti
     return generations, int(context) if isinstance(context, int) else None
 
 
+def vllm_generations(model_dir: Path, prompt_ids: Sequence[Sequence[int]], settings: Settings, *,
+                     lora: tuple[str, Path, int] | None = None) -> tuple[list[Generation], int | None]:
+    """Greedy generations by vLLM's offline engine (out of process), with runtime LoRA when ``lora`` is given, and
+    the ``max_model_len`` the engine ran with (None if it did not say)."""
+    return vllm_generations_of([(model_dir, lora)], prompt_ids, settings)[0][0]
+
+
+def vllm_generations_of(models: Sequence[tuple[Path, tuple[str, Path, int] | None]], prompt_ids: Sequence[Sequence[int]],
+                        settings: Settings) -> list[tuple[tuple[list[Generation], int | None], float]]:
+    """:func:`vllm_generations` for several ``(model_dir, lora)`` in one engine process (one engine after the other:
+    vLLM imported once), each with the seconds its engine took (start + generate; the first also carries the process's
+    start: the times add up to the call's)."""
+    from loraline.engine import Generate, run_generations
+
+    t0 = time.perf_counter()
+    runs = [Generate(model_dir, [list(p) for p in prompt_ids], settings.parity_max_new_tokens, lora,
+                     logprobs=settings.parity_top_k) for model_dir, lora in models]
+    responses = run_generations(runs, settings)
+    total = time.perf_counter() - t0
+    own = [float(r["timings"].get("engine_start_s", 0)) + float(r["timings"].get("generate_s", 0)) for r in responses]
+    seconds = [total - sum(own[1:])] + own[1:]
+    return [(_parsed(r), s) for r, s in zip(responses, seconds)]
+
+
 def check_vllm_parity(adapter_dir: Path, base_dir: Path, merged_dir: Path, prompts: Sequence[str],
                       settings: Settings, *, runtime_lora: bool = True) -> tuple[ParityReport, ...]:
     """Does vLLM generate what HF peft (base + adapter, unmerged) generates? Merged, and base + runtime LoRA.
@@ -250,7 +262,8 @@ def check_vllm_parity(adapter_dir: Path, base_dir: Path, merged_dir: Path, promp
     Every side gets the same token ids (the prompts tokenized once with the merged model's
     tokenizer), so tokenizer differences between the environments cannot hide or fake a
     divergence. Returns ``(hf-peft vs vllm-merged, hf-peft vs vllm-lora)`` (the second only with ``runtime_lora``), judged by :func:`judge`;
-    pass each to :func:`require_parity`. Two vLLM engine starts (tens of seconds each on CPU).
+    pass each to :func:`require_parity`. Both vLLM engines run in one engine process, one after the other (one import
+    of vLLM and torch; tens of seconds on CPU); each report's ``seconds`` is the HF reference's plus its engine's.
     """
     from loraline.engine import vllm_lora_rank
     from loraline.hf_models import load_tokenizer
@@ -261,18 +274,14 @@ def check_vllm_parity(adapter_dir: Path, base_dir: Path, merged_dir: Path, promp
     reference = hf_peft_generations(adapter_dir, base_dir, merged_dir, ids, settings)
     hf_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    merged, context = vllm_generations(merged_dir, ids, settings)
-    merged_report = report("hf-peft", "vllm-merged", prompts, reference, merged, seconds=hf_s + time.perf_counter() - t0, **kw)
-    merged_report = replace(merged_report, max_model_len=context)
-
-    if not runtime_lora:  # DoRA, modules_to_save, ...: vLLM cannot serve it as base + LoRA (validation said why)
-        return (merged_report,)
-    t0 = time.perf_counter()
-    runtime, context = vllm_generations(base_dir, ids, settings, lora=("adapter", adapter_dir, vllm_lora_rank(adapter_dir)))
-    lora_report = report("hf-peft", "vllm-lora", prompts, reference, runtime, seconds=hf_s + time.perf_counter() - t0, **kw)
-    lora_report = replace(lora_report, max_model_len=context)
-    return merged_report, lora_report
+    models: list[tuple[Path, tuple[str, Path, int] | None]] = [(merged_dir, None)]
+    if runtime_lora:  # else DoRA, modules_to_save, ...: vLLM cannot serve it as base + LoRA (validation said why)
+        models.append((base_dir, ("adapter", adapter_dir, vllm_lora_rank(adapter_dir))))
+    reports = []
+    for name, ((generations, context), seconds) in zip(("vllm-merged", "vllm-lora"), vllm_generations_of(models, ids, settings)):
+        rep = report("hf-peft", name, prompts, reference, generations, seconds=hf_s + seconds, **kw)
+        reports.append(replace(rep, max_model_len=context))
+    return tuple(reports)
 
 
 def require_parity(report: ParityReport) -> ParityReport:

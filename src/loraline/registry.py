@@ -68,7 +68,8 @@ def _owner_dead(owner: str | None) -> bool:
         return False
 
 
-def _held_by_other(holder: str | None) -> bool:
+def held_by_other(holder: str | None) -> bool:
+    """True when ``holder`` (a ``loraline.owner`` tag) names another process that may still run."""
     return bool(holder) and holder != owner() and not _owner_dead(holder)
 
 
@@ -154,7 +155,7 @@ def settled_release(t: Tracking, name: str, versions: Sequence[Any], wait_s: flo
             if run.info.status == "FINISHED":
                 tags = client.get_model_version(name, mv.version).tags or {}
                 mine = tags.get(OWNER) == owner()
-                if not mine and (_held_by_other(tags.get(OWNER)) or not _claim(client, name, mv.version)):
+                if not mine and (held_by_other(tags.get(OWNER)) or not _claim(client, name, mv.version)):
                     holder = (client.get_model_version(name, mv.version).tags or {}).get(OWNER)
                     stepping.append((mv, holder))
                     if progress is not None and holder not in told:

@@ -144,6 +144,22 @@ def validation_key(adapter: FetchedAdapter, base: FetchedBase, settings: Setting
     return f"validate-{adapter.sha256}-{base.sha256}-r{settings.max_lora_rank}-trc{int(settings.trust_remote_code)}"
 
 
+def settings_allow(adapter_dir: Path, base_dir: Path, settings: Settings) -> bool:
+    """Whether the checks of :func:`validate_adapter` whose verdict depends on the settings, not on the files alone
+    (the rank against ``max_lora_rank``, a base with ``auto_map`` against ``trust_remote_code``: :func:`validation_key`),
+    pass for an adapter and a local base that already passed validation once (a release of their digests). Reads two
+    JSON files; everything else validation checks is fixed by the digests."""
+    try:
+        cfg = _read_config(Path(adapter_dir))
+        base_cfg = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
+    except (InvalidAdapter, OSError, ValueError):
+        return False
+    ranks = [cfg.get("r")] + list((cfg.get("rank_pattern") or {}).values())
+    if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks) or max(ranks) > settings.max_lora_rank:
+        return False
+    return not (isinstance(base_cfg, dict) and base_cfg.get("auto_map") and not settings.trust_remote_code)
+
+
 def validate_adapter(adapter: FetchedAdapter, base: FetchedBase, settings: Settings) -> ValidationReport:
     """Refuse adapters that cannot be merged safely or served, before touching any weights.
 

@@ -21,6 +21,12 @@ On failure the line is ``LORALINE_RESULT {"error": ..., "traceback": ...}`` and 
 Sampling is greedy (temperature 0); the logprobs are vLLM's raw ones (before any processing),
 the top ``logprobs`` at each step plus the chosen token.
 
+``"mode": "generate-many"`` runs several such requests in this one process, one engine after the other (vLLM and
+torch imported once)::
+
+    {"mode": "generate-many", "requests": [{generate request}, ...]}
+    -> {"vllm_version": ..., "responses": [{generate response}, ...]}
+
 ``"mode": "bench"`` (the default mode is ``"generate"``, above) measures instead of generating,
 with one engine for every measurement (the protocol is :mod:`loraline.workload`'s)::
 
@@ -295,7 +301,28 @@ def serve_bench(request: dict) -> dict:
     return {"vllm_version": vllm.__version__, "runs": runs}
 
 
-MODES = {"generate": generate, "bench": bench, "serve-bench": serve_bench}
+def generate_many(request: dict) -> dict:
+    """Several ``generate`` requests (``request["requests"]``), one engine after the other in this one process: vLLM and
+    torch are imported once, and the second engine starts warm (a release's vLLM parity: merged, then base + LoRA)."""
+    import vllm
+
+    responses = []
+    for i, sub in enumerate(request["requests"]):
+        if i:
+            _release_engine()
+        responses.append(generate(sub))
+    return {"vllm_version": vllm.__version__, "responses": responses}
+
+
+def _release_engine() -> None:
+    """Tear down what the previous engine of this process left (its distributed state and cached memory), as vLLM's
+    own tests do between two ``LLM`` instances; without it the next engine's start finds the old process group."""
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    cleanup_dist_env_and_memory()
+
+
+MODES = {"generate": generate, "generate-many": generate_many, "bench": bench, "serve-bench": serve_bench}
 
 
 def main() -> int:
