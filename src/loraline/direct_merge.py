@@ -160,11 +160,20 @@ def safetensors_header(tensors: list[Tensor], metadata: dict[str, str]) -> bytes
 def plan_direct_merge(adapter_dir: Path, base_dir: Path, out_dtype: str, compute_dtype: str, settings: Settings,
                       max_shard_size: int | str) -> DirectPlan:
     """What the direct merge of ``adapter_dir`` into ``base_dir`` writes; raises :class:`NotDirect` with the reason
-    when the adapter or base is not one it merges exactly as peft would."""
+    when the adapter or base is not one it merges exactly as peft would. Reads configs and safetensors headers only."""
+    try:
+        return _plan(Path(adapter_dir), Path(base_dir), out_dtype, compute_dtype, settings, max_shard_size)
+    except NotDirect:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything unexpected in the inputs is peft's to merge or to refuse
+        raise NotDirect(f"not planned ({type(e).__name__}: {e})") from e
+
+
+def _plan(adapter_dir: Path, base_dir: Path, out_dtype: str, compute_dtype: str, settings: Settings,
+          max_shard_size: int | str) -> DirectPlan:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
     adapter_file = adapter_dir / ADAPTER_WEIGHTS
     if not adapter_file.is_file():
         raise NotDirect(f"{adapter_dir} has no {ADAPTER_WEIGHTS}")
@@ -323,8 +332,9 @@ def write_direct(plan: DirectPlan, stage: Path) -> dict[str, str]:
     sha256, computed from the bytes as they were written (the digest need not read them back). Raises MergeError naming
     the layer when a merged tensor is not finite.
 
-    One thread writes and hashes (both release the GIL) while this one merges the next tensor; at most a few tensors
-    are in flight, so memory stays at the base's page cache plus a few layers."""
+    One thread writes and another hashes (both release the GIL) while this one merges the next tensor; at most a few
+    tensors are in flight, so memory stays at the base's page cache plus a few layers, never a second copy of the
+    model."""
     import torch
     from safetensors.torch import load_file
 
@@ -342,9 +352,7 @@ def write_direct(plan: DirectPlan, stage: Path) -> dict[str, str]:
 
     # Writing, hashing and merging run at once: each of the first two is as slow as the whole merge on 2 cores, and
     # both release the GIL. Each runs in order in its own thread; a chunk is dropped once both are done with it.
-    import os
-    with ThreadPoolExecutor(1, "merge-write") as writer, ThreadPoolExecutor(1, "merge-hash") as hasher2:
-        hasher = writer if os.environ.get("ONE_IO") else hasher2
+    with ThreadPoolExecutor(1, "merge-write") as writer, ThreadPoolExecutor(1, "merge-hash") as hasher:
         try:
             for filename, tensors in plan.shards.items():
                 h = hashlib.sha256()
@@ -397,6 +405,6 @@ def _tensor_bytes(t: Tensor, raw: memoryview, plan: DirectPlan, lora: dict[str, 
     # safe_merge's intent, cheaply: a sum is finite whenever every element is (NaN and inf propagate); only when it is
     # not does the element-wise check run, so a sum that merely overflowed is not mistaken for broken weights.
     if not math.isfinite(merged.sum().item()) and not torch.isfinite(merged).all():
-        raise MergeError(f"merging the adapter into {t.name} gives non-finite weights (NaN or inf): its "
-                         f"{target.a_key} / {target.b_key} are unusable; retrain the adapter or export it again")
+        raise MergeError(f"merging {target.a_key} / {target.b_key} into {t.name} gives non-finite weights (NaN or "
+                         "inf): the adapter (or that base weight) is unusable; retrain the adapter or export it again")
     return merged.to(out_dtype).contiguous().view(torch.uint8).numpy().data
