@@ -117,6 +117,17 @@ def test_sharded_output_matches_save_pretrained(tokenizer, tmp_path: Path, monke
     assert_identical(direct, peft)
 
 
+def test_with_writer_threads_too(tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From 4 CPUs on the merge writes and hashes in threads of their own (this 2-core machine merges inline): the same
+    bytes either way."""
+    import loraline.direct_merge
+
+    monkeypatch.setattr(loraline.direct_merge, "_THREADED_CPUS", 1)
+    base = llama(tmp_path, tokenizer, num_layers=3)
+    direct, peft = merge_both(build_lora(base, tmp_path / "adapter", r=8), base, tmp_path)
+    assert_identical(direct, peft)
+
+
 def test_gpt2_conv1d_fan_in_fan_out(demo_assets, tmp_path: Path) -> None:
     """GPT-2 keeps its projections as Conv1D, weights (in, out): peft merges the transposed delta (fan_in_fan_out)."""
     from transformers import AutoModelForCausalLM, GPT2Config

@@ -160,8 +160,8 @@ def _merge_direct(plan: DirectPlan, stage: Path) -> dict[str, str]:
     """The weights, config and generation config as save_pretrained writes them; the weight files' sha256s."""
     import torch
 
-    # One core stays free for the thread that writes and hashes while torch merges (on 2 cores, two OpenMP threads
-    # plus that one made the merge 4x slower).
+    # One core stays free for writing and hashing (threads of their own from 4 CPUs on): on 2 shared cores, two OpenMP
+    # threads made the merge about 4x slower (each waits at every barrier for one another process preempted).
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1))
     try:
