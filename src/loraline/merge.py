@@ -2,7 +2,7 @@
 
 Two ways, one result: plain LoRA on Linear layers is merged straight from the base's safetensors into the merged
 model's (:mod:`loraline.direct_merge`: ``method`` "direct"); anything else through peft's
-``merge_and_unload(safe_merge=True)`` ("peft"). Both write the same bytes wherever both apply (tests/test_merge.py).
+``merge_and_unload(safe_merge=True)`` ("peft"). Both write the same bytes wherever both apply (tests/test_direct_merge.py).
 
 Output is content-addressed: ``<home>/merged/<adapter sha[:16]>-<base sha[:16]>/``, written to a
 staging directory and renamed into place only when whole, so a crashed merge leaves nothing a
