@@ -160,10 +160,11 @@ def _merge_direct(plan: DirectPlan, stage: Path) -> dict[str, str]:
     """The weights, config and generation config as save_pretrained writes them; the weight files' sha256s."""
     import torch
 
-    # One core stays free for writing and hashing (threads of their own from 4 CPUs on): on 2 shared cores, two OpenMP
-    # threads made the merge about 4x slower (each waits at every barrier for one another process preempted).
+    # One torch thread: the sha256 of the output (one stream, one core) bounds the merge's wall time anyway, and on 2
+    # shared cores two OpenMP threads made a 100M-parameter merge take 13-15 s instead of 0.4 s (each small step waits
+    # at a barrier for a thread another process preempted).
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
+    torch.set_num_threads(1)
     try:
         known = write_direct(plan, stage)
     finally:
