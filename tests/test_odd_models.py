@@ -109,7 +109,7 @@ def test_lora_on_a_512_position_qwen2_releases_with_vllm_parity(qwen2_short: tup
     assert json.loads((base / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
     monkeypatch.setenv("LORALINE_VLLM_PARITY", "true")  # real vLLM on CPU, merged and base + runtime LoRA
     out = release(adapter=str(adapter), base=str(base), name="qwen-short")
-    assert out["model_version"] == "1"
+    assert out["model_version"] == "1" and out["merged"]["method"] == "direct"  # another architecture, merged directly
     vp = out["vllm_parity"]
     assert set(vp) == {"vllm-merged", "vllm-lora"}
     for side, report in vp.items():

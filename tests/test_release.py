@@ -84,6 +84,9 @@ def test_release_registers_a_traced_version_and_is_idempotent(prefect_harness, d
     assert "## Task evaluation" in report and f"| merged | {ev['accuracy']:.1%}" in report
     lineage = json.loads(Path(client.download_artifacts(run.info.run_id, "lineage.json")).read_text())
     assert lineage["merged"]["sha256"] == out["merged"]["sha256"] and lineage["model_version"] == "1"
+    # The demo's plain LoRA is merged straight from the safetensors, and the release says so.
+    assert lineage["merged"]["method"] == out["merged"]["method"] == mv.tags["loraline.merged.method"] == "direct"
+    assert lineage["merged"]["fallback_reason"] is None
     assert lineage["plan"]["vllm_log_line"].startswith("CPU KV cache size: 2,097,152 tokens")
     # The registered model holds the merged weights, loadable from the registry.
     import mlflow

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -41,20 +42,22 @@ def list_files(root: Path) -> list[str]:
     return out
 
 
-def manifest(root: Path) -> str:
-    """The ``sha256sum`` listing of ``root`` that the digest hashes."""
+def manifest(root: Path, known: Mapping[str, str] | None = None) -> str:
+    """The ``sha256sum`` listing of ``root`` that the digest hashes. ``known``: sha256s of files (relative paths) the
+    caller hashed as it wrote them, not read again."""
     root = Path(root)
-    return "".join(f"{sha256_file(root / rel)}  {rel}\n" for rel in list_files(root))
+    known = known or {}
+    return "".join(f"{known.get(rel) or sha256_file(root / rel)}  {rel}\n" for rel in list_files(root))
 
 
-def digest_dir(root: Path) -> str:
-    """Hex sha256 of :func:`manifest` — recomputable with coreutils (module docstring)."""
+def digest_dir(root: Path, known: Mapping[str, str] | None = None) -> str:
+    """Hex sha256 of :func:`manifest` — recomputable with coreutils (module docstring). ``known``: as for manifest."""
     root = Path(root)
     if not root.is_dir():
         from loraline.errors import SourceError
 
         raise SourceError(f"cannot digest {root}: not a directory; give the directory that holds the model or adapter files")
-    return hashlib.sha256(manifest(root).encode("utf-8")).hexdigest()
+    return hashlib.sha256(manifest(root, known).encode("utf-8")).hexdigest()
 
 
 def dir_bytes(root: Path) -> int:

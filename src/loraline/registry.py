@@ -213,6 +213,7 @@ def _tags(adapter: FetchedAdapter, base: FetchedBase, merged: MergedModel, valid
         "merged.sha256": merged.sha256,
         "merged.dtype": merged.dtype,
         "merged.path": str(merged.path),
+        "merged.method": merged.method,
         "lora.r": str(validation.r),
         "lora.runtime_servable": str(validation.runtime_lora_servable).lower(),
         "parity": _parity_line(parity),
@@ -338,7 +339,7 @@ def build_lineage(*, name: str, version: str, run_id: str, settings: Settings, a
         "base": {"source": redact(base.source), "resolved": redact(base.resolved), "revision": base.revision, "name": base.name, "sha256": base.sha256,
                  **({"gguf": base.gguf.to_dict()} if base.gguf else {}), **({"s3": base.s3.to_dict()} if base.s3 else {})},
         "merged": {"path": str(merged.path), "sha256": merged.sha256, "dtype": merged.dtype, "bytes": merged.bytes,
-                   "parameters": merged.parameters},
+                   "parameters": merged.parameters, "method": merged.method, "fallback_reason": merged.fallback_reason},
         "lora": {
             "r": validation.r,
             "alpha": validation.lora_alpha,

@@ -27,7 +27,7 @@ def lineage_rows(lineage: dict[str, Any]) -> list[dict[str, str]]:
         *([{"step": "base GGUF", "what": str(b["gguf"].get("origin")), "sha256": b["gguf"]["sha256"],
             "detail": f"{b['gguf'].get('architecture')}, converted to {b['gguf'].get('dtype')} by "
                       + ", ".join(f"{k} {v}" for k, v in (b["gguf"].get("converter") or {}).items())}] if b.get("gguf") else []),
-        {"step": "merged", "what": str(m.get("path")), "sha256": m["sha256"], "detail": f"{m.get('dtype')}, {m.get('bytes')} bytes"},
+        {"step": "merged", "what": str(m.get("path")), "sha256": m["sha256"], "detail": f"{m.get('dtype')}, {m.get('bytes')} bytes, merged by {m.get('method') or 'peft'}"},
         {"step": "model version", "what": f"models:/{lineage['model_name']}/{lineage['model_version']}",
          "sha256": "", "detail": f"MLflow run {lineage['mlflow_run_id']}"},
     ]

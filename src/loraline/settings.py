@@ -89,6 +89,11 @@ class Settings(BaseSettings):
         description="dtype the merge is computed in: float32 rounds W + BA to the output dtype once (and is ~4x faster on "
         "CPUs without native bf16); auto computes in the output dtype (half the memory, for big models on small hosts).",
     )
+    merge_method: Literal["auto", "peft"] = Field(
+        default="auto",
+        description="auto: plain LoRA on Linear layers is merged straight from the safetensors (the same bytes as peft, "
+        "several times faster), anything else through peft; peft: always peft's merge_and_unload.",
+    )
     vllm_python: Path | None = Field(
         default_factory=default_vllm_python,
         description="The engine's Python: a Python that can `import vllm`. Default: the .venv-vllm that `make setup` makes "

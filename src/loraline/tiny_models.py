@@ -187,11 +187,13 @@ def build_lora(
     target_modules: list[str] | str = "all-linear",
     seed: int = 0,
     init_scale: float = 0.02,
+    **lora_config: Any,
 ) -> Path:
     """Save a peft LoRA adapter for ``base_dir`` with random, non-zero A and B; return ``out_dir``.
 
     peft's default init has lora_B = 0 (the adapter is a no-op); here both factors are
     drawn from N(0, init_scale) so that merging really changes the weights. No training.
+    ``lora_config``: more ``LoraConfig`` fields (``use_rslora``, ``rank_pattern``, ``use_dora``, ...).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -199,7 +201,7 @@ def build_lora(
     # The base's own dtype: cheap for the ~100M benchmark model; peft keeps adapters in fp32.
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
     config = LoraConfig(
-        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0
+        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0, **lora_config
     )
     with no_checkpointing_deprecation():
         model = get_peft_model(model, config)
