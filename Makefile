@@ -137,18 +137,21 @@ demo: $(VENV)/.installed
 	    _ "$$(svc registry)" "$$sp" > $(BASE_LOG).ref 2> $(BASE_LOG) & bpid=$$!; \
 	  trap 'kill -- -$$bpid 2>/dev/null || true' EXIT; \
 	fi; \
+	echo "llama.cpp venv $(LLAMA_VENV) (compiled once, niced, beside the demo; log: $(LORALINE_HOME)/llama-venv.log)"; \
+	nice -n 10 $(MAKE) --no-print-directory $(LLAMA_VENV)/.installed > $(LORALINE_HOME)/llama-venv.log 2>&1 & lpid=$$!; \
 	if [ ! -f $(DEMO)/checkpoint-100/adapter_config.json ]; then $(BIN)/loraline demo init $(DEMO); fi; \
 	if [ -n "$$bpid" ]; then \
 	  wait $$bpid || { echo "the CPU base image build failed ($(BASE_LOG)):" >&2; tail -n 30 $(BASE_LOG) >&2; exit 1; }; \
 	  trap - EXIT; base=$$(tail -n 1 $(BASE_LOG).ref); \
 	fi; \
+	wait $$lpid || echo "building $(LLAMA_VENV) failed ($(LORALINE_HOME)/llama-venv.log): the release exports no GGUF" >&2; \
 	echo "serving image base: $$base"; \
 	gguf=$$($(BIN)/python -c 'from loraline.gguf_base import packaged_gguf; print(packaged_gguf())'); \
 	echo "release 1: $(DEMO)/checkpoint-100 (the fine-tune's last checkpoint) on $$gguf"; \
 	env $(DEMO_BENCH) LORALINE_IMAGE_BASE=$$base $(BIN)/loraline release --adapter $(DEMO)/checkpoint-100 --base $$gguf --name $(MODEL) --json \
 	  | tee $(LORALINE_HOME)/last-release.json; \
 	echo "release 2: $(DEMO)/checkpoint-10 (an early checkpoint of the same run: the gate compares it with the champion)"; \
-	LORALINE_BENCH=false LORALINE_VLLM_PARITY=false $(BIN)/loraline release --adapter $(DEMO)/checkpoint-10 --base $$gguf --name $(MODEL) --image none --json \
+	LORALINE_BENCH=false LORALINE_VLLM_PARITY=false LORALINE_GGUF=none $(BIN)/loraline release --adapter $(DEMO)/checkpoint-10 --base $$gguf --name $(MODEL) --image none --json \
 	  > $(LORALINE_HOME)/early-release.json
 	@echo
 	@$(BIN)/loraline demo summary $(LORALINE_HOME)/last-release.json $(LORALINE_HOME)/early-release.json $(SERVICES_JSON)

@@ -124,3 +124,24 @@ def test_real_release_exports_gguf_traced_and_checked(real_demo, llama_python: P
     for ref in (q8["sha256"], f16["sha256"], str(settings.gguf_dir / out["merged"]["sha256"] / "model-q8_0.gguf")):
         chain = trace(ref, Settings())
         assert chain["adapter"]["sha256"] == out["adapter"]["sha256"] and chain["model_version"] == out["model_version"]
+
+
+def test_the_gate_reports_each_gguf_file_and_limits_quantized_ones_when_asked() -> None:
+    from loraline.gate import decide
+    from loraline.params import GateThresholds
+
+    def entry(quant: str, identical: int, close: int, failed: int) -> dict:
+        verdict = "identical" if identical == 8 else "close" if failed == 0 else "failed"
+        return {"quant": quant, "parity": {"verdict": verdict, "identical": identical, "close": close, "failed": failed,
+                                           "prompts": 8}}
+
+    lineage = {"model_name": NAME, "model_version": "1", "parity": {"prompts": 8, "identical": 8, "failed": 0},
+               "gguf": [entry("f16", 6, 2, 0), entry("q8_0", 5, 3, 0), entry("q4_k_m", 2, 3, 3)]}
+    d = decide(lineage, "registered", GateThresholds(champion_tolerance=None))
+    check = next(c for c in d.checks if c.name == "gguf")
+    assert d.passed and check.passed  # reported, not limited, by default
+    assert "q4_k_m failed (2 identical, 3 close, 3 failed of 8)" in check.detail
+    d = decide(lineage, "registered", GateThresholds(champion_tolerance=None, max_gguf_quant_failed=0.25))
+    assert not d.passed and any("quantized <= 25% failed" in r for r in d.reasons)
+    lineage["gguf"] = lineage["gguf"][:2]
+    assert decide(lineage, "registered", GateThresholds(champion_tolerance=None, max_gguf_quant_failed=0.0)).passed
