@@ -25,6 +25,7 @@ Public API::
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -114,7 +115,7 @@ def _record(directory: Path, quant: str, rec: dict[str, Any]) -> None:
     except (OSError, ValueError):
         data = {"schema": SCHEMA, "files": {}}
     data["files"][quant] = rec
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
 
@@ -127,7 +128,7 @@ def _make(engine: LlamaEngine, merged_dir: Path, directory: Path, quant: str, se
     if rec is not None:
         say(f"{out.name}: kept from an earlier export (sha256 {rec['sha256'][:12]})")
         return out, rec["sha256"], rec["made_by"], 0.0
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.partial")  # two releases of one merged model never share one
     tmp.unlink(missing_ok=True)
     if quant == "f16":
         seconds = convert_to_gguf(engine, merged_dir, tmp, settings, outtype="f16")
