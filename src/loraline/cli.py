@@ -101,6 +101,12 @@ def emit(data: dict[str, Any], as_json: bool) -> None:
     if isinstance(data.get("parity"), dict):
         p = data["parity"]
         table.add_row("parity", f"{p['identical']} identical, {p['close']} close, {p['failed']} failed of {p['prompts']}")
+    for g in data.get("gguf") or []:  # the GGUF exports (llama.cpp)
+        p = g.get("parity") or {}
+        table.add_row(f"gguf ({g['quant']})", f"{g['bytes'] / 1e6:.1f} MB sha256 {g['sha256']}  parity {p.get('verdict')} "
+                      f"({p.get('identical')} identical, {p.get('close')} close, {p.get('failed')} failed)  {g['uri']}")
+    if data.get("gguf_skipped"):
+        table.add_row("gguf", f"skipped: {data['gguf_skipped']}")
     if isinstance(data.get("evaluation"), dict):
         e = data["evaluation"]
         served = f"; served image {e['served_accuracy']:.1%}" if e.get("served_accuracy") is not None else ""

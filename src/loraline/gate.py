@@ -132,10 +132,28 @@ def decide(lineage: dict[str, Any], status: str, t: GateThresholds, champion: Ch
         checks.append(GateCheck("image", bool(smoked), "serving image: " + (
             ", ".join(f"{i['mode']} {i['pinned']} smoke-tested" for i in smoked) if smoked
             else "none pushed and smoke-tested; the gate requires one")))
+    if lineage.get("gguf"):
+        checks.append(gguf_check(lineage["gguf"], t.max_gguf_quant_failed))
     if t.champion_tolerance is not None:
         checks.append(champion_check(lineage, champion, t.champion_tolerance))
     return GateDecision(model_name=str(lineage["model_name"]), model_version=str(lineage["model_version"]),
                         passed=all(c.passed for c in checks), checks=tuple(checks), champion=champion)
+
+
+def gguf_check(files: list[dict[str, Any]], max_failed: float | None) -> GateCheck:
+    """The GGUF exports' parity against the merged model: each file's verdict is reported; a quantized file may fail
+    at most ``max_failed`` of the prompts (None: no limit), an f16 file none."""
+    parts, ok = [], True
+    for f in files:
+        p = f.get("parity") or {}
+        prompts, failed = int(p.get("prompts") or 0), int(p.get("failed") or 0)
+        share = failed / prompts if prompts else 1.0
+        limit = 0.0 if f["quant"] == "f16" else max_failed
+        ok = ok and (limit is None or share <= limit)
+        parts.append(f"{f['quant']} {p.get('verdict')} ({p.get('identical')} identical, {p.get('close')} close, {failed} failed "
+                     f"of {prompts})")
+    need = "f16 none failed" + ("" if max_failed is None else f", quantized <= {max_failed:.0%} failed")
+    return GateCheck("gguf", ok, f"GGUF parity vs the merged model: {'; '.join(parts)}; needs {need}")
 
 
 def champion_score(t: Tracking, name: str, version: str) -> ChampionScore:

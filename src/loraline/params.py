@@ -73,6 +73,10 @@ class GateThresholds(BaseModel):
         description="Least output tokens/s of the merged model on vLLM's OpenAI server (best concurrency level); empty: no limit.")
     require_image: bool = Field(
         default=False, description="A serving image must have been pushed and have passed its smoke test.")
+    max_gguf_quant_failed: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Largest share of parity prompts a quantized GGUF export (q8_0, q4_k_m) may fail against the merged "
+                    "model (logprobs-close rule; f16 must always pass); empty: reported in the gate, not limited.")
     champion_tolerance: float | None = Field(
         default=0.0, ge=0, le=1,
         description="Champion–challenger: the release's task accuracy may be at most this much below the current "

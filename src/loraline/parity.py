@@ -296,6 +296,12 @@ def require_parity(report: ParityReport) -> ParityReport:
             f"{report.b} does not reproduce the adapter as HF peft runs it — check that vLLM supports every module the "
             "adapter targets (it skips unsupported ones), and that the engine runs the model's dtype"
         )
+    elif report.b.startswith("llama.cpp"):
+        hint = (
+            f"llama.cpp on the {report.b.removeprefix('llama.cpp-')} GGUF file does not reproduce the merged model — check "
+            "that llama.cpp's converter supports the architecture as transformers runs it (tokenizer, RoPE, tied "
+            "embeddings), or pass --gguf none"
+        )
     else:
         hint = (
             "the merged model does not reproduce the adapter — check the base matches the one the adapter was trained "

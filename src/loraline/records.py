@@ -210,3 +210,45 @@ def log_report(name: str, version: str, run_id: str, markdown: str, gate: dict[s
         verdict = "passed" if gate["passed"] else "failed: " + "; ".join(gate.get("reasons", []))
         t.client.update_model_version(name, version, description="\n\n".join(
             x for x in (version_description(lineage), images, f"Gate {verdict} ({moved}).") if x))
+
+
+def log_gguf(name: str, version: str, run_id: str, export: Any, settings: Settings) -> list[dict[str, Any]]:
+    """Record a :class:`~loraline.gguf_export.GgufExport` on a release: the GGUF files and each one's parity report as
+    artifacts of its run (``gguf/``), tags ``loraline.gguf.<type>.sha256`` / ``.parity`` on the version and the run,
+    metrics ``gguf.<type>.*``, a ``gguf`` list in ``lineage.json`` (``quant``, ``uri``, ``sha256``, ``bytes``,
+    ``parity``, ``converter``, ...). Returns that list."""
+    from mlflow.entities import Metric
+
+    from loraline.gguf_export import parity_dict
+
+    t = connect(settings)
+    client = t.client
+    if export.skipped:  # --gguf auto on a model llama.cpp's converter refuses: said on the release, nothing exported
+        t.update_lineage(run_id, gguf=[], gguf_skipped=export.skipped)
+        client.set_model_version_tag(name, version, f"{TAG}gguf.skipped", redact(export.skipped)[:4000])
+        client.set_tag(run_id, f"{TAG}gguf.skipped", redact(export.skipped)[:4000])
+        return []
+    t.log_texts(run_id, {**{f"parity-{f.quant}.json": json.dumps(parity_dict(f), indent=2) for f in export.files},
+                         "gguf.json": json.dumps(export.summary(), indent=2)},
+                "gguf", extra=tuple(f.path for f in export.files))
+    entries = [{**s, "uri": f"runs:/{run_id}/gguf/{s['file']}"} for s in export.summary()]
+    t.update_lineage(run_id, gguf=entries)
+    now = int(time.time() * 1000)
+    metrics = []
+    for f in export.files:
+        p = f.parity
+        metrics += [Metric(f"gguf.{f.quant}.{k}", float(v), now, 0) for k, v in (
+            ("bytes", f.bytes), ("seconds", f.seconds), ("parity_identical", p.identical), ("parity_close", p.close),
+            ("parity_failed", p.failed), ("parity_max_abs_logprob_diff", p.max_abs_logprob_diff))]
+    client.log_batch(run_id, metrics=metrics)
+    c = export.converter
+    tags = {"gguf.types": ",".join(f.quant for f in export.files),
+            "gguf.converter": f"llama-cpp-python=={c['llama_cpp_python']} llama.cpp@{c['llama_cpp_commit']} gguf=={c['gguf']}"}
+    for f in export.files:
+        p = f.parity
+        tags.update({f"gguf.{f.quant}.sha256": f.sha256, f"gguf.{f.quant}.bytes": str(f.bytes),
+                     f"gguf.{f.quant}.parity": f"{f.verdict}: {p.identical} identical, {p.close} close, {p.failed} failed of {p.prompts}"})
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, TAG + k, v)
+        client.set_tag(run_id, TAG + k, v)
+    return entries

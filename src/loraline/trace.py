@@ -29,7 +29,8 @@ def _chain(t: Tracking, mv: Any) -> dict[str, Any]:
 def trace(ref: str, settings: Settings) -> dict[str, Any]:
     """Every release chain ``ref`` belongs to; the newest one's fields are also at the top level.
 
-    ``ref`` is an adapter directory, an adapter or merged-model sha256, a base's ``.gguf`` file or its sha256,
+    ``ref`` is an adapter directory, an adapter or merged-model sha256, a base's ``.gguf`` file or its sha256, a GGUF
+    file a release exported (``loraline.gguf.<type>.sha256``) or its sha256,
     ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``.
     """
     t = connect(settings)
@@ -43,11 +44,13 @@ def trace(ref: str, settings: Settings) -> dict[str, Any]:
         elif s := _SHA.match(ref.lower()):
             sha = s["sha"]
             versions = (t.find_versions(adapter_sha=sha) or t.find_versions(merged_sha=sha)
-                        or t.find_versions(gguf_sha=sha) or _image_versions(client, f"sha256:{sha}"))
+                        or t.find_versions(gguf_sha=sha) or _exported_gguf_versions(client, sha)
+                        or _image_versions(client, f"sha256:{sha}"))
         elif ref.lower().endswith(".gguf") and Path(ref).is_file():  # a GGUF file some base was converted from
             from loraline.digest import sha256_file
 
-            versions = t.find_versions(gguf_sha=sha256_file(Path(ref)))
+            sha = sha256_file(Path(ref))
+            versions = t.find_versions(gguf_sha=sha) or _exported_gguf_versions(client, sha)
         elif Path(ref).is_dir():
             try:
                 sha = adapter_digest(Path(ref))
@@ -68,6 +71,16 @@ def trace(ref: str, settings: Settings) -> dict[str, Any]:
     chains = [_chain(t, mv) for mv in versions]
     newest = max(chains, key=lambda c: c.get("created", ""))
     return {"ref": ref, **newest, "chains": chains}
+
+
+def _exported_gguf_versions(client: Any, sha: str) -> list[Any]:
+    """Model versions that exported a GGUF file with this sha256 (any type: tag ``loraline.gguf.<type>.sha256``)."""
+    from loraline.settings import GGUF_TYPES
+
+    found = []
+    for quant in GGUF_TYPES:
+        found += client.search_model_versions(f"tags.`{TAG}gguf.{quant}.sha256` = '{sha}'", max_results=1000)
+    return sorted(found, key=lambda v: (v.name, int(v.version)))
 
 
 def _image_versions(client: Any, digest: str) -> list[Any]:

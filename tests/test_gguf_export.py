@@ -1,0 +1,147 @@
+"""GGUF export: the release's merged model as llama.cpp files (llama.cpp's converter and quantizer, in .venv-llama), each
+checked against the merged model in transformers, recorded in MLflow and lineage.json, traceable from its digest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from helpers import loraline, mlflow_state
+from loraline.errors import EngineError, SettingsError
+from loraline.settings import Settings, parse_gguf
+
+pytestmark = pytest.mark.slow
+NAME = "smol-gguf"
+EMPTY = {"versions": [], "aliases": [], "running": []}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def test_gguf_values_are_read_in_one_normal_form() -> None:
+    assert parse_gguf("Q8_0, f16") == "f16,q8_0"
+    assert parse_gguf("q4_k_m") == "q4_k_m"
+    assert parse_gguf(None) == "auto" and parse_gguf("none") == "none"
+    for bad in ("q3_k", "f16,none", ",", "bf16"):
+        with pytest.raises(ValueError, match="f16, q8_0, q4_k_m"):
+            parse_gguf(bad)
+
+
+def test_a_bad_gguf_value_is_refused_before_anything_is_merged(prefect_harness, demo_assets, settings: Settings,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraline_flows.release import release
+
+    with pytest.raises(SettingsError, match=r"'q3_k' is not a GGUF type loraline exports; give none, auto, or one or more of f16, q8_0, q4_k_m"):
+        release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME, gguf="f16,q3_k")
+    assert mlflow_state(settings) == EMPTY
+    assert not settings.merged_dir.exists() or not list(settings.merged_dir.iterdir())
+    # The command line refuses it as a usage error, before it starts anything.
+    proc = loraline("release", "--adapter", str(demo_assets.checkpoint), "--base", str(demo_assets.base), "--name", NAME,
+                    "--gguf", "q3_k", home=settings.home)
+    assert proc.returncode == 2, proc.stderr
+    assert "Invalid value for '--gguf'" in proc.stderr and "'q3_k' is not a GGUF type" in proc.stderr
+    assert mlflow_state(settings) == EMPTY
+    # Asked for explicitly without llama.cpp: refused before the merge too, saying how to get it.
+    monkeypatch.setenv("LORALINE_LLAMA_PYTHON", str(settings.home / "no-such-venv" / "bin" / "python"))
+    with pytest.raises(EngineError, match=r"is not an executable file; run `make setup` \(it builds .venv-llama"):
+        release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME, gguf="f16")
+    assert mlflow_state(settings) == EMPTY
+    assert not settings.merged_dir.exists() or not list(settings.merged_dir.iterdir())
+
+
+def test_a_model_llama_cpp_cannot_convert_fails_its_version_or_is_skipped_on_auto(
+        prefect_harness, demo_assets, llama_python: Path, settings: Settings) -> None:
+    """The tiny model's tokenizer (a BPE trained here) is one llama.cpp's converter does not know: asked for f16, the
+    version is marked failed at the gguf step with the converter's reason (no alias moves); on auto the same release
+    goes on, the skip recorded."""
+    from loraline_flows.release import release
+
+    with pytest.raises(EngineError, match="llama.cpp does not know this model's tokenizer"):
+        release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME, gguf="f16")
+    client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
+    tags = client.get_model_version(NAME, "1").tags
+    assert tags["loraline.status"] == "failed" and tags["loraline.failed.step"] == "gguf"
+    assert "pre-tokenizer" in tags["loraline.failed.reason"]
+    assert not client.get_registered_model(NAME).aliases
+
+    out = release(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME, gguf="auto")
+    assert out["model_version"] == "1" and out["gguf"] == []
+    assert "llama.cpp does not know this model's tokenizer" in out["gguf_skipped"]
+    tags = client.get_model_version(NAME, "1").tags
+    assert "loraline.failed.step" not in tags and "pre-tokenizer" in tags["loraline.gguf.skipped"]
+    assert out["gate"]["passed"] is True
+
+
+def test_real_release_exports_gguf_traced_and_checked(real_demo, llama_python: Path, prefect_api_url: str,
+                                                       settings: Settings) -> None:
+    """`loraline release --gguf f16,q8_0 --json` of the real demo fine-tune: two llama.cpp files, each in MLflow (run
+    artifacts, version tags), in lineage.json and the JSON, with its parity against the merged model; f16 passes it;
+    `trace` from either file's digest (or the file) reaches the adapter."""
+    from loraline.trace import trace
+
+    proc = loraline("release", "--adapter", str(real_demo.checkpoint), "--base", str(real_demo.base), "--name", NAME,
+                    "--image", "none", "--gguf", "f16,q8_0", "--json", home=settings.home, prefect_api_url=prefect_api_url,
+                    LORALINE_EVAL="false", LORALINE_LLAMA_PYTHON=str(llama_python))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    files = out["gguf"]
+    assert [f["quant"] for f in files] == ["f16", "q8_0"]
+    client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
+    mv = client.get_model_version(NAME, out["model_version"])
+    run_id = out["mlflow_run_id"]
+    lineage = json.loads(Path(client.download_artifacts(run_id, "lineage.json")).read_text())
+    assert lineage["gguf"] == files
+    for f in files:
+        assert f["uri"] == f"runs:/{run_id}/gguf/model-{f['quant']}.gguf"
+        logged = Path(client.download_artifacts(run_id, f"gguf/model-{f['quant']}.gguf"))
+        assert sha256(logged) == f["sha256"] and logged.stat().st_size == f["bytes"]
+        with open(logged, "rb") as fh:
+            assert fh.read(4) == b"GGUF"
+        assert mv.tags[f"loraline.gguf.{f['quant']}.sha256"] == f["sha256"]
+        assert f["converter"]["llama_cpp_python"] == "0.3.36" and f["converter"]["llama_cpp_commit"] == "0c1e57098"
+        p = f["parity"]
+        assert p["prompts"] == 8 and p["identical"] + p["close"] + p["failed"] == 8
+        assert p["verdict"] in ("identical", "close", "failed")
+        assert f"loraline.gguf.{f['quant']}.parity" in mv.tags
+        json.loads(Path(client.download_artifacts(run_id, f"gguf/parity-{f['quant']}.json")).read_text())
+    f16, q8 = files
+    assert f16["parity"]["failed"] == 0 and f16["parity"]["verdict"] in ("identical", "close")  # as vLLM must
+    # bf16 weights fit f16 exactly: 2 bytes a parameter (the merged model's own size, plus the header); q8_0 ~1.06.
+    assert abs(f16["bytes"] - out["merged"]["bytes"]) < 0.02 * out["merged"]["bytes"]
+    assert 0.5 * f16["bytes"] < q8["bytes"] < 0.56 * f16["bytes"]
+    gate = {c["name"]: c for c in out["gate"]["checks"]}
+    assert gate["gguf"]["passed"] and "f16 " in gate["gguf"]["detail"] and "q8_0 " in gate["gguf"]["detail"]
+
+    for ref in (q8["sha256"], f16["sha256"], str(settings.gguf_dir / out["merged"]["sha256"] / "model-q8_0.gguf")):
+        chain = trace(ref, Settings())
+        assert chain["adapter"]["sha256"] == out["adapter"]["sha256"] and chain["model_version"] == out["model_version"]
+
+
+def test_the_gate_reports_each_gguf_file_and_limits_quantized_ones_when_asked() -> None:
+    from loraline.gate import decide
+    from loraline.params import GateThresholds
+
+    def entry(quant: str, identical: int, close: int, failed: int) -> dict:
+        verdict = "identical" if identical == 8 else "close" if failed == 0 else "failed"
+        return {"quant": quant, "parity": {"verdict": verdict, "identical": identical, "close": close, "failed": failed,
+                                           "prompts": 8}}
+
+    lineage = {"model_name": NAME, "model_version": "1", "parity": {"prompts": 8, "identical": 8, "failed": 0},
+               "gguf": [entry("f16", 6, 2, 0), entry("q8_0", 5, 3, 0), entry("q4_k_m", 2, 3, 3)]}
+    d = decide(lineage, "registered", GateThresholds(champion_tolerance=None))
+    check = next(c for c in d.checks if c.name == "gguf")
+    assert d.passed and check.passed  # reported, not limited, by default
+    assert "q4_k_m failed (2 identical, 3 close, 3 failed of 8)" in check.detail
+    d = decide(lineage, "registered", GateThresholds(champion_tolerance=None, max_gguf_quant_failed=0.25))
+    assert not d.passed and any("quantized <= 25% failed" in r for r in d.reasons)
+    lineage["gguf"] = lineage["gguf"][:2]
+    assert decide(lineage, "registered", GateThresholds(champion_tolerance=None, max_gguf_quant_failed=0.0)).passed
