@@ -33,7 +33,7 @@ if point == "registration":  # the version exists, its run is RUNNING, lineage.j
     mlflow.log_dict = log_dict
 elif point == "merge":  # the merged weights are written to the staging dir, not yet moved into place
     import loraline.merge as m
-    m.digest_dir = lambda path: os.kill(os.getpid(), signal.SIGKILL)
+    m.digest_dir = lambda path, *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 sys.argv = ["loraline", "release", *sys.argv[2:]]
 from loraline_flows.cli import main
 main()
