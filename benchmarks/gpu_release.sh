@@ -68,7 +68,8 @@ collect() {  # lineage, the MLflow run's small artifacts (benchmark.json, plots,
     while read -r f; do rel=${f#*"$run_id"/artifacts/}; mkdir -p "$out/run/$(dirname "$rel")"; cp -f "$f" "$out/run/$rel"; done
   find "$out/run" -name benchmark.json -exec cp -f {} "$out/benchmark.json" \; 2>/dev/null || true
   find "$out/run" -name '*.png' -exec cp -f {} "$out/" \; 2>/dev/null || true
-  find "$home" -name '*.log' -size -4M -newer "$work/started" -path '*engine*' -exec cp -f {} "$out/logs/" \; 2>/dev/null || true
+  # vLLM's server logs (the OpenAI servers' starts: KV cache size, CUDA graphs, torch.compile) for issue 16 §1's check.
+  find "$home/logs" -name 'vllm-*.log' -size -4M -exec cp -f {} "$out/logs/" \; 2>/dev/null || true
   "$py" - "$out" <<'PY'
 import json, sys
 from pathlib import Path
@@ -147,7 +148,8 @@ case "$cmd" in
     git_sha="$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo '+changes')"
     rm -rf "$work/code" && mkdir -p "$work/code/benchmarks"
     cp -a src flows pyproject.toml "$work/code/" && cp -a "$0" "$work/code/benchmarks/gpu_release.sh"
-    GPU_RELEASE_ROOT=$work/code GPU_RELEASE_GIT=$git_sha \
+    # Its own results go to $work/out; each `wait` call copies them to that call's $OUT.
+    OUT=$work/out GPU_RELEASE_ROOT=$work/code GPU_RELEASE_GIT=$git_sha \
       setsid nohup bash "$work/code/benchmarks/gpu_release.sh" run > "$work/run.log" 2>&1 < /dev/null &
     echo $! > "$work/pid"
     echo "started: pid $!, log $work/run.log"
@@ -174,7 +176,8 @@ print("loraline env: mlflow", mlflow.__version__, "prefect", prefect.__version__
       "cuda", torch.cuda.is_available(), "transformers", transformers.__version__, "peft", peft.__version__,
       "loraline from", loraline.__file__, "flows from", loraline_flows.cli.__file__)' | tee -a "$work/env.log"
 "$LORALINE_VLLM_PYTHON" -c 'import vllm, fastapi, openai; print("engine env: vllm", vllm.__version__, "fastapi", fastapi.__version__, "openai", openai.__version__)' \
-  2>/dev/null | tail -n 1 | tee -a "$work/env.log"
+  > "$work/engine-env.log" 2>&1 || { tail -n 20 "$work/engine-env.log"; echo "the engine ($LORALINE_VLLM_PYTHON) cannot import vllm: install-vllm.sh?"; exit 1; }
+tail -n 1 "$work/engine-env.log" | tee -a "$work/env.log"
 
 adapter=$demo/checkpoint-100 base=$demo/base
 if [ -n "${GPU_RELEASE_ADAPTER:-}" ]; then
