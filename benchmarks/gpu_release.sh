@@ -118,7 +118,8 @@ export PREFECT_HOME=$work/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$work/hf MPLBACKEND=Agg MLFLOW_DISABLE_TELEMETRY=true
 # MLflow: SQLite under LORALINE_HOME (the default tracking URI, sqlite:///$LORALINE_HOME/mlflow.db).
 unset LORALINE_TRACKING_URI MLFLOW_TRACKING_URI
-export LORALINE_IMAGE=none LORALINE_VLLM_PARITY=true LORALINE_EVAL=true LORALINE_BENCH=true LORALINE_BENCH_CROSSCHECK=true
+export LORALINE_IMAGE=none LORALINE_VLLM_PARITY=${LORALINE_VLLM_PARITY:-true} LORALINE_EVAL=${LORALINE_EVAL:-true} \
+       LORALINE_BENCH=${LORALINE_BENCH:-true} LORALINE_BENCH_CROSSCHECK=${LORALINE_BENCH_CROSSCHECK:-true}
 if [ -n "${GPU_RELEASE_TINY:-}" ]; then
   # The CPU smoke test: the tiny demo, a workload that only proves every path runs.
   export LORALINE_BENCH_PROMPTS=${LORALINE_BENCH_PROMPTS:-4} LORALINE_BENCH_REPEATS=${LORALINE_BENCH_REPEATS:-1} \
@@ -200,7 +201,7 @@ else
 fi
 step "demo done: $(tail -n 1 "$work/demo.log" 2>/dev/null)"
 
-step "release: bench ${LORALINE_BENCH_PROMPTS} prompts x ${LORALINE_BENCH_REPEATS}, ${LORALINE_BENCH_INPUT_LEN}/${LORALINE_BENCH_OUTPUT_LEN} tokens, levels ${LORALINE_BENCH_CONCURRENCY}"
+step "release: vLLM parity ${LORALINE_VLLM_PARITY}, eval ${LORALINE_EVAL}, bench ${LORALINE_BENCH}: ${LORALINE_BENCH_PROMPTS} prompts x ${LORALINE_BENCH_REPEATS}, ${LORALINE_BENCH_INPUT_LEN}/${LORALINE_BENCH_OUTPUT_LEN} tokens, levels ${LORALINE_BENCH_CONCURRENCY}"
 "$py" -m loraline_flows.cli release --adapter "$adapter" --base "$base" \
   --name smol-sql --image none --json -v > "$work/lineage.json" 2> "$work/release.stderr"
 step "release done"
