@@ -11,7 +11,7 @@ from typing import Any
 from loraline.errors import LoralineError
 from loraline.settings import Settings
 from loraline.trace import release_of
-from loraline_flows.release import _with_image
+from loraline.resume import with_image
 
 DEPLOYMENT = "release/release"
 POLL_S = 2.0
@@ -59,7 +59,7 @@ def submit_release(parameters: dict[str, Any], settings: Settings, api_url: str)
         raise LoralineError(f"the release's flow run {run.name} ({run.id}) completed without naming a model version")
     lineage = release_of(f"models:/{parameters['name']}/{version}", settings)
     mode = parameters.get("image") or next((i.get("mode") for i in reversed(lineage.get("images", []))), None)
-    return {**_with_image(lineage, mode), "flow_run": flow_run}
+    return {**with_image(lineage, mode), "flow_run": flow_run}
 
 
 def _version(run_name: str, name: str) -> str | None:

@@ -189,9 +189,17 @@ def _with_log(container: Any) -> Iterator[None]:
     except (ImageError, httpx.HTTPError) as e:
         if "container log" in str(e) or "before /health" in str(e):
             raise
-        lines = container.logs(tail=200).decode(errors="replace").splitlines()
+        try:  # did it exit (a signal, the OOM killer) or does it still run? (a connection error alone does not say)
+            container.reload()
+            st = container.attrs.get("State", {})
+            state = (f"container {st.get('Status')}, exit code {st.get('ExitCode')}, OOM-killed {st.get('OOMKilled')}"
+                     + (f", error {st.get('Error')!r}" if st.get("Error") else ""))
+            lines = container.logs(tail=200).decode(errors="replace").splitlines()
+        except Exception as gone:  # noqa: BLE001 - the diagnosis must not hide the failure
+            state, lines = f"container state unavailable: {gone}", []
         errors = [ln for ln in lines if "ERROR" in ln or "Error" in ln][-8:] or lines[-8:]
-        raise ImageError(f"{e}\ncontainer log (last error lines):\n" + "\n".join(errors)) from e
+        raise ImageError(f"{e}\n{state}; container log (last error lines):\n" + "\n".join(errors)
+                         + ("\ncontainer log (last lines):\n" + "\n".join(lines[-15:]) if lines else "")) from e
 
 
 def _wait_ready(http: Any, url: str, container: Any, timeout_s: float, t0: float) -> float:
