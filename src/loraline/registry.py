@@ -162,8 +162,7 @@ def settled_release(t: Tracking, name: str, versions: Sequence[Any], wait_s: flo
                         told.add(holder)
                         progress(f"models:/{name}/{mv.version} has these digests; {holder} is running its steps: waiting")
                     continue
-                return {**t.lineage(mv.run_id), "existing": True, "status": tags.get(f"{TAG}status"),
-                        "failed_step": tags.get(f"{TAG}failed.step")}
+                return existing_lineage(t, mv.run_id, tags)
             if run.info.status == "RUNNING" and not _owner_dead(run.data.tags.get(OWNER)):
                 registering.append(mv)
             else:  # killed (or failed without its rollback): nothing of it may stay
@@ -183,6 +182,12 @@ def settled_release(t: Tracking, name: str, versions: Sequence[Any], wait_s: flo
         time.sleep(1.0)
         pending = registering + [mv for mv, _ in stepping]
     return None
+
+
+def existing_lineage(t: Any, run_id: str, tags: dict[str, str]) -> dict[str, Any]:
+    """An earlier release's answer: its run's lineage, marked existing, with its version's status and failed step."""
+    return {**t.lineage(run_id), "existing": True, "status": tags.get(f"{TAG}status"),
+            "failed_step": tags.get(f"{TAG}failed.step")}
 
 
 def find_release(name: str, adapter: FetchedAdapter, base: FetchedBase, settings: Settings,

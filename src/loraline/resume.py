@@ -72,9 +72,9 @@ def cached_release(adapter: str, base: str, name: str, settings: Settings, image
     from loraline.digest import digest_dir, sha256_file
     from loraline.errors import LoralineError, TrackingError
     from loraline.image import image_mode
-    from loraline.registry import OWNER, held_by_other, check_model_name
+    from loraline.registry import OWNER, check_model_name, existing_lineage, held_by_other
     from loraline.sources import adapter_digest, parse_source
-    from loraline.tracking import TAG, UNAVAILABLE, connect
+    from loraline.tracking import UNAVAILABLE, connect
     from loraline.validation import settings_allow
 
     if image is not None:
@@ -103,8 +103,7 @@ def cached_release(adapter: str, base: str, name: str, settings: Settings, image
         tags = t.version_tags(mv.name, mv.version)
         if held_by_other(tags.get(OWNER)):
             return None  # another process runs its steps: the flow waits for it
-        lineage = {**t.lineage(mv.run_id), "existing": True, "status": tags.get(f"{TAG}status"),
-                   "failed_step": tags.get(f"{TAG}failed.step")}
+        lineage = existing_lineage(t, mv.run_id, tags)
         if not resume_plan(lineage, settings, mode).done:
             return None
     except TrackingError as e:
