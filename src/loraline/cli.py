@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from loraline.errors import LoralineError
-from loraline.settings import Settings
+from loraline.settings import VLLM_GPU_MEMORY_UTILIZATION, Settings
 
 
 def load_settings() -> Settings:
@@ -225,7 +225,7 @@ def trace(ref: str, as_json: bool) -> None:
 @click.argument("ref")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu (budget: LORALINE_VLLM_CPU_KVCACHE_GIB), or a GPU: h100, h200, or any name with --device-memory-gib.")
-@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
+@click.option("--gpu-memory-utilization", type=float, default=VLLM_GPU_MEMORY_UTILIZATION, show_default=True,
               help="GPUs: the fraction of the device vLLM may use (on CPU the budget is LORALINE_VLLM_CPU_KVCACHE_GIB).")
 @click.option("--max-model-len", type=int, default=None,
               help="Tokens per request; default: what loraline starts engines with (CPU: the model's context, at most "

@@ -353,6 +353,54 @@ def run_serve_bench(runs: Sequence[Mapping[str, Any]], settings: Settings) -> di
     return response
 
 
+def run_in_group(cmd: Sequence[str], env: Mapping[str, str], what: str, timeout_s: float,
+                 input: str | None = None, log_name: str = "log") -> tuple[int, str]:
+    """Run ``cmd`` in a process group of its own, stdout and stderr together: ``(exit status, output)``.
+
+    The one way loraline runs an engine's program (vLLM's runner, llama.cpp's runner and converter): the whole group
+    is killed after ``timeout_s`` (vLLM starts workers of its own) and whatever it left behind is killed when it ends;
+    a timeout raises :class:`EngineError` with the last lines of ``log_name``.
+    """
+    proc = subprocess.Popen(
+        [str(c) for c in cmd],
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(env),
+        start_new_session=True,  # its own process group, so a kill reaches vLLM's workers too
+    )
+    try:
+        out, _ = proc.communicate(input, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_group(proc, grace_s=0)
+        out, _ = proc.communicate()
+        raise EngineError(
+            f"{what} did not finish within {timeout_s:.0f}s and was killed; raise "
+            f"LORALINE_ENGINE_TIMEOUT_S if the machine is slow.\n--- {log_name} (last lines) ---\n{_tail(out)}"
+        ) from None
+    finally:
+        kill_group(proc, grace_s=0)  # leftovers of a run that exited, if any
+    return proc.returncode, out
+
+
+def run_runner_file(python: Path, runner: Path, request: Mapping[str, Any], env: Mapping[str, str], what: str,
+                    timeout_s: float, fix: str = "", log_name: str = "engine log") -> tuple[dict[str, Any], str]:
+    """Run a runner file (``python runner``, the request as JSON on stdin, the answer on its ``RESULT_MARKER`` line):
+    ``(its answer, the log without that line)``. A failure, a missing answer or an error answer raises
+    :class:`EngineError` with the log's last lines (and ``fix`` when the environment itself looks wrong)."""
+    rc, out = run_in_group([str(python), str(runner)], env, what, timeout_s, input=json.dumps(request), log_name=log_name)
+    log = "\n".join(ln for ln in out.splitlines() if not ln.startswith(RESULT_MARKER))
+    line = next((ln for ln in reversed(out.splitlines()) if ln.startswith(RESULT_MARKER)), None)
+    answer = json.loads(line.removeprefix(RESULT_MARKER)) if line else None
+    if rc != 0 or answer is None or "error" in answer:
+        error = answer.get("error") if answer else f"exit status {rc}, no result line"
+        hint = f"; {fix}" if fix and (answer is None or "ModuleNotFoundError" in str(error)) else ""
+        trace = f"\n--- runner traceback ---\n{answer['traceback'].rstrip()}" if answer and answer.get("traceback") else ""
+        raise EngineError(f"{what} failed: {error}{hint}\n--- {log_name} (last lines) ---\n{_tail(log)}{trace}")
+    return answer, log
+
+
 def _run_runner(engine: Engine, request: dict[str, Any], settings: Settings, what: str,
                 timeout_s: float | None = None) -> tuple[dict[str, Any], str]:
     """Run :mod:`loraline.vllm_runner` on ``request``: ``(its answer, the engine's log)``.
@@ -362,35 +410,9 @@ def _run_runner(engine: Engine, request: dict[str, Any], settings: Settings, wha
     """
     timeout_s = settings.engine_timeout_s if timeout_s is None else timeout_s
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [str(engine.python), str(RUNNER)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=engine_env(settings, engine),
-        start_new_session=True,  # its own process group, so a kill reaches vLLM's workers too
-    )
-    try:
-        out, _ = proc.communicate(json.dumps(request), timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_group(proc, grace_s=0)
-        out, _ = proc.communicate()
-        raise EngineError(
-            f"{what} did not finish within {timeout_s:.0f}s and was killed; raise "
-            f"LORALINE_ENGINE_TIMEOUT_S if the machine is slow.\n--- engine log (last lines) ---\n{_tail(out)}"
-        ) from None
-    finally:
-        kill_group(proc, grace_s=0)  # leftovers of a run that exited, if any
-    line = next((ln for ln in reversed(out.splitlines()) if ln.startswith(RESULT_MARKER)), None)
-    response = json.loads(line.removeprefix(RESULT_MARKER)) if line else None
-    if proc.returncode != 0 or response is None or "error" in response:
-        log = "\n".join(ln for ln in out.splitlines() if not ln.startswith(RESULT_MARKER))
-        error = response.get("error") if response else f"exit status {proc.returncode}, no result line"
-        trace = f"\n--- runner traceback ---\n{response['traceback'].rstrip()}" if response and response.get("traceback") else ""
-        raise EngineError(f"{what} failed: {error}\n--- engine log (last lines) ---\n{_tail(log)}{trace}")
+    response, log = run_runner_file(engine.python, RUNNER, request, engine_env(settings, engine), what, timeout_s)
     response.setdefault("timings", {})["process_s"] = round(time.perf_counter() - t0, 3)
-    return response, "\n".join(ln for ln in out.splitlines() if not ln.startswith(RESULT_MARKER))
+    return response, log
 
 
 def require_dir(path: Path, marker: str, what: str) -> None:

@@ -35,7 +35,7 @@ from loraline import __version__
 from loraline.engine import max_model_len
 from loraline.errors import ImageError
 from loraline.oci import Auth, _short, auth_config, check_registry, registry_manifest
-from loraline.settings import Settings, redact
+from loraline.settings import VLLM_GPU_MEMORY_UTILIZATION, Settings, redact
 
 # Package data (the wheel ships it): what the build context's Dockerfile is. A Traversable: read it with read_bytes().
 DOCKERFILE = files("loraline") / "data" / "docker" / "Dockerfile"
@@ -327,7 +327,7 @@ def build_args(lineage: dict[str, Any], mode: str, settings: Settings, *, cpu_ba
     """Dockerfile build args: where the model is, its served name and vLLM's flags (from the release config and the
     KV-cache plan: :func:`serving_config`)."""
     name = lineage["model_name"]
-    util = settings.image_gpu_memory_utilization or (0.2 if cpu_base else 0.9)
+    util = settings.image_gpu_memory_utilization or (0.2 if cpu_base else VLLM_GPU_MEMORY_UTILIZATION)
     cfg = serving_config(model_dir, settings, cpu_base=cpu_base, gpu_memory_utilization=util)
     args = [settings.image_vllm_args] if settings.image_vllm_args else []
     if cfg.max_num_seqs:

@@ -12,22 +12,18 @@ sdist with its own pins, built once by ``make setup`` into ``.venv-llama``. Two 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from loraline.engine import engine_env
+from loraline.engine import engine_env, run_in_group, run_runner_file
 from loraline.errors import EngineError
-from loraline.services.process import kill_group
 from loraline.settings import LLAMA_VENV, Settings
 
 RUNNER = Path(__file__).with_name("llama_runner.py")
-RESULT_MARKER = "LORALINE_RESULT "
 CONVERTER = "convert_hf_to_gguf.py"
 _FIX = (f"run `make setup` (it builds {LLAMA_VENV} with llama-cpp-python and llama.cpp's converter, about 3 min once) "
         "or set LORALINE_LLAMA_PYTHON to a Python that has llama-cpp-python, and LORALINE_LLAMA_CPP_DIR to llama.cpp's "
@@ -90,25 +86,16 @@ def convert_to_gguf(engine: LlamaEngine, model_dir: Path, out_file: Path, settin
     env = engine_env(settings, None)
     env.pop("NO_LOCAL_GGUF", None)  # the converter then puts its own gguf-py first on sys.path: what it is written against
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=settings.engine_timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_group(proc, grace_s=0)
-        out, _ = proc.communicate()
-        raise EngineError(f"llama.cpp's converter on {model_dir} did not finish within {settings.engine_timeout_s:.0f}s; "
-                          "raise LORALINE_ENGINE_TIMEOUT_S if the machine is slow") from None
-    finally:
-        kill_group(proc, grace_s=0)
-    if proc.returncode != 0 or not Path(out_file).is_file():
+    rc, out = run_in_group(cmd, env, f"llama.cpp's converter on {model_dir}", settings.engine_timeout_s,
+                           log_name="converter output")
+    if rc != 0 or not Path(out_file).is_file():
         hint = ""
         if "pre-tokenizer was not recognized" in out:
             hint = (" — llama.cpp does not know this model's tokenizer (its BPE pre-tokenizer hash is not in "
                     "convert_hf_to_gguf.py); export GGUF only for models llama.cpp supports, or pass --gguf none")
         elif "not supported" in out.lower():
             hint = " — llama.cpp does not support this architecture; pass --gguf none"
-        raise EngineError(f"{CONVERTER_REFUSED} {model_dir} to GGUF (exit {proc.returncode}){hint}\n"
+        raise EngineError(f"{CONVERTER_REFUSED} {model_dir} to GGUF (exit {rc}){hint}\n"
                           f"--- converter output (last lines) ---\n{_tail(out)}")
     return time.perf_counter() - t0
 
@@ -162,24 +149,8 @@ def free_cores(window_s: float = 0.5) -> int:
 
 def _run(python: Path, request: dict[str, Any], settings: Settings, what: str) -> dict[str, Any]:
     """Run :mod:`loraline.llama_runner` on ``request`` with ``python``: its answer, or :class:`EngineError` with the log."""
-    proc = subprocess.Popen([str(python), str(RUNNER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=engine_env(settings, None), start_new_session=True)
-    try:
-        out, _ = proc.communicate(json.dumps(request), timeout=settings.engine_timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_group(proc, grace_s=0)
-        out, _ = proc.communicate()
-        raise EngineError(f"{what} did not finish within {settings.engine_timeout_s:.0f}s and was killed; raise "
-                          f"LORALINE_ENGINE_TIMEOUT_S if the machine is slow.\n--- log (last lines) ---\n{_tail(out)}") from None
-    finally:
-        kill_group(proc, grace_s=0)
-    line = next((ln for ln in reversed(out.splitlines()) if ln.startswith(RESULT_MARKER)), None)
-    answer = json.loads(line.removeprefix(RESULT_MARKER)) if line else None
-    if proc.returncode != 0 or answer is None or "error" in answer:
-        log = "\n".join(ln for ln in out.splitlines() if not ln.startswith(RESULT_MARKER))
-        error = answer.get("error") if answer else f"exit status {proc.returncode}, no result line"
-        fix = f"; {_FIX}" if answer is None or "ModuleNotFoundError" in str(error) else ""
-        raise EngineError(f"{what} failed: {error}{fix}\n--- log (last lines) ---\n{_tail(log)}")
+    answer, _ = run_runner_file(python, RUNNER, request, engine_env(settings, None), what, settings.engine_timeout_s,
+                                fix=_FIX, log_name="log")
     return answer
 
 

@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loraline.errors import PlanError
-from loraline.settings import Settings
+from loraline.settings import VLLM_GPU_MEMORY_UTILIZATION, Settings
 
 GiB = 1 << 30
 CPU_BLOCK_SIZE = 128  # vllm/platforms/cpu.py: unless --block-size (MLA: 16, not planned here)
@@ -300,7 +300,7 @@ def _groups(windows: tuple[int | None, ...]) -> tuple[int, list[tuple[int | None
 
 
 def plan_kv_cache(model_dir: Path, settings: Settings, *, device: str = "cpu", max_model_len: int | None = None,
-                  kv_cache_dtype: str = "auto", dtype: str = "auto", gpu_memory_utilization: float = 0.9,
+                  kv_cache_dtype: str = "auto", dtype: str = "auto", gpu_memory_utilization: float = VLLM_GPU_MEMORY_UTILIZATION,
                   device_memory_gib: float | None = None, block_size: int | None = None,
                   max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
                   engine: Literal["server", "offline"] = "server", enforce_eager: bool = False) -> KVPlan:

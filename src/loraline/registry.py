@@ -25,7 +25,7 @@ from loraline import __version__
 from loraline.errors import ParityError, RegistryError, SettingsError, TrackingError
 from loraline.merge import MergedModel
 from loraline.parity import ParityReport
-from loraline.settings import Settings, redact
+from loraline.settings import VLLM_GPU_MEMORY_UTILIZATION, Settings, redact
 from loraline.sources import FetchedAdapter, FetchedBase, S3Source
 from loraline.tracking import EXISTS, LINEAGE_FILE, SERVER_FAILED, TAG, Tracking, connect, failure
 from loraline.validation import ValidationReport
@@ -313,7 +313,7 @@ def kv_plan_record(merged: MergedModel, settings: Settings) -> tuple[dict[str, f
 
     try:
         p = plan_kv_cache(merged.path, settings, device=settings.plan_device,
-                          gpu_memory_utilization=settings.image_gpu_memory_utilization or 0.9)
+                          gpu_memory_utilization=settings.image_gpu_memory_utilization or VLLM_GPU_MEMORY_UTILIZATION)
     except Exception as e:  # noqa: BLE001 - see the docstring; the reason is in the tag and the lineage
         return {}, f"not planned: {e}"[:4000], {"device": settings.plan_device, "error": str(e)}
     return p.metrics(), p.summary(), {**p.to_dict(), "summary": p.summary()}

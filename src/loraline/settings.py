@@ -78,6 +78,9 @@ def parse_gguf(value: str | None) -> str:
 
 # The values vLLM accepts for ``--max-lora-rank`` (vllm/config/lora.py, ``MaxLoRARanks``).
 VLLM_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# vLLM's own ``--gpu-memory-utilization`` default (vllm/config/cache.py ``CacheConfig``: 0.92 in 0.24 and 0.32; the
+# H200 release of 2026-12-03 reported 0.92 for engines started without the flag). The plan and the image use it.
+VLLM_GPU_MEMORY_UTILIZATION = 0.92
 
 
 class Settings(BaseSettings):
@@ -215,7 +218,7 @@ class Settings(BaseSettings):
     )
     image_max_model_len: int | None = Field(default=None, ge=16, description="--max-model-len baked into the image; default: the model's context length.")
     image_gpu_memory_utilization: float | None = Field(
-        default=None, gt=0, le=1, description="--gpu-memory-utilization baked into the image; default 0.9 (0.2 on a CPU base, where it is a share of RAM).",
+        default=None, gt=0, le=1, description="--gpu-memory-utilization baked into the image; default vLLM's own, 0.92 (0.2 on a CPU base, where it is a share of RAM).",
     )
     image_vllm_args: str = Field(default="", description="More vLLM server flags baked into the image's entrypoint, e.g. '--max-num-seqs 64'.")
     image_smoke: bool = Field(default=True, description="After the push, pull the image by digest, run it and check its answers (the smoke test).")
