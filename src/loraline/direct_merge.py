@@ -42,7 +42,8 @@ _KEPT = {"I64", "I32", "I16", "I8", "U8", "BOOL"}
 _ST_NAME = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 _ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _IN_FLIGHT = 4  # tensors handed to the writer threads and not yet written and hashed
-_THREADED_CPUS = 4  # from this many usable CPUs on, the merge writes and hashes in two threads of their own
+_HASH_THREAD_CPUS = 2  # from this many usable CPUs on, the output is hashed in a thread of its own
+_THREADED_CPUS = 4  # from this many on, it is also written from a thread of its own
 _CHUNK_BYTES = 1 << 19  # float32 rows merged at a time (fits a core's L2 cache)
 # The LoraConfig values under which peft's LoRA layer is plain ``W + (B @ A) * scaling``. Other keys (variants, new
 # features) must be empty/false; init_lora_weights only matters at init time for these values (PiSSA, OLoRA, LoftQ, ...
@@ -363,14 +364,15 @@ def write_direct(plan: DirectPlan, stage: Path) -> dict[str, str]:
             for fut in in_flight.popleft():
                 fut.result()
 
-    # With cores to spare, writing, hashing and merging run at once (the first two release the GIL), each in order in
-    # its own thread; a chunk is dropped once both are done with it. On 2 shared cores, one after the other in this
-    # thread was faster (merge_bench's model, interleaved, load average 3.8: 0.53 s inline, 0.63 s with two threads,
-    # 0.71 s with one thread for both): the hand-offs wait for a core.
-    threaded = len(os.sched_getaffinity(0)) >= _THREADED_CPUS if hasattr(os, "sched_getaffinity") else False
+    # With cores to spare, hashing (and from 4 CPUs writing) runs beside the merging (both release the GIL), each in
+    # order in its own thread; a chunk is dropped once both are done with it. merge_bench's model on 2 cores, the
+    # three ways interleaved in one process (load average 0.9): 0.38 s inline, 0.29 s with a writer and a hasher
+    # thread, 0.27 s with a hasher thread only (the write is a memcpy into the page cache: handing it off costs more
+    # than it saves on 2 cores). On one CPU everything runs in this thread.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     sources: dict[Path, Any] = {}
-    with (ThreadPoolExecutor(1, "merge-write") if threaded else _Inline()) as writer, \
-            (ThreadPoolExecutor(1, "merge-hash") if threaded else _Inline()) as hasher:
+    with (ThreadPoolExecutor(1, "merge-write") if cpus >= _THREADED_CPUS else _Inline()) as writer, \
+            (ThreadPoolExecutor(1, "merge-hash") if cpus >= _HASH_THREAD_CPUS else _Inline()) as hasher:
         try:
             for filename, tensors in plan.shards.items():
                 h = hashlib.sha256()

@@ -16,6 +16,7 @@ import json
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -120,15 +121,18 @@ def merge_adapter(adapter: FetchedAdapter, base: FetchedBase, settings: Settings
                 plan, reason = plan_direct_merge(adapter.path, base.path, dtype, compute, settings, MAX_SHARD_SIZE), None
             except NotDirect as e:
                 reason = str(e)
-        if plan is not None:
-            stage.mkdir()
-            known = _merge_direct(plan, stage)
-            tied, n_params = plan.tied_embeddings, plan.parameters
-        else:
-            known = {}
-            tied, n_params = _merge_with_peft(adapter, base, settings, dtype, compute, stage)
-        load_tokenizer(adapter.path, base.path, settings).save_pretrained(str(stage))
-        _portable_tokenizer_config(stage / "tokenizer_config.json")
+        stage.mkdir()
+        # The tokenizer is loaded and saved in a thread beside the weights (mostly Python and JSON, while the merge is
+        # mostly torch and I/O, which release the GIL): merge_bench's model, 2 cores, 0.27 -> 0.23 s.
+        with ThreadPoolExecutor(1, "merge-tokenizer") as pool:
+            tokenizer = pool.submit(_save_tokenizer, adapter, base, settings, stage)
+            if plan is not None:
+                known = _merge_direct(plan, stage)
+                tied, n_params = plan.tied_embeddings, plan.parameters
+            else:
+                known = {}
+                tied, n_params = _merge_with_peft(adapter, base, settings, dtype, compute, stage)
+            tokenizer.result()
         gen = base.path / "generation_config.json"
         if gen.is_file():
             shutil.copyfile(gen, stage / "generation_config.json")
@@ -154,6 +158,12 @@ def merge_adapter(adapter: FetchedAdapter, base: FetchedBase, settings: Settings
     record.pop("seconds")
     _record(out).write_text(json.dumps(record, indent=2))
     return result
+
+
+def _save_tokenizer(adapter: FetchedAdapter, base: FetchedBase, settings: Settings, stage: Path) -> None:
+    """The tokenizer the release serves (the adapter's when it has one, else the base's), as save_pretrained writes it."""
+    load_tokenizer(adapter.path, base.path, settings).save_pretrained(str(stage))
+    _portable_tokenizer_config(stage / "tokenizer_config.json")
 
 
 def _merge_direct(plan: DirectPlan, stage: Path) -> dict[str, str]:
