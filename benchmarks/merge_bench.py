@@ -2,6 +2,7 @@
 and saving a copy of it; plus the release flow's cold and cached (re-run) times.
 
     .venv/bin/python benchmarks/merge_bench.py [--repeats 3] [--skip-release] [--json]
+    .venv/bin/python benchmarks/merge_bench.py --threading [--repeats 9]   # which threads the direct merge should use
 
 ``merge_adapter`` as a release runs it (the direct merge for this plain LoRA) and, for comparison in the same run, with
 ``LORALINE_MERGE_METHOD=peft`` (peft's merge_and_unload, the merge before the direct path): the floor and the merge
@@ -102,6 +103,49 @@ def bench_merge(work: Path, repeats: int) -> dict[str, object]:
     }
 
 
+WAYS = {"inline": (999, 999), "hasher-thread": (1, 999), "writer-and-hasher-threads": (1, 1)}
+
+
+def bench_threading(work: Path, repeats: int) -> dict[str, object]:
+    """The direct merge run each way (all in the caller's thread; the hash in a thread; writes and hash in threads),
+    forced whatever the load, interleaved with the floor; medians. What direct_merge's choice of threads rests on."""
+    import loraline.direct_merge as dm
+    from loraline.tiny_models import build_llama, build_lora, build_tokenizer
+    from loraline.merge import merge_adapter
+    from loraline.hf_models import base_dtype_name, load_causal_lm
+    from loraline.settings import Settings
+    from loraline.sources import fetch_adapter, fetch_base
+
+    base = build_llama(work / "base", tokenizer=build_tokenizer(work / "base"), **MODEL)
+    adapter = build_lora(base, work / "adapter", r=16)
+    settings = Settings(home=work / "home")
+    a, b = fetch_adapter(str(adapter), settings), fetch_base(str(base), settings)
+    chosen = dm._HASH_THREAD_CPUS, dm._THREADED_CPUS, dm._cpus
+
+    def merge(way: str, i: int) -> str:
+        dm._HASH_THREAD_CPUS, dm._THREADED_CPUS = WAYS[way]
+        dm._cpus = lambda: (os.cpu_count() or 1, float(os.cpu_count() or 1))
+        try:
+            return merge_adapter(a, b, Settings(home=work / f"home-{way}-{i}")).sha256
+        finally:
+            dm._HASH_THREAD_CPUS, dm._THREADED_CPUS, dm._cpus = chosen
+
+    def floor(i: int) -> None:
+        load_causal_lm(base, settings, base_dtype_name(base)).save_pretrained(str(work / f"copy-{i}"), safe_serialization=True)
+
+    floor(-1)
+    digests = {merge(w, -1) for w in WAYS}
+    times: dict[str, list[float]] = {"floor": [], **{w: [] for w in WAYS}}
+    for i in range(repeats):
+        times["floor"].append(timed(lambda: floor(i)))
+        for w in (list(WAYS) if i % 2 == 0 else list(WAYS)[::-1]):
+            times[w].append(timed(lambda: digests.add(merge(w, i))))
+    if len(digests) != 1:
+        raise SystemExit(f"the ways of merging differ: {sorted(digests)}")
+    return {"load_average_after": os.getloadavg(), "runs_s": times,
+            "median_s": {k: statistics.median(v) for k, v in times.items()}}
+
+
 def bench_release(work: Path) -> dict[str, object]:
     from loraline.demo import init_tiny_demo
 
@@ -128,7 +172,16 @@ def main() -> None:
     ap.add_argument("--skip-release", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object (floor_s, merge_s, ratio, ...) instead of the table")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "merge-cpu.json")
+    ap.add_argument("--threading", action="store_true",
+                    help="instead: the direct merge inline, with a hasher thread, and with writer and hasher threads")
     args = ap.parse_args()
+    if args.threading:
+        with tempfile.TemporaryDirectory() as tmp:
+            t = bench_threading(Path(tmp), args.repeats)
+        print(f"load average {', '.join(f'{x:.2f}' for x in t['load_average_after'])}, {os.cpu_count()} CPUs")  # type: ignore[union-attr]
+        for k, v in t["runs_s"].items():  # type: ignore[union-attr]
+            print(f"{k}: median {statistics.median(v):.3f} s  {['%.3f' % x for x in v]}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         result: dict[str, object] = {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},

@@ -42,7 +42,7 @@ _KEPT = {"I64", "I32", "I16", "I8", "U8", "BOOL"}
 _ST_NAME = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 _ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _IN_FLIGHT = 4  # tensors handed to the writer threads and not yet written and hashed
-_HASH_THREAD_CPUS = 2  # from this many usable CPUs on, the output is hashed in a thread of its own
+_HASH_THREAD_CPUS = 2  # from this many usable CPUs on, the output is hashed in a thread of its own, when one is idle
 _THREADED_CPUS = 4  # from this many on, it is also written from a thread of its own
 _CHUNK_BYTES = 1 << 19  # float32 rows merged at a time (fits a core's L2 cache)
 # The LoraConfig values under which peft's LoRA layer is plain ``W + (B @ A) * scaling``. Other keys (variants, new
@@ -364,15 +364,16 @@ def write_direct(plan: DirectPlan, stage: Path) -> dict[str, str]:
             for fut in in_flight.popleft():
                 fut.result()
 
-    # With cores to spare, hashing (and from 4 CPUs writing) runs beside the merging (both release the GIL), each in
+    # With a core to spare, hashing (and from 4 CPUs writing) runs beside the merging (both release the GIL), each in
     # order in its own thread; a chunk is dropped once both are done with it. merge_bench's model on 2 cores, the
-    # three ways interleaved in one process (load average 0.9): 0.38 s inline, 0.29 s with a writer and a hasher
-    # thread, 0.27 s with a hasher thread only (the write is a memcpy into the page cache: handing it off costs more
-    # than it saves on 2 cores). On one CPU everything runs in this thread.
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # three ways interleaved in one process, 9 runs each: at load average 0.9, 0.38 s inline, 0.29 s with a writer
+    # and a hasher thread, 0.27 s with a hasher thread only (the write is a memcpy into the page cache: handing it off
+    # costs more than it saves on 2 cores); at load average 4.9 (other jobs on both cores), 1.13 s inline, 1.04 s and
+    # 1.40 s: a thread then waits for a core. So threads only while the load average leaves a core idle.
+    cpus, spare = _cpus()
     sources: dict[Path, Any] = {}
-    with (ThreadPoolExecutor(1, "merge-write") if cpus >= _THREADED_CPUS else _Inline()) as writer, \
-            (ThreadPoolExecutor(1, "merge-hash") if cpus >= _HASH_THREAD_CPUS else _Inline()) as hasher:
+    with (ThreadPoolExecutor(1, "merge-write") if cpus >= _THREADED_CPUS and spare >= 1.5 else _Inline()) as writer, \
+            (ThreadPoolExecutor(1, "merge-hash") if cpus >= _HASH_THREAD_CPUS and spare >= 0.5 else _Inline()) as hasher:
         try:
             for filename, tensors in plan.shards.items():
                 h = hashlib.sha256()
@@ -405,6 +406,16 @@ def write_direct(plan: DirectPlan, stage: Path) -> dict[str, str]:
         (stage / "model.safetensors.index.json").write_text(text, encoding="utf-8")
         sums["model.safetensors.index.json"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return sums
+
+
+def _cpus() -> tuple[int, float]:
+    """(CPUs this process may use, how many of them the 1-minute load average leaves idle; this process counts)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return cpus, cpus - load
 
 
 def _write(fd: int, data: Any) -> None:
