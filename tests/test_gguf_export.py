@@ -145,3 +145,40 @@ def test_the_gate_reports_each_gguf_file_and_limits_quantized_ones_when_asked() 
     assert not d.passed and any("quantized <= 25% failed" in r for r in d.reasons)
     lineage["gguf"] = lineage["gguf"][:2]
     assert decide(lineage, "registered", GateThresholds(champion_tolerance=None, max_gguf_quant_failed=0.0)).passed
+
+
+def test_the_gate_limits_the_task_accuracy_a_gguf_file_loses() -> None:
+    from loraline.gate import decide
+    from loraline.params import GateThresholds
+
+    def entry(quant: str, accuracy: float | None, merged: float | None = 0.68) -> dict:
+        acc = None if accuracy is None else {"accuracy": accuracy, "merged_accuracy": merged, "examples": 50,
+                                             "drop": round(merged - accuracy, 4)}
+        return {"quant": quant, "parity": {"verdict": "close", "identical": 6, "close": 2, "failed": 0, "prompts": 8},
+                "accuracy": acc}
+
+    def gguf(lineage: dict, **limits) -> tuple[bool, str]:
+        d = decide(lineage, "registered", GateThresholds(champion_tolerance=None, **limits))
+        check = next(c for c in d.checks if c.name == "gguf")
+        assert d.passed == check.passed
+        return check.passed, check.detail
+
+    lineage = {"model_name": NAME, "model_version": "1", "parity": {"prompts": 8, "identical": 8, "failed": 0},
+               "gguf": [entry("f16", 0.70), entry("q8_0", 0.68), entry("q4_k_m", 0.62)]}
+    # By default a file may be at most 5 points below the merged model: q4_k_m's 6-point loss is refused, by name.
+    passed, detail = gguf(lineage)
+    assert not passed
+    assert "f16 close (6 identical, 2 close, 0 failed of 8), task accuracy 70.0% vs merged 68.0% (+2.0 points, 50 questions)" in detail
+    assert "q4_k_m close (6 identical, 2 close, 0 failed of 8), task accuracy 62.0% vs merged 68.0% (-6.0 points, 50 questions) — too low" in detail
+    assert "q8_0" in detail and detail.count("too low") == 1
+    assert "task accuracy at most 5.0 points below the merged model's" in detail
+    # Exactly at the limit passes (recorded accuracies are rounded to 4 places: no float noise decides); None reports only.
+    lineage["gguf"][2] = entry("q4_k_m", 0.63)
+    assert gguf(lineage)[0]
+    assert gguf(lineage, max_gguf_accuracy_drop=0.04)[0] is False
+    passed, detail = gguf({**lineage, "gguf": [entry("q4_k_m", 0.10)]}, max_gguf_accuracy_drop=None)
+    assert passed and "task accuracy 10.0% vs merged 68.0% (-58.0 points" in detail and "points below" not in detail
+    # f16 is held to it as well; a release that ran no task evaluation has nothing to compare and passes that part.
+    assert gguf({**lineage, "gguf": [entry("f16", 0.60)]})[0] is False
+    passed, detail = gguf({**lineage, "gguf": [entry("f16", None), entry("q4_k_m", None)]}, max_gguf_accuracy_drop=0.0)
+    assert passed and detail.count("task accuracy not measured") == 2
