@@ -57,7 +57,7 @@ def verdict(p: ParityReport) -> str:
 
 @dataclass(frozen=True)
 class GgufFile:
-    """One exported file: its type, where it is, its digest and size, what made it, and its parity."""
+    """One exported file: its type, where it is, its digest and size, what made it, its parity and its task accuracy."""
 
     quant: str
     path: Path
