@@ -1,5 +1,6 @@
-"""The GGUF export step of the release flow (after registration): llama.cpp files of the merged model, their parity
-against it, recorded on the release. Wiring only.
+"""The GGUF export step of the release flow (after registration and the task evaluation): llama.cpp files of the merged
+model, their parity against it and (when the release was evaluated) their task accuracy, recorded on the release.
+Wiring only.
 
 A failure (llama.cpp cannot convert the model, f16 parity fails) marks the model version ``loraline.status=failed``
 (step ``gguf``, with the reason: no alias moves) and fails the flow, like the other steps after registration. With
@@ -24,25 +25,32 @@ from loraline_flows.common import artifact_key, failing, progress
 
 @task(name="gguf-export", cache_policy=NO_CACHE, task_run_name="gguf-{name}-v{version}")
 def gguf_task(name: str, version: str, run_id: str, merged_dir: Path, merged_sha256: str, types: Sequence[str],
-              required: bool, settings: Settings) -> dict[str, Any]:
+              required: bool, settings: Settings, merged_accuracy: float | None = None) -> dict[str, Any]:
     with failing(name, version, "gguf", settings):
         export = export_gguf(Path(merged_dir), merged_sha256, types, settings, progress=progress("gguf"),
-                             skip_unsupported=not required)
+                             skip_unsupported=not required, merged_accuracy=merged_accuracy)
         entries = log_gguf(name, version, run_id, export, settings)
     if entries:
         create_table_artifact(
             key=artifact_key("gguf", name),
             table=[{"quant": e["quant"], "sha256": e["sha256"][:16], "MB": round(e["bytes"] / 1e6, 1),
                     "parity": e["parity"]["verdict"], "identical": e["parity"]["identical"], "close": e["parity"]["close"],
-                    "failed": e["parity"]["failed"], "uri": e["uri"]} for e in entries],
-            description=f"GGUF exports of models:/{name}/{version} (llama.cpp) and their parity against the merged model")
+                    "failed": e["parity"]["failed"],
+                    "accuracy": None if e["accuracy"] is None else e["accuracy"]["accuracy"],
+                    "merged accuracy": None if e["accuracy"] is None else e["accuracy"]["merged_accuracy"],
+                    "uri": e["uri"]} for e in entries],
+            description=f"GGUF exports of models:/{name}/{version} (llama.cpp), their parity against the merged model "
+                        "and their task accuracy (empty: the release ran no task evaluation)")
     return {"gguf": entries, **({"gguf_skipped": export.skipped} if export.skipped else {})}
 
 
 def gguf_release(lineage: dict[str, Any], types: Sequence[str], required: bool, settings: Settings,
                  base_dir: Path | None = None) -> dict[str, Any]:
-    """Export the release ``lineage`` describes as GGUF ``types`` (merged again first if its directory was removed)."""
+    """Export the release ``lineage`` describes as GGUF ``types`` (merged again first if its directory was removed);
+    each file is evaluated on the task too when the release was (its ``evaluation`` holds the merged model's accuracy)."""
     _adapter_dir, _base_dir, merged_dir = release_dirs(lineage, settings, base_dir)
+    merged_accuracy = (lineage.get("evaluation") or {}).get("accuracy")
     recorded = gguf_task(lineage["model_name"], str(lineage["model_version"]), lineage["mlflow_run_id"], merged_dir,
-                        lineage["merged"]["sha256"], tuple(types), required, settings)
+                        lineage["merged"]["sha256"], tuple(types), required, settings,
+                        merged_accuracy=None if merged_accuracy is None else float(merged_accuracy))
     return {**lineage, **recorded}

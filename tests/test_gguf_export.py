@@ -84,13 +84,16 @@ def test_a_model_llama_cpp_cannot_convert_fails_its_version_or_is_skipped_on_aut
 def test_real_release_exports_gguf_traced_and_checked(real_demo, llama_python: Path, prefect_api_url: str,
                                                        settings: Settings) -> None:
     """`loraline release --gguf f16,q8_0 --json` of the real demo fine-tune: two llama.cpp files, each in MLflow (run
-    artifacts, version tags), in lineage.json and the JSON, with its parity against the merged model; f16 passes it;
-    `trace` from either file's digest (or the file) reaches the adapter."""
+    artifacts, version tags, metrics), in lineage.json, the JSON and report.md, with its parity against the merged model
+    and its task accuracy on the release's evaluation questions beside the merged model's; f16 passes parity and
+    answers as well as the merged model; `trace` from either file's digest (or the file) reaches the adapter."""
     from loraline.trace import trace
 
+    # 8 questions (the whole split's 50: merged 68%, f16 70%, q8_0 68%, q4_k_m 64%, README): the task evaluation
+    # (transformers, merged and base) and each file's (llama.cpp) in about a minute on 2 cores.
     proc = loraline("release", "--adapter", str(real_demo.checkpoint), "--base", str(real_demo.base), "--name", NAME,
                     "--image", "none", "--gguf", "f16,q8_0", "--json", home=settings.home, prefect_api_url=prefect_api_url,
-                    LORALINE_EVAL="false", LORALINE_LLAMA_PYTHON=str(llama_python))
+                    LORALINE_EVAL_EXAMPLES="8", LORALINE_LLAMA_PYTHON=str(llama_python))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     files = out["gguf"]
@@ -98,6 +101,8 @@ def test_real_release_exports_gguf_traced_and_checked(real_demo, llama_python: P
     client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_registry_uri)
     mv = client.get_model_version(NAME, out["model_version"])
     run_id = out["mlflow_run_id"]
+    run = client.get_run(run_id)
+    report = Path(client.download_artifacts(run_id, "report.md")).read_text()
     lineage = json.loads(Path(client.download_artifacts(run_id, "lineage.json")).read_text())
     assert lineage["gguf"] == files
     for f in files:
@@ -113,13 +118,29 @@ def test_real_release_exports_gguf_traced_and_checked(real_demo, llama_python: P
         assert p["verdict"] in ("identical", "close", "failed")
         assert f"loraline.gguf.{f['quant']}.parity" in mv.tags
         json.loads(Path(client.download_artifacts(run_id, f"gguf/parity-{f['quant']}.json")).read_text())
+        a = f["accuracy"]  # the same 8 questions as the merged model's evaluation, scored the same way
+        assert a["examples"] == out["evaluation"]["examples"] == 8 and a["merged_accuracy"] == out["evaluation"]["accuracy"]
+        assert a["accuracy"] == round(a["correct"] / 8, 4) and a["drop"] == round(a["merged_accuracy"] - a["accuracy"], 4)
+        assert a["accuracy"] > 0 and a["valid_sql"] >= a["correct"]
+        assert run.data.metrics[f"gguf.{f['quant']}.accuracy"] == a["accuracy"]
+        assert mv.tags[f"loraline.gguf.{f['quant']}.accuracy"] == str(a["accuracy"])
+        answers = json.loads(Path(client.download_artifacts(run_id, f"gguf/evaluation-{f['quant']}.json")).read_text())
+        assert len(answers["items"]) == 8 and sum(i["correct"] for i in answers["items"]) == a["correct"]
+        assert f"| {a['accuracy']:.1%} ({a['merged_accuracy']:.1%}) of 8 |" in report
     f16, q8 = files
+    # llama.cpp on f16 answers as the merged model does, but for a flipped question at most; q8_0 for two at most.
+    merged_correct = round(out["evaluation"]["accuracy"] * 8)
+    assert abs(f16["accuracy"]["correct"] - merged_correct) <= 1, (f16["accuracy"], out["evaluation"])
+    assert q8["accuracy"]["correct"] >= merged_correct - 2, (q8["accuracy"], out["evaluation"])
     assert f16["parity"]["failed"] == 0 and f16["parity"]["verdict"] in ("identical", "close")  # as vLLM must
     # bf16 weights fit f16 exactly: 2 bytes a parameter (the merged model's own size, plus the header); q8_0 ~1.06.
     assert abs(f16["bytes"] - out["merged"]["bytes"]) < 0.02 * out["merged"]["bytes"]
     assert 0.5 * f16["bytes"] < q8["bytes"] < 0.56 * f16["bytes"]
     gate = {c["name"]: c for c in out["gate"]["checks"]}
-    assert gate["gguf"]["passed"] and "f16 " in gate["gguf"]["detail"] and "q8_0 " in gate["gguf"]["detail"]
+    assert "f16 " in gate["gguf"]["detail"] and "q8_0 " in gate["gguf"]["detail"]
+    assert gate["gguf"]["detail"].count(" vs merged ") == 2 and "5.0 points below the merged model's" in gate["gguf"]["detail"]
+    # The default limit (5 points) is one question short of 8's 12.5: the files pass only when none answered worse.
+    assert gate["gguf"]["passed"] == all(f["accuracy"]["drop"] <= 0 for f in files), gate["gguf"]
 
     for ref in (q8["sha256"], f16["sha256"], str(settings.gguf_dir / out["merged"]["sha256"] / "model-q8_0.gguf")):
         chain = trace(ref, Settings())
@@ -145,3 +166,40 @@ def test_the_gate_reports_each_gguf_file_and_limits_quantized_ones_when_asked() 
     assert not d.passed and any("quantized <= 25% failed" in r for r in d.reasons)
     lineage["gguf"] = lineage["gguf"][:2]
     assert decide(lineage, "registered", GateThresholds(champion_tolerance=None, max_gguf_quant_failed=0.0)).passed
+
+
+def test_the_gate_limits_the_task_accuracy_a_gguf_file_loses() -> None:
+    from loraline.gate import decide
+    from loraline.params import GateThresholds
+
+    def entry(quant: str, accuracy: float | None, merged: float | None = 0.68) -> dict:
+        acc = None if accuracy is None else {"accuracy": accuracy, "merged_accuracy": merged, "examples": 50,
+                                             "drop": round(merged - accuracy, 4)}
+        return {"quant": quant, "parity": {"verdict": "close", "identical": 6, "close": 2, "failed": 0, "prompts": 8},
+                "accuracy": acc}
+
+    def gguf(lineage: dict, **limits) -> tuple[bool, str]:
+        d = decide(lineage, "registered", GateThresholds(champion_tolerance=None, **limits))
+        check = next(c for c in d.checks if c.name == "gguf")
+        assert d.passed == check.passed
+        return check.passed, check.detail
+
+    lineage = {"model_name": NAME, "model_version": "1", "parity": {"prompts": 8, "identical": 8, "failed": 0},
+               "gguf": [entry("f16", 0.70), entry("q8_0", 0.68), entry("q4_k_m", 0.62)]}
+    # By default a file may be at most 5 points below the merged model: q4_k_m's 6-point loss is refused, by name.
+    passed, detail = gguf(lineage)
+    assert not passed
+    assert "f16 close (6 identical, 2 close, 0 failed of 8), task accuracy 70.0% vs merged 68.0% (+2.0 points, 50 questions)" in detail
+    assert "q4_k_m close (6 identical, 2 close, 0 failed of 8), task accuracy 62.0% vs merged 68.0% (-6.0 points, 50 questions) — too low" in detail
+    assert "q8_0" in detail and detail.count("too low") == 1
+    assert "task accuracy at most 5.0 points below the merged model's" in detail
+    # Exactly at the limit passes (recorded accuracies are rounded to 4 places: no float noise decides); None reports only.
+    lineage["gguf"][2] = entry("q4_k_m", 0.63)
+    assert gguf(lineage)[0]
+    assert gguf(lineage, max_gguf_accuracy_drop=0.04)[0] is False
+    passed, detail = gguf({**lineage, "gguf": [entry("q4_k_m", 0.10)]}, max_gguf_accuracy_drop=None)
+    assert passed and "task accuracy 10.0% vs merged 68.0% (-58.0 points" in detail and "points below" not in detail
+    # f16 is held to it as well; a release that ran no task evaluation has nothing to compare and passes that part.
+    assert gguf({**lineage, "gguf": [entry("f16", 0.60)]})[0] is False
+    passed, detail = gguf({**lineage, "gguf": [entry("f16", None), entry("q4_k_m", None)]}, max_gguf_accuracy_drop=0.0)
+    assert passed and detail.count("task accuracy not measured") == 2

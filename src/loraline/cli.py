@@ -102,9 +102,10 @@ def emit(data: dict[str, Any], as_json: bool) -> None:
         p = data["parity"]
         table.add_row("parity", f"{p['identical']} identical, {p['close']} close, {p['failed']} failed of {p['prompts']}")
     for g in data.get("gguf") or []:  # the GGUF exports (llama.cpp)
-        p = g.get("parity") or {}
+        p, a = g.get("parity") or {}, g.get("accuracy") or {}
+        acc = f"  task accuracy {a['accuracy']:.1%} (merged {a['merged_accuracy']:.1%})" if a.get("merged_accuracy") is not None else ""
         table.add_row(f"gguf ({g['quant']})", f"{g['bytes'] / 1e6:.1f} MB sha256 {g['sha256']}  parity {p.get('verdict')} "
-                      f"({p.get('identical')} identical, {p.get('close')} close, {p.get('failed')} failed)  {g['uri']}")
+                      f"({p.get('identical')} identical, {p.get('close')} close, {p.get('failed')} failed){acc}  {g['uri']}")
     if data.get("gguf_skipped"):
         table.add_row("gguf", f"skipped: {data['gguf_skipped']}")
     if isinstance(data.get("evaluation"), dict):

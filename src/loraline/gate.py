@@ -133,16 +133,18 @@ def decide(lineage: dict[str, Any], status: str, t: GateThresholds, champion: Ch
             ", ".join(f"{i['mode']} {i['pinned']} smoke-tested" for i in smoked) if smoked
             else "none pushed and smoke-tested; the gate requires one")))
     if lineage.get("gguf"):
-        checks.append(gguf_check(lineage["gguf"], t.max_gguf_quant_failed))
+        checks.append(gguf_check(lineage["gguf"], t.max_gguf_quant_failed, t.max_gguf_accuracy_drop))
     if t.champion_tolerance is not None:
         checks.append(champion_check(lineage, champion, t.champion_tolerance))
     return GateDecision(model_name=str(lineage["model_name"]), model_version=str(lineage["model_version"]),
                         passed=all(c.passed for c in checks), checks=tuple(checks), champion=champion)
 
 
-def gguf_check(files: list[dict[str, Any]], max_failed: float | None) -> GateCheck:
-    """The GGUF exports' parity against the merged model: each file's verdict is reported; a quantized file may fail
-    at most ``max_failed`` of the prompts (None: no limit), an f16 file none."""
+def gguf_check(files: list[dict[str, Any]], max_failed: float | None, max_accuracy_drop: float | None = None) -> GateCheck:
+    """The GGUF exports against the merged model, each file reported: its parity verdict — a quantized file may fail at
+    most ``max_failed`` of the prompts (None: no limit), an f16 file none — and its task accuracy beside the merged
+    model's, which it may be at most ``max_accuracy_drop`` below (absolute; None: no limit; f16 too). A file without
+    an accuracy (the release ran no task evaluation) is reported as such and passes that part."""
     parts, ok = [], True
     for f in files:
         p = f.get("parity") or {}
@@ -150,10 +152,23 @@ def gguf_check(files: list[dict[str, Any]], max_failed: float | None) -> GateChe
         share = failed / prompts if prompts else 1.0
         limit = 0.0 if f["quant"] == "f16" else max_failed
         ok = ok and (limit is None or share <= limit)
-        parts.append(f"{f['quant']} {p.get('verdict')} ({p.get('identical')} identical, {p.get('close')} close, {failed} failed "
-                     f"of {prompts})")
+        part = (f"{f['quant']} {p.get('verdict')} ({p.get('identical')} identical, {p.get('close')} close, {failed} failed "
+                f"of {prompts})")
+        a = f.get("accuracy") or {}
+        if a.get("accuracy") is None or a.get("merged_accuracy") is None:
+            part += ", task accuracy not measured"
+        else:
+            acc, merged = float(a["accuracy"]), float(a["merged_accuracy"])
+            # Accuracies are recorded rounded to 4 places: compare at that precision, not at float noise.
+            within = max_accuracy_drop is None or round(merged - acc - max_accuracy_drop, 4) <= 0
+            ok = ok and within
+            part += (f", task accuracy {acc:.1%} vs merged {merged:.1%} ({100 * (acc - merged):+.1f} points, "
+                     f"{a.get('examples')} questions){'' if within else ' — too low'}")
+        parts.append(part)
     need = "f16 none failed" + ("" if max_failed is None else f", quantized <= {max_failed:.0%} failed")
-    return GateCheck("gguf", ok, f"GGUF parity vs the merged model: {'; '.join(parts)}; needs {need}")
+    if max_accuracy_drop is not None:
+        need += f", task accuracy at most {100 * max_accuracy_drop:.1f} points below the merged model's"
+    return GateCheck("gguf", ok, f"GGUF files vs the merged model: {'; '.join(parts)}; needs {need}")
 
 
 def champion_score(t: Tracking, name: str, version: str) -> ChampionScore:

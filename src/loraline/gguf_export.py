@@ -13,19 +13,27 @@ same token ids as the merged model in transformers, judged with the rule of ever
 ``f16`` must pass as vLLM must (:func:`loraline.parity.require_parity`); a quantized file's verdict
 (identical / close / failed) is recorded and left to the gate (``GateThresholds.max_gguf_quant_failed``).
 
+When the release ran its task evaluation (``merged_accuracy`` given), each file also answers the same Text-to-SQL
+questions (:func:`loraline.evaluate.eval_questions`: prompts rendered with the merged model's chat template and
+tokenized here, as :func:`loraline.evaluate.generate_answers` does; greedy, ``eval_max_new_tokens``, stopping at EOS;
+decoded with the same tokenizer) and is scored the same way (:func:`loraline.evaluate.score`): its execution accuracy
+is recorded beside the merged model's, and the gate limits the drop (``GateThresholds.max_gguf_accuracy_drop``).
+
 Files are kept by the merged model's digest (``<home>/gguf/<merged sha256>/model-<type>.gguf``): a re-run with the same
 merged model and the same llama.cpp reuses them (the converter is deterministic: same input, same bytes).
 
 Public API::
 
     gguf_types(settings, value=None) -> tuple[str, ...]
-    export_gguf(merged_dir, merged_sha256, types, settings, progress=None) -> GgufExport
+    export_gguf(merged_dir, merged_sha256, types, settings, progress=None, merged_accuracy=None) -> GgufExport
+    gguf_accuracy(engine, gguf_file, tokenizer, questions, db, settings) -> EvalScore
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +41,7 @@ from typing import Any, Callable, Sequence
 
 from loraline.digest import sha256_file
 from loraline.errors import EngineError, SettingsError
+from loraline.evaluate import EvalScore, eval_questions, score
 from loraline.llama_engine import CONVERTER_REFUSED, LlamaEngine, convert_to_gguf, find_llama, generate_gguf, llama_available, quantize_gguf
 from loraline.parity import Generation, ParityReport, encode_prompts, hf_generations, parity_prompts, report, require_parity
 from loraline.settings import GGUF_AUTO, Settings, parse_gguf
@@ -41,9 +50,14 @@ RECORD = "export.json"  # beside the files: what made them (checked before reusi
 SCHEMA = "loraline.gguf-export/v1"
 
 
+def verdict(p: ParityReport) -> str:
+    """A GGUF file's parity in one word: identical (every prompt), close (none failed), or failed."""
+    return "identical" if p.identical == p.prompts else "close" if p.failed == 0 else "failed"
+
+
 @dataclass(frozen=True)
 class GgufFile:
-    """One exported file: its type, where it is, its digest and size, what made it, and its parity."""
+    """One exported file: its type, where it is, its digest and size, what made it, its parity and its task accuracy."""
 
     quant: str
     path: Path
@@ -52,20 +66,28 @@ class GgufFile:
     made_by: str  # the converter or quantizer call that wrote it
     seconds: float  # what making it took (0 when an earlier export's file was reused)
     parity: ParityReport
+    accuracy: EvalScore | None = None  # the task evaluation on this file; None when the release ran none
+    merged_accuracy: float | None = None  # the merged model's accuracy on the same questions (transformers)
 
     @property
     def verdict(self) -> str:
         """identical (every prompt), close (none failed), or failed."""
-        p = self.parity
-        return "identical" if p.identical == p.prompts else "close" if p.failed == 0 else "failed"
+        return verdict(self.parity)
 
     def summary(self) -> dict[str, Any]:
-        p = self.parity
+        p, a = self.parity, self.accuracy
+        accuracy = None
+        if a is not None:
+            m = self.merged_accuracy
+            accuracy = {"accuracy": round(a.accuracy, 4), "examples": a.examples, "correct": a.correct, "valid_sql": a.valid,
+                        "merged_accuracy": None if m is None else round(m, 4),
+                        "drop": None if m is None else round(m - a.accuracy, 4), "seconds": round(a.seconds, 2)}
         return {"quant": self.quant, "file": self.path.name, "sha256": self.sha256, "bytes": self.bytes,
                 "made_by": self.made_by, "seconds": round(self.seconds, 2),
                 "parity": {"verdict": self.verdict, "identical": p.identical, "close": p.close, "failed": p.failed,
                            "prompts": p.prompts, "max_abs_logprob_diff": round(p.max_abs_logprob_diff, 4),
-                           "first_divergences": [r.first_divergence for r in p.results], "seconds": round(p.seconds, 2)}}
+                           "first_divergences": [r.first_divergence for r in p.results], "seconds": round(p.seconds, 2)},
+                "accuracy": accuracy}
 
 
 @dataclass(frozen=True)
@@ -154,10 +176,28 @@ def _llama_generations(engine: LlamaEngine, gguf_file: Path, ids: Sequence[Seque
             for o in answer["outputs"]]
 
 
+def gguf_accuracy(engine: LlamaEngine, gguf_file: Path, tokenizer: Any, questions: list[tuple[str, str]], db: Path,
+                  settings: Settings) -> EvalScore:
+    """Execution accuracy of ``gguf_file`` on ``questions`` ((question, reference SQL)), answered greedily by llama.cpp
+    from the prompts transformers' evaluation builds (``tokenizer``'s chat template, tokenized without added special
+    tokens), ``settings.eval_max_new_tokens`` tokens at most, and scored on ``db`` as the merged model is."""
+    from loraline.text2sql import render_prompt
+
+    ids = encode_prompts(tokenizer, [render_prompt(tokenizer, q) for q, _ in questions])
+    t0 = time.perf_counter()
+    answer = generate_gguf(engine, gguf_file, ids, settings, max_tokens=settings.eval_max_new_tokens, logprobs=0,
+                           n_ctx=max(len(p) for p in ids) + settings.eval_max_new_tokens + 8, reuse_prefix=True)
+    answers = [tokenizer.decode(o["token_ids"], skip_special_tokens=True) for o in answer["outputs"]]
+    return score(f"llama.cpp:{Path(gguf_file).name}", questions, answers, db, time.perf_counter() - t0)
+
+
 def export_gguf(merged_dir: Path, merged_sha256: str, types: Sequence[str], settings: Settings,
-                progress: Callable[[str], None] | None = None, skip_unsupported: bool = False) -> GgufExport:
+                progress: Callable[[str], None] | None = None, skip_unsupported: bool = False,
+                merged_accuracy: float | None = None) -> GgufExport:
     """Export the merged model in ``merged_dir`` as GGUF files of ``types`` with llama.cpp, and check each file's
-    greedy outputs against the merged model's in transformers (same prompts, same token ids).
+    greedy outputs against the merged model's in transformers (same prompts, same token ids). With
+    ``merged_accuracy`` (the release's task evaluation of the merged model ran), each file's task accuracy on the
+    same questions is measured too (:func:`gguf_accuracy`) and recorded beside it.
 
     Raises :class:`~loraline.errors.EngineError` when llama.cpp is missing or cannot convert the model (the message
     says why: e.g. a tokenizer llama.cpp does not know), :class:`~loraline.errors.ParityError` when the f16 file fails
@@ -165,6 +205,7 @@ def export_gguf(merged_dir: Path, merged_sha256: str, types: Sequence[str], sett
     llama.cpp's converter refuses gives an export with no files and ``skipped`` saying why, instead of the error.
     """
     from loraline.hf_models import load_tokenizer
+    from loraline.text2sql import create_database
 
     say = progress or (lambda _m: None)
     t0 = time.perf_counter()
@@ -182,23 +223,31 @@ def export_gguf(merged_dir: Path, merged_sha256: str, types: Sequence[str], sett
                           seconds=time.perf_counter() - t0, skipped=reason)
 
     prompts = parity_prompts(Path(merged_dir), settings)
-    ids = encode_prompts(load_tokenizer(Path(merged_dir), Path(merged_dir), settings), prompts)
+    tok = load_tokenizer(Path(merged_dir), Path(merged_dir), settings)
+    ids = encode_prompts(tok, prompts)
     n_ctx = max(len(p) for p in ids) + settings.parity_max_new_tokens + 8
     kw = dict(top_k=settings.parity_top_k, max_new_tokens=settings.parity_max_new_tokens)
     t1 = time.perf_counter()
     reference = hf_generations(Path(merged_dir), ids, settings)  # the HF parity step's, when this process ran it
     hf_s = time.perf_counter() - t1
     files = []
-    for q, (path, sha, made_by, seconds) in made.items():
-        t1 = time.perf_counter()
-        gens = _llama_generations(engine, path, ids, settings, n_ctx)
-        rep = report("hf-merged", f"llama.cpp-{q}", prompts, reference, gens, seconds=hf_s + time.perf_counter() - t1, **kw)
-        f = GgufFile(quant=q, path=path, sha256=sha, bytes=path.stat().st_size, made_by=made_by, seconds=seconds, parity=rep)
-        say(f"{path.name}: parity vs the merged model {rep.identical} identical, {rep.close} close, {rep.failed} failed "
-            f"of {rep.prompts} ({f.verdict})")
-        if q == "f16":
-            require_parity(rep)  # llama.cpp on the unquantized file must reproduce the merged model, as vLLM must
-        files.append(f)
+    with tempfile.TemporaryDirectory() as tmp:
+        db = create_database(Path(tmp) / "task.db") if merged_accuracy is not None else None
+        for q, (path, sha, made_by, seconds) in made.items():
+            t1 = time.perf_counter()
+            gens = _llama_generations(engine, path, ids, settings, n_ctx)
+            rep = report("hf-merged", f"llama.cpp-{q}", prompts, reference, gens, seconds=hf_s + time.perf_counter() - t1, **kw)
+            say(f"{path.name}: parity vs the merged model {rep.identical} identical, {rep.close} close, {rep.failed} "
+                f"failed of {rep.prompts} ({verdict(rep)})")
+            if q == "f16":
+                require_parity(rep)  # llama.cpp on the unquantized file must reproduce the merged model, as vLLM must
+            acc = None
+            if db is not None:
+                acc = gguf_accuracy(engine, path, tok, eval_questions(settings), db, settings)
+                say(f"{path.name}: task accuracy {acc.accuracy:.1%} ({acc.correct} of {acc.examples}; the merged model "
+                    f"{merged_accuracy:.1%}) in {acc.seconds:.1f} s")
+            files.append(GgufFile(quant=q, path=path, sha256=sha, bytes=path.stat().st_size, made_by=made_by,
+                                  seconds=seconds, parity=rep, accuracy=acc, merged_accuracy=merged_accuracy))
     return GgufExport(merged_sha256=merged_sha256, directory=directory, files=tuple(files), converter=engine.versions(),
                       seconds=time.perf_counter() - t0)
 

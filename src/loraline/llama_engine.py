@@ -111,12 +111,17 @@ def quantize_gguf(engine: LlamaEngine, in_file: Path, out_file: Path, quant: str
 
 
 def generate_gguf(engine: LlamaEngine, gguf_file: Path, prompts: Sequence[Sequence[int]], settings: Settings, *,
-                  max_tokens: int, logprobs: int, n_ctx: int = 2048, threads: int | None = None) -> dict[str, Any]:
+                  max_tokens: int, logprobs: int, n_ctx: int = 2048, threads: int | None = None,
+                  reuse_prefix: bool = False) -> dict[str, Any]:
     """Greedy generation from token ids with llama.cpp on ``gguf_file`` (the binding's ``Llama``): the runner's answer
-    (``outputs`` in prompt order with token ids, chosen and top-``logprobs`` logprobs, text; ``timings``)."""
+    (``outputs`` in prompt order with token ids, chosen and top-``logprobs`` logprobs, text; ``timings``). Each answer
+    stops after an end-of-generation token (kept, as transformers keeps its EOS) or ``max_tokens``. ``logprobs`` 0: no
+    top-k. ``reuse_prefix``: the KV cache of what a prompt shares with the one before is kept (prompts that begin
+    alike, as the task questions do, are then evaluated mostly once; the logits may differ from a fresh evaluation's in
+    the last bits, as the server's prompt cache makes them)."""
     request = {"mode": "generate", "model": str(Path(gguf_file).resolve()), "prompts": [[int(t) for t in p] for p in prompts],
                "max_tokens": int(max_tokens), "logprobs": int(logprobs), "n_ctx": int(n_ctx),
-               "threads": threads or free_cores()}
+               "threads": threads or free_cores(), "reuse_prefix": bool(reuse_prefix)}
     answer = _run(engine.python, request, settings, f"llama.cpp on {gguf_file}")
     if len(answer["outputs"]) != len(prompts):
         raise EngineError(f"llama.cpp on {gguf_file} answered {len(answer['outputs'])} outputs for {len(prompts)} prompts")

@@ -13,13 +13,17 @@ Reads one request (JSON) from stdin and writes one answer as the last line of st
     {"mode": "quantize", "input": GGUF, "output": GGUF, "ftype": 7, "threads": 2}
       -> {"seconds": ...}
     {"mode": "generate", "model": GGUF, "prompts": [[ids], ...], "max_tokens": 24, "logprobs": 5, "n_ctx": 2048,
-     "threads": 2}
+     "threads": 2, "reuse_prefix": false}
       -> {"outputs": [{"token_ids": [...], "chosen_logprobs": [...], "logprobs": [{"<id>": lp, ...}, ...],
-                       "text": ...}], "timings": {"load_s": ..., "generate_s": ...}}
+                       "text": ...}], "timings": {"load_s": ..., "generate_s": ..., "prompt_tokens": ...,
+                                                  "prompt_tokens_reused": ...}}
 
 Generation is greedy from the given token ids (no BOS added: the ids are the chat-rendered prompt as transformers
 tokenized it), one prompt at a time; each step's log-softmax is computed from llama.cpp's raw logits in float64,
 and generation stops after an end-of-generation token (it is kept, as transformers keeps its EOS) or ``max_tokens``.
+``logprobs`` 0: no top-k per step (``logprobs`` entries are empty). ``reuse_prefix``: the KV cache of the tokens a prompt
+shares with the one before is kept and only the rest is evaluated (what llama.cpp's server does; the task questions all
+begin with the same system prompt and schema, most of each prompt).
 On failure the line is ``LORALINE_RESULT {"error": ..., "traceback": ...}`` and the exit status 1.
 """
 
@@ -82,19 +86,29 @@ def generate(req: dict) -> dict:
                 n_threads=int(req.get("threads") or 1), n_batch=512, seed=0)
     load_s = time.perf_counter() - t0
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    top_k, max_tokens = int(req.get("logprobs") or 5), int(req["max_tokens"])
-    outputs = []
+    top_k, max_tokens = int(req.get("logprobs", 5)), int(req["max_tokens"])
+    reuse = bool(req.get("reuse_prefix"))
+    outputs, previous, seen, reused = [], [], 0, 0
     t0 = time.perf_counter()
     for prompt in req["prompts"]:
-        llm.reset()
-        llm.eval([int(t) for t in prompt])
+        prompt = [int(t) for t in prompt]
+        keep = 0
+        if reuse:  # the longest prefix shared with the tokens now in the cache, less one: a token is always evaluated
+            while keep < min(len(previous), len(prompt) - 1) and previous[keep] == prompt[keep]:
+                keep += 1
+        if keep:
+            llm.n_tokens = keep  # eval() drops the cache from n_tokens on, then evaluates the rest
+        else:
+            llm.reset()
+        llm.eval(prompt[keep:])
+        seen, reused = seen + len(prompt), reused + keep
         tokens, chosen, tops = [], [], []
         for _ in range(max_tokens):
             logits = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
             lp = logits - logits.max()
             lp = lp - np.log(np.exp(lp).sum())
             tok = int(np.argmax(lp))
-            best = np.argpartition(-lp, top_k)[:top_k]
+            best = np.argpartition(-lp, top_k)[:top_k] if top_k > 0 else ()
             tokens.append(tok)
             chosen.append(float(lp[tok]))
             tops.append({str(int(i)): float(lp[i]) for i in best})
@@ -103,7 +117,9 @@ def generate(req: dict) -> dict:
             llm.eval([tok])
         text = llm.detokenize([t for t in tokens if not llama_cpp.llama_vocab_is_eog(vocab, t)]).decode("utf-8", "replace")
         outputs.append({"token_ids": tokens, "chosen_logprobs": chosen, "logprobs": tops, "text": text})
-    return {"outputs": outputs, "timings": {"load_s": round(load_s, 3), "generate_s": round(time.perf_counter() - t0, 3)}}
+        previous = [int(t) for t in llm.input_ids[: llm.n_tokens]]  # what the cache holds now
+    return {"outputs": outputs, "timings": {"load_s": round(load_s, 3), "generate_s": round(time.perf_counter() - t0, 3),
+                                            "prompt_tokens": seen, "prompt_tokens_reused": reused}}
 
 
 def main() -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -216,7 +217,9 @@ def log_gguf(name: str, version: str, run_id: str, export: Any, settings: Settin
     """Record a :class:`~loraline.gguf_export.GgufExport` on a release: the GGUF files and each one's parity report as
     artifacts of its run (``gguf/``), tags ``loraline.gguf.<type>.sha256`` / ``.parity`` on the version and the run,
     metrics ``gguf.<type>.*``, a ``gguf`` list in ``lineage.json`` (``quant``, ``uri``, ``sha256``, ``bytes``,
-    ``parity``, ``converter``, ...). Returns that list."""
+    ``parity``, ``accuracy``, ``converter``, ...). When the files were evaluated on the task: each one's answers as
+    ``gguf/evaluation-<type>.json``, metrics ``gguf.<type>.accuracy`` / ``.accuracy_drop`` and tags
+    ``loraline.gguf.<type>.accuracy``. Returns that list."""
     from mlflow.entities import Metric
 
     from loraline.gguf_export import parity_dict
@@ -229,6 +232,8 @@ def log_gguf(name: str, version: str, run_id: str, export: Any, settings: Settin
         client.set_tag(run_id, f"{TAG}gguf.skipped", redact(export.skipped)[:4000])
         return []
     t.log_texts(run_id, {**{f"parity-{f.quant}.json": json.dumps(parity_dict(f), indent=2) for f in export.files},
+                         **{f"evaluation-{f.quant}.json": json.dumps(asdict(f.accuracy), indent=2)
+                            for f in export.files if f.accuracy is not None},
                          "gguf.json": json.dumps(export.summary(), indent=2)},
                 "gguf", extra=tuple(f.path for f in export.files))
     entries = [{**s, "uri": f"runs:/{run_id}/gguf/{s['file']}"} for s in export.summary()]
@@ -240,6 +245,10 @@ def log_gguf(name: str, version: str, run_id: str, export: Any, settings: Settin
         metrics += [Metric(f"gguf.{f.quant}.{k}", float(v), now, 0) for k, v in (
             ("bytes", f.bytes), ("seconds", f.seconds), ("parity_identical", p.identical), ("parity_close", p.close),
             ("parity_failed", p.failed), ("parity_max_abs_logprob_diff", p.max_abs_logprob_diff))]
+        a = f.summary()["accuracy"]
+        if a is not None:
+            metrics += [Metric(f"gguf.{f.quant}.{k}", float(v), now, 0) for k, v in (
+                ("accuracy", a["accuracy"]), ("accuracy_drop", a["drop"])) if v is not None]
     client.log_batch(run_id, metrics=metrics)
     c = export.converter
     tags = {"gguf.types": ",".join(f.quant for f in export.files),
@@ -248,6 +257,8 @@ def log_gguf(name: str, version: str, run_id: str, export: Any, settings: Settin
         p = f.parity
         tags.update({f"gguf.{f.quant}.sha256": f.sha256, f"gguf.{f.quant}.bytes": str(f.bytes),
                      f"gguf.{f.quant}.parity": f"{f.verdict}: {p.identical} identical, {p.close} close, {p.failed} failed of {p.prompts}"})
+        if f.accuracy is not None:
+            tags[f"gguf.{f.quant}.accuracy"] = str(round(f.accuracy.accuracy, 4))
     for k, v in tags.items():
         client.set_model_version_tag(name, version, TAG + k, v)
         client.set_tag(run_id, TAG + k, v)

@@ -93,10 +93,11 @@ def release_report(lineage: dict[str, Any], gate: dict[str, Any] | None = None, 
         if lineage.get("gguf_skipped"):
             out.append(f"Skipped: {lineage['gguf_skipped']}")
         else:
-            out += ["| type | MB | sha256 | parity | identical | close | failed | artifact |", "|---|---|---|---|---|---|---|---|"]
+            out += ["| type | MB | sha256 | parity | identical | close | failed | task accuracy (merged) | artifact |",
+                    "|---|---|---|---|---|---|---|---|---|"]
             out += [f"| {g['quant']} | {g['bytes'] / 1e6:,.1f} | `{g['sha256'][:16]}` | {g['parity']['verdict']} | "
-                    f"{g['parity']['identical']} | {g['parity']['close']} | {g['parity']['failed']} | `{g['uri']}` |"
-                    for g in lineage["gguf"]]
+                    f"{g['parity']['identical']} | {g['parity']['close']} | {g['parity']['failed']} | {_gguf_accuracy(g)} | "
+                    f"`{g['uri']}` |" for g in lineage["gguf"]]
     out += ["", "## Serving images", ""]
     images = lineage.get("images") or []
     if images:
@@ -113,6 +114,14 @@ def release_report(lineage: dict[str, Any], gate: dict[str, Any] | None = None, 
         out += [f"| {c['name']} | {'yes' if c['passed'] else 'NO'} | {c['detail']} |" for c in gate["checks"]]
         out.append("")
     return "\n".join(out)
+
+
+def _gguf_accuracy(g: dict[str, Any]) -> str:
+    a = g.get("accuracy") or {}
+    if a.get("accuracy") is None:
+        return "not run"
+    merged = a.get("merged_accuracy")
+    return f"{float(a['accuracy']):.1%}" + ("" if merged is None else f" ({float(merged):.1%})") + f" of {a.get('examples')}"
 
 
 def demo_summary(release: dict[str, Any], early: dict[str, Any] | None, services: dict[str, Any], loraline: str,
