@@ -193,18 +193,23 @@ def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Cal
     return out
 
 
+# Chat questions a llama.cpp image answers plain and streamed before the task questions. Few: its server answers one
+# request at a time (8 questions twice took 71 s on 2 busy cores), and the task evaluation streams 3 more.
+GGUF_CHAT_CHECKS = 2
+
+
 def smoke_test_gguf(image: Image, settings: Settings, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """The smoke test of a llama.cpp image (``--image gguf``): pulled by digest and run; ``/v1/models`` guarded by its
-    key and listing the served name; greedy chat answers to the parity questions through the official ``openai``
-    client, plain and streamed (a streamed answer that differs from the plain one fails it); then the task questions
-    (:func:`evaluate_image`). Its parity with the merged model is the GGUF export's (recorded with the file), not
-    checked again here: llama-cpp-python's server returns no token ids to compare."""
+    key and listing the served name; greedy chat answers to :data:`GGUF_CHAT_CHECKS` questions through the official
+    ``openai`` client, plain and streamed (a streamed answer that differs from the plain one fails it); then the task
+    questions (:func:`evaluate_image`, unless LORALINE_EVAL=false). Its parity with the merged model is the GGUF
+    export's (recorded with the file), not checked again here: llama-cpp-python's server returns no token ids to compare."""
     import openai
 
     from loraline.evaluate import ask_served
     from loraline.text2sql import load_examples
 
-    questions = [e.question for e in load_examples("eval")[: settings.parity_prompts]]
+    questions = [e.question for e in load_examples("eval")[: min(GGUF_CHAT_CHECKS, settings.parity_prompts)]]
     with running(image, settings, progress) as run:
         url, http, container = run["url"], run["http"], run["container"]
         unauthorized, models = _guarded(image, url, http)
