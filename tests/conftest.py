@@ -276,7 +276,8 @@ def _real_releases(early: bool) -> None:
             shutil.copytree(fetched.path, cached)
         gguf = fetched.gguf.file  # type: ignore[union-attr]  # the base as the package ships it: --base PATH.gguf
         _RELEASES.update(svc=svc, env=env, gguf=gguf)
-        runs = [("real", [demo["checkpoint"], "--image", "merged"], env)]
+        # checkpoint-100 also exports q8_0 (issue 17): the file tests/test_real_model.py's llama.cpp image serves.
+        runs = [("real", [demo["checkpoint"], "--image", "merged", "--gguf", "q8_0"], env)]
         if early:  # checkpoint-10 after it: the gate compares it with the champion checkpoint-100 became
             runs.append(("early", [demo["early"][0], "--image", "none"], {**env, "LORALINE_VLLM_PARITY": "false"}))
         for key, (adapter, *args), run_env in runs:

@@ -241,8 +241,15 @@ def test_real_release_gguf_image_is_pushed_smoke_tested_and_traced(real_release)
     served = smoke["evaluation"]
     assert served["mode"] == "gguf" and served["model"] == "smol-real" and served["examples"] == 16
     assert served["streamed"] == served["stream_identical"] == 3
-    # q8_0 answers the task about as the merged model does (its parity with the merged model: the export's, "close").
-    assert served["accuracy"] >= out["evaluation"]["accuracy"] - 0.25, (served, out["evaluation"]["accuracy"])
+    # q8_0 answers the task as the merged model does, question by question (its parity with the merged model: the
+    # export's, "close"); seen: 6 of 16 correct against the merged model's 7 of the same 16, 13 answers the same.
+    mlflow_client = MlflowClient(svc.mlflow_url, svc.mlflow_url)
+    gguf_items = json.loads(Path(mlflow_client.download_artifacts(out["mlflow_run_id"], "image/gguf.json")).read_text())["smoke"]["evaluation"]["items"]
+    hf_items = json.loads(Path(mlflow_client.download_artifacts(out["mlflow_run_id"], "evaluation.json")).read_text())["merged"]["items"][:16]
+    assert [i["question"] for i in gguf_items] == [i["question"] for i in hf_items]
+    assert served["correct"] >= sum(i["correct"] for i in hf_items) - 2, (served, [i["correct"] for i in hf_items])
+    same = sum(a["predicted"] == b["predicted"] for a, b in zip(gguf_items, hf_items))
+    assert same >= len(hf_items) // 2, [(a["predicted"], b["predicted"]) for a, b in zip(gguf_items, hf_items)]
     assert res["evaluation"]["served"]["mode"] == "merged"  # the release's served accuracy is still the vLLM image's
     assert smoke_containers(svc.docker_host) == []
 
@@ -259,19 +266,23 @@ def test_real_release_gguf_image_is_pushed_smoke_tested_and_traced(real_release)
         cfg = client.images.get(image["pinned"]).attrs["Config"]
         assert cfg["User"] == "10001" and "/openapi.json" in " ".join(cfg["Healthcheck"]["Test"])
         listing = client.containers.run(image["pinned"], entrypoint=["/bin/sh", "-c"], remove=True, network_mode="none",
-                                        command=["id -u; sha256sum /models/smol-real.gguf; cat /models/lineage.json"]).decode()
+                                        command=["id -u; sha256sum /models/smol-real.gguf; python3 -c 'import json; "
+                                                 "d = json.load(open(\"/models/lineage.json\")); print(d[\"adapter\"][\"sha256\"])'"]).decode()
     finally:
         client.close()
-    uid, sums, lineage = listing.split("\n", 2)
-    assert uid == "10001" and sums.split()[0] == q8["sha256"]
-    assert json.loads(lineage)["adapter"]["sha256"] == out["adapter"]["sha256"]
+    uid, sums, adapter_sha = listing.split()[0], listing.split()[1], listing.split()[-1]
+    assert uid == "10001" and sums == q8["sha256"] and adapter_sha == out["adapter"]["sha256"], listing
 
     # MLflow holds its digest on the version; trace from the digest walks back to the adapter.
-    mv = MlflowClient(svc.mlflow_url, svc.mlflow_url).get_model_version("smol-real", "1")
+    mv = mlflow_client.get_model_version("smol-real", "1")
     assert mv.tags["loraline.image.gguf.digest"] == image["digest"]
     assert mv.tags["loraline.eval.served_mode"] == "merged"
     t = loraline("trace", image["digest"], "--json", env=env)
     assert t.returncode == 0, t.stderr[-2000:]
     chain = json.loads(t.stdout)
     assert chain["model_uri"] == "models:/smol-real/1" and chain["adapter"]["sha256"] == out["adapter"]["sha256"]
-    assert chain["registry_image"]["recorded"] is True and chain["registry_image"]["mode"] == "gguf"
+    assert any(i["mode"] == "gguf" and i["digest"] == image["digest"] for i in chain["images"]), chain["images"]
+    # ... and from the registry alone (the pinned reference: its labels name the version).
+    by_ref = json.loads(loraline("trace", image["pinned"], "--json", env=env).stdout)
+    assert by_ref["registry_image"]["recorded"] is True and by_ref["registry_image"]["mode"] == "gguf"
+    assert by_ref["adapter"]["sha256"] == out["adapter"]["sha256"]
