@@ -112,7 +112,8 @@ SERVICES_JSON := $(LORALINE_HOME)/services.json
 DEMO_BENCH ?= LORALINE_BENCH_PROMPTS=4 LORALINE_BENCH_REPEATS=1 LORALINE_BENCH_OUTPUT_LEN=16 LORALINE_BENCH_CONCURRENCY='[1,4]' \
 	LORALINE_BENCH_SERVER_MIN_REQUESTS=4 LORALINE_BENCH_CROSSCHECK=false
 
-# The CPU base image is built (the engine venv's site-packages copied in: docker/base-cpu/build.sh), then pushed to the
+# The CPU base image is built (the engine venv's site-packages copied in: docker/base-cpu/build.sh; with it the slim
+# Debian python base of the llama.cpp image, loraline/debian-python:latest: LORALINE_IMAGE_GGUF_BASE), then pushed to the
 # registry of `services up` (so the release's image push mounts its layer instead of uploading 1.3 GB), in the
 # background while `demo init` trains: one core each (`demo init --threads
 # auto` trains on one thread while another process keeps a core busy, on all cores after). Log: $(BASE_LOG).
@@ -132,7 +133,7 @@ demo: $(VENV)/.installed
 	if [ -z "$$base" ]; then \
 	  echo "CPU base image: building it in the background, then pushing it to $$(svc registry) (log: $(BASE_LOG))"; \
 	  sp=$$($(LORALINE_VLLM_PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
-	  setsid bash -c 'set -eo pipefail; ref=$$(HOST_PYTHON=$(BIN)/python VLLM_SITE_PACKAGES=$$2 bash docker/base-cpu/build.sh loraline/vllm-cpu:latest | tail -n 1); \
+	  setsid bash -c 'set -eo pipefail; ref=$$(HOST_PYTHON=$(BIN)/python VLLM_SITE_PACKAGES=$$2 SLIM_REF=loraline/debian-python:latest bash docker/base-cpu/build.sh loraline/vllm-cpu:latest | tail -n 1); \
 	    docker tag "$$ref" "$$1/loraline-vllm-cpu:latest"; docker push -q "$$1/loraline-vllm-cpu:latest" >&2; echo "$$ref"' \
 	    _ "$$(svc registry)" "$$sp" > $(BASE_LOG).ref 2> $(BASE_LOG) & bpid=$$!; \
 	  trap 'kill -- -$$bpid 2>/dev/null || true' EXIT; \

@@ -11,9 +11,9 @@ from loraline.cli import cli, emit, load_settings, quiet_third_parties, run
 @click.option("--adapter", required=True, envvar="LORALINE_ADAPTER", help="Adapter source: dir, hf://ORG/NAME@REV, runs:/, models:/, mlflow-artifacts:/, s3://BUCKET/PREFIX (LORALINE_S3_*)")
 @click.option("--base", required=True, envvar="LORALINE_BASE", help="Base model source: dir, hf://ORG/NAME@REV, s3://BUCKET/PREFIX, or a .gguf file, local or s3:// (converted once, cached under LORALINE_HOME/bases)")
 @click.option("--name", required=True, envvar="LORALINE_MODEL_NAME", help="MLflow registered model name")
-@click.option("--image", "image", type=click.Choice(["merged", "lora", "none"]), default=None,
-              help="Serving image to build, push and smoke-test: merged weights, or base + adapter layers served as "
-                   "runtime LoRA. Default LORALINE_IMAGE, else merged when a Docker engine and a registry are configured "
+@click.option("--image", "image", type=click.Choice(["merged", "lora", "gguf", "none"]), default=None,
+              help="Serving image to build, push and smoke-test: merged weights, base + adapter layers served as "
+                   "runtime LoRA (vLLM), or gguf: a GGUF export (needs --gguf) served by llama.cpp. Default LORALINE_IMAGE, else merged when a Docker engine and a registry are configured "
                    "(`loraline services up`), none otherwise.")
 @click.option("--gguf", "gguf", default=None, envvar="LORALINE_GGUF", callback=lambda _c, _p, v: _gguf(v),
               help="GGUF files to export with llama.cpp (converter + quantizer), each checked against the merged model: "
@@ -40,6 +40,7 @@ def release(adapter: str, base: str, name: str, image: str | None, gguf: str | N
     The benchmark takes minutes on a CPU (LORALINE_BENCH=false skips it; `loraline bench` runs it later)."""
     settings = load_settings()
     quiet_third_parties(settings, verbose)
+    _check_gguf_image(image, gguf, settings)
     if submit:
         emit(_submit(adapter, base, name, image, settings, gguf), as_json)
         return
@@ -83,8 +84,9 @@ def bench(model: str, as_json: bool, verbose: bool) -> None:
 
 @cli.command("image")
 @click.argument("model")
-@click.option("--mode", type=click.Choice(["merged", "lora"]), default="merged", show_default=True,
-              help="merged weights baked in, or base + adapter layers served as runtime LoRA.")
+@click.option("--mode", type=click.Choice(["merged", "lora", "gguf"]), default="merged", show_default=True,
+              help="merged weights baked in, base + adapter layers served as runtime LoRA, or a GGUF export of the "
+              "release served by llama.cpp (LORALINE_IMAGE_GGUF_QUANT, default q8_0).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the release's lineage with the image).")
 @click.option("-v", "--verbose", is_flag=True, help="Show Prefect's and the libraries' logs on stderr.")
 def image_cmd(model: str, mode: str, as_json: bool, verbose: bool) -> None:
@@ -100,6 +102,22 @@ def image_cmd(model: str, mode: str, as_json: bool, verbose: bool) -> None:
 
     result = image_flow(model=model, mode=mode)
     emit(result, as_json)
+
+
+def _check_gguf_image(image: str | None, gguf: str | None, settings) -> None:  # noqa: ANN001
+    """--image gguf without a GGUF export (--gguf none): a usage error naming both, before Prefect starts (the flow
+    refuses it too, before anything is fetched)."""
+    from loraline.errors import LoralineError
+    from loraline.gguf_export import gguf_types
+    from loraline.image import check_gguf_image, image_mode
+
+    mode = image_mode(settings.model_copy(update={"image": image}) if image else settings)
+    if mode != "gguf":
+        return
+    try:
+        check_gguf_image(mode, gguf_types(settings, gguf), settings, gguf)
+    except LoralineError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def _gguf(value: str | None) -> str | None:

@@ -20,7 +20,7 @@ from prefect.transactions import Transaction, get_transaction, transaction
 from loraline.benchmark import release_dirs
 from loraline.engine import vllm_lora_rank
 from loraline.evaluate import with_served
-from loraline.image import Image, build_image, preflight
+from loraline.image import Image, build_image, gguf_choice, preflight
 from loraline.oci import delete_manifest
 from loraline.records import log_image
 from loraline.settings import Settings
@@ -86,6 +86,13 @@ def image_release(lineage: dict[str, Any], settings: Settings, mode: str, base_d
     smoke = img.smoke or {}
     parity = "; ".join(f"{k}: {v['identical']} identical, {v['close']} close of {v['prompts']}"
                        for k, v in (smoke.get("parity") or {}).items()) or "skipped"
+    if smoke.get("chat"):  # a llama.cpp image: its parity is the GGUF export's
+        parity = (f"the GGUF export's ({img.labels.get('org.loraline.gguf.quant')}); chat: {smoke['chat']['prompts']} "
+                  "greedy answers, streamed = plain")
+    run_cmd = (f"docker run -p 8000:8000 -e API_KEY {img.pinned}" if mode == "gguf" else
+               f"docker run --gpus all --ipc=host -p 8000:8000 -e VLLM_API_KEY {img.pinned}")
+    key_note = ("`API_KEY` (from your environment) guards `/v1`; `/docs` and `/openapi.json` stay open." if mode == "gguf" else
+                "`VLLM_API_KEY` (from your environment) guards `/v1`; `/health` and `/metrics` stay open.")
     served = (entry.get("smoke") or {}).get("evaluation")
     served_line = (f"{served['accuracy']:.1%} ({served['correct']} of {served['examples']} questions through the openai client; "
                    f"{served['stream_identical']} of {served['streamed']} streamed answers equal the plain ones)"
@@ -93,8 +100,8 @@ def image_release(lineage: dict[str, Any], settings: Settings, mode: str, base_d
     create_markdown_artifact(
         key=artifact_key("image", name, mode),
         markdown=(f"## Serving image of models:/{name}/{version} ({mode})\n\n"
-                  f"```\ndocker pull {img.pinned}\ndocker run --gpus all --ipc=host -p 8000:8000 -e VLLM_API_KEY {img.pinned}\n```\n\n"
-                  f"`VLLM_API_KEY` (from your environment) guards `/v1`; `/health` and `/metrics` stay open.\n\n"
+                  f"```\ndocker pull {img.pinned}\n{run_cmd}\n```\n\n"
+                  f"{key_note}\n\n"
                   f"| | |\n|---|---|\n| tag | `{img.ref}` |\n| digest | `{img.digest}` |\n| served model | `{img.served_model_name}` |\n"
                   f"| size | {img.size_bytes / 1e9:.2f} GB ({img.compressed_bytes / 1e9:.2f} GB compressed, {img.layers} layers) |\n"
                   f"| uploaded by this push | {img.pushed_bytes / 1e6:,.1f} MB |\n| build / push | {img.build_seconds:.1f} s / {img.push_seconds:.1f} s |\n"
@@ -105,20 +112,23 @@ def image_release(lineage: dict[str, Any], settings: Settings, mode: str, base_d
     )
     out = {**lineage, "images": [i for i in lineage.get("images", []) if i.get("mode") != mode] + [entry],
            "image": {"ref": img.ref, "digest": img.digest, "mode": mode, "pinned": img.pinned}}
-    if served and lineage.get("evaluation"):  # as log_image wrote it into lineage.json
+    if served and lineage.get("evaluation") and mode != "gguf":  # as log_image wrote it into lineage.json
         out["evaluation"] = with_served(lineage["evaluation"], served)
     return out
 
 
 @flow(name="image", flow_run_name="image-{model}-{mode}", log_prints=True)
-def image(model: str, mode: Literal["merged", "lora"] = "merged") -> dict[str, Any]:
+def image(model: str, mode: Literal["merged", "lora", "gguf"] = "merged") -> dict[str, Any]:
     """Build, push and smoke-test the serving image of an existing release.
 
     Args:
         model: the release: models:/NAME/VERSION, models:/NAME@ALIAS, or any ref `loraline trace` takes.
-        mode: merged (merged weights baked in) or lora (base layer + adapter layer, runtime LoRA).
+        mode: merged (merged weights baked in), lora (base layer + adapter layer, runtime LoRA) or gguf (one of the
+            release's GGUF exports, LORALINE_IMAGE_GGUF_QUANT or q8_0, served by llama.cpp).
     """
     settings = flow_settings()
     lineage = release_of(model, settings)
+    if mode == "gguf":
+        gguf_choice(lineage, settings)  # the release exported one: refused before anything is built when not
     preflight(settings, mode, bool(lineage["lora"]["runtime_lora_servable"]))
     return image_release(lineage, settings, mode)

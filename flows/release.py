@@ -22,7 +22,7 @@ from loraline.evaluate import evaluate_release
 from loraline.gate import gate_release, undo_gate
 from loraline.gguf_export import gguf_types
 from loraline.llama_engine import find_llama
-from loraline.image import image_mode
+from loraline.image import check_gguf_image, image_mode
 from loraline.merge import MergedModel, merge_adapter, merge_key, merged_path
 from loraline.parity import ParityReport, check_parity, check_vllm_parity, parity_key, parity_prompts, require_parity
 from loraline.params import BenchmarkWorkload, GateThresholds, ImageMode
@@ -170,8 +170,8 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
         base: base model source: a local dir, hf://ORG/NAME@REV, s3://BUCKET/PREFIX, or a .gguf file, local or s3://
             (dequantized once into the cache).
         name: the MLflow registered model name (one experiment of the same name holds the runs).
-        image: serving image mode: merged (merged weights baked in), lora (base + adapter layers, runtime LoRA) or
-            none; empty: LORALINE_IMAGE (merged when a Docker engine and a registry are configured, e.g. by
+        image: serving image mode: merged (merged weights baked in), lora (base + adapter layers, runtime LoRA), gguf
+            (a GGUF export served by llama.cpp's server: LORALINE_IMAGE_GGUF_QUANT, default q8_0) or none; empty: LORALINE_IMAGE (merged when a Docker engine and a registry are configured, e.g. by
             `loraline services up`).
         benchmark: the benchmark workload; empty: LORALINE_BENCH_*.
         gate: what the release must show before the aliases move; empty: the defaults.
@@ -191,6 +191,7 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
     gguf_required = (gguf if gguf is not None else settings.gguf) != "auto"
     if gguf_out:
         find_llama(settings)  # llama.cpp and its converter are there: refuse before any merge when they are not
+    check_gguf_image(mode, gguf_out, settings, gguf)  # --image gguf serves an export: refused when none is made
     a = _retried_if_remote(fetch_adapter_task, adapter)(adapter, settings)
     b = _retried_if_remote(fetch_base_task, base)(base, settings)
     v = validate_task(a, b, settings)

@@ -141,6 +141,8 @@ from types import SimpleNamespace  # noqa: E402
 
 _PREP: dict[str, object] = {}
 BASE_BUILD_FREE_BYTES = 10 * 10**9  # peak seen in a CI run: about 7 GB (rootfs, import, registry, images)
+# The llama.cpp image's base (--image gguf): the same Debian rootfs before vLLM goes in, imported by the same build.sh.
+SLIM_BASE = "loraline/debian-python:test"
 
 
 def _site_packages(python: Path | None) -> str:
@@ -167,25 +169,26 @@ def _prepare_image_services(home: Path, reuse: bool) -> None:
         proc = subprocess.Popen(["bash", str(REPO / "docker" / "base-cpu" / "build.sh"), "loraline/vllm-cpu:test",
                                  str(home / "base-build")],
                                 env={**os.environ, "DOCKER_HOST": st.docker_host, "HOST_PYTHON": sys.executable,
-                                     "VLLM_SITE_PACKAGES": _site_packages(Settings(home=home).vllm_python)},
+                                     "VLLM_SITE_PACKAGES": _site_packages(Settings(home=home).vllm_python),
+                                     "SLIM_REF": SLIM_BASE},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         _session_nice(proc.pid, 19)  # the CPU the tests leave idle until an image test waits for it
         _PREP["proc"] = proc
         out, err = proc.communicate(timeout=3600)
         if proc.returncode != 0:
             raise RuntimeError(f"docker/base-cpu/build.sh failed:\n{err[-4000:]}")
-        base = out.strip().splitlines()[-1]
-        if not reuse:  # the base layer into the registry now, so image pushes later mount it instead of uploading it
+        slim, base = out.strip().splitlines()[-2:]
+        if not reuse:  # the base layers into the registry now, so image pushes later mount them instead of uploading them
             import docker
 
             client = docker.DockerClient(base_url=st.docker_host, timeout=3600)
-            repo = f"{st.registry}/loraline-vllm-cpu"
-            client.images.get(base).tag(repo, "test")
-            events = list(client.api.push(repo, tag="test", stream=True, decode=True))
+            for ref, repo in ((base, f"{st.registry}/loraline-vllm-cpu"), (slim, f"{st.registry}/loraline-debian-python")):
+                client.images.get(ref).tag(repo, "test")
+                events = list(client.api.push(repo, tag="test", stream=True, decode=True))
+                if errors := [e["error"] for e in events if "error" in e]:
+                    raise RuntimeError(f"pushing the base image {ref} failed: {errors}")
             client.close()
-            if errors := [e["error"] for e in events if "error" in e]:
-                raise RuntimeError(f"pushing the base image failed: {errors}")
-        _PREP["base"] = base
+        _PREP["base"], _PREP["slim"] = base, slim
     except BaseException as e:  # noqa: BLE001 - reported by the fixture
         _PREP["error"] = e
 
@@ -273,7 +276,8 @@ def _real_releases(early: bool) -> None:
             shutil.copytree(fetched.path, cached)
         gguf = fetched.gguf.file  # type: ignore[union-attr]  # the base as the package ships it: --base PATH.gguf
         _RELEASES.update(svc=svc, env=env, gguf=gguf)
-        runs = [("real", [demo["checkpoint"], "--image", "merged"], env)]
+        # checkpoint-100 also exports q8_0 (issue 17): the file tests/test_real_model.py's llama.cpp image serves.
+        runs = [("real", [demo["checkpoint"], "--image", "merged", "--gguf", "q8_0"], env)]
         if early:  # checkpoint-10 after it: the gate compares it with the champion checkpoint-100 became
             runs.append(("early", [demo["early"][0], "--image", "none"], {**env, "LORALINE_VLLM_PARITY": "false"}))
         for key, (adapter, *args), run_env in runs:
@@ -426,6 +430,7 @@ def _image_services() -> SimpleNamespace:
     """What `image_services` gives, once the background preparation is done."""
     st, base = _PREP["status"], str(_PREP["base"])
     env = {"LORALINE_DOCKER_HOST": st.docker_host, "LORALINE_IMAGE_REGISTRY": st.registry, "LORALINE_IMAGE_BASE": base,  # type: ignore[attr-defined]
+           "LORALINE_IMAGE_GGUF_BASE": str(_PREP["slim"]),
            "LORALINE_VLLM_PARITY": "false", "LORALINE_BENCH": "false"}
     return SimpleNamespace(home=_PREP["home"], docker_host=st.docker_host, registry=st.registry,  # type: ignore[attr-defined]
                            mlflow_url=st.mlflow_url, prefect_url=st.prefect_url, base=base, env=env)  # type: ignore[attr-defined]

@@ -57,7 +57,7 @@ def test_deployments_have_typed_forms_with_demo_defaults(prefect_services) -> No
         assert gate["properties"]["min_parity_identical"]["default"] == 0.5
         champion = gate["properties"]["champion_tolerance"]
         assert champion["default"] == 0.0 and champion["description"].startswith("Champion–challenger: the release's task accuracy")
-        assert set(props["image"]["anyOf"][0]["enum"]) == {"merged", "lora", "none"}
+        assert set(props["image"]["anyOf"][0]["enum"]) == {"merged", "lora", "gguf", "none"}
         # The form opens with the demo's parameters filled in.
         assert rel.parameters["adapter"] == str(prefect_services.demo.checkpoint)
         assert rel.parameters["base"] == str(prefect_services.demo.base)

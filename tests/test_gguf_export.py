@@ -58,6 +58,82 @@ def test_a_bad_gguf_value_is_refused_before_anything_is_merged(prefect_harness, 
     assert not settings.merged_dir.exists() or not list(settings.merged_dir.iterdir())
 
 
+def test_image_gguf_without_a_gguf_export_is_refused_before_anything_is_merged(
+        prefect_harness, demo_assets, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--image gguf` serves one of the release's GGUF exports: with `--gguf none`, or a LORALINE_IMAGE_GGUF_QUANT the
+    release does not export, it is refused naming both settings, before anything is fetched, merged or registered
+    (on the command line as a usage error, before Prefect starts)."""
+    from loraline.errors import ImageError
+    from loraline_flows.release import release
+
+    kw = dict(adapter=str(demo_assets.checkpoint), base=str(demo_assets.base), name=NAME, image="gguf")
+    with pytest.raises(ImageError, match=r"--image gguf serves one of the release's GGUF files, but --gguf none .*"
+                                         r"export one with --gguf q8_0"):
+        release(**kw, gguf="none")
+    monkeypatch.setenv("LORALINE_IMAGE_GGUF_QUANT", "q4_k_m")
+    with pytest.raises(ImageError, match=r"LORALINE_IMAGE_GGUF_QUANT=q4_k_m asks the --image gguf image for a type this "
+                                         r"release does not export \(--gguf f16\)"):
+        release(**kw, gguf="f16")
+    assert mlflow_state(settings) == EMPTY
+    assert not settings.merged_dir.exists() or not list(settings.merged_dir.iterdir())
+    monkeypatch.delenv("LORALINE_IMAGE_GGUF_QUANT")
+
+    proc = loraline("release", "--adapter", str(demo_assets.checkpoint), "--base", str(demo_assets.base), "--name", NAME,
+                    "--image", "gguf", "--gguf", "none", home=settings.home)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "--image gguf serves one of the release's GGUF files, but --gguf none" in proc.stderr
+    proc = loraline("release", "--adapter", str(demo_assets.checkpoint), "--base", str(demo_assets.base), "--name", NAME,
+                    "--image", "gguf", home=settings.home, LORALINE_IMAGE_GGUF_QUANT="q3_k")
+    assert proc.returncode == 1 and "LORALINE_IMAGE_GGUF_QUANT='q3_k' is not a GGUF type" in proc.stderr, proc.stderr[-3000:]
+    assert mlflow_state(settings) == EMPTY
+
+
+def test_the_gguf_image_serves_the_chosen_export_with_its_lineage(tmp_path: Path) -> None:
+    """Which export the llama.cpp image serves (q8_0, else f16, else what there is; LORALINE_IMAGE_GGUF_QUANT wins), and
+    what its build context and labels hold: Dockerfile.gguf, the file as NAME.gguf, the server's wheels, lineage.json;
+    labels that name the file's sha256 and the adapter, no credentials."""
+    import tarfile
+
+    from loraline.image import DOCKERFILE_GGUF, gguf_choice, labels, write_context
+
+    def entry(quant: str) -> dict:
+        return {"quant": quant, "sha256": quant * 4, "bytes": 1, "uri": f"runs:/r/gguf/model-{quant}.gguf",
+                "converter": {"llama_cpp_python": "0.3.36"}}
+
+    lineage = {"model_name": NAME, "model_version": "3", "mlflow_run_id": "run1", "tracking_uri": "http://127.0.0.1:5000",
+               "adapter": {"sha256": "a" * 64, "source": "/ck"}, "base": {"sha256": "b" * 64, "source": "/base"},
+               "merged": {"sha256": "m" * 64}, "gguf": [entry("f16"), entry("q4_k_m"), entry("q8_0")]}
+    s = Settings(home=tmp_path / "home")
+    assert gguf_choice(lineage, s)["quant"] == "q8_0"
+    assert gguf_choice({**lineage, "gguf": [entry("q4_k_m"), entry("f16")]}, s)["quant"] == "f16"
+    assert gguf_choice({**lineage, "gguf": [entry("q4_k_m")]}, s)["quant"] == "q4_k_m"
+    assert gguf_choice(lineage, Settings(home=s.home, image_gguf_quant="Q4_K_M"))["quant"] == "q4_k_m"
+    with pytest.raises(Exception, match=r"models:/smol-gguf/3 exported only q4_k_m; choose one of them"):
+        gguf_choice({**lineage, "gguf": [entry("q4_k_m")]}, Settings(home=s.home, image_gguf_quant="f16"))
+    with pytest.raises(Exception, match=r"models:/smol-gguf/3 has no GGUF export for --image gguf"):
+        gguf_choice({**lineage, "gguf": []}, s)
+
+    gguf, wheels = tmp_path / "model-q8_0.gguf", tmp_path / "wheels"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    gguf.chmod(0o600)  # as a converter may write it: the image's non-root user must still read it
+    wheels.mkdir()
+    (wheels / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl").write_bytes(b"PK")
+    ctx = write_context(tmp_path / "ctx.tar", mode="gguf", name=NAME, merged_dir=tmp_path, base_dir=tmp_path,
+                        adapter_dir=tmp_path, adapter_files=None, lineage=lineage, gguf=gguf, wheels=wheels)
+    with tarfile.open(ctx) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert tar.extractfile("Dockerfile").read() == DOCKERFILE_GGUF.read_bytes()
+        assert json.loads(tar.extractfile("lineage.json").read())["gguf"][2]["quant"] == "q8_0"
+    assert f"model/{NAME}.gguf" in members and members[f"model/{NAME}.gguf"].mode == 0o644
+    assert "wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl" in members
+    assert not [n for n in members if n.startswith(("base/", "adapter/"))]
+    lab = labels(lineage, "gguf", "loraline/debian-python:test", entry("q8_0"))
+    assert lab["org.loraline.mode"] == "gguf" and lab["org.loraline.gguf.quant"] == "q8_0"
+    assert lab["org.loraline.gguf.sha256"] == "q8_0" * 4 and lab["org.loraline.adapter.sha256"] == "a" * 64
+    assert "llama.cpp" in lab["org.opencontainers.image.description"]
+    assert lab["org.opencontainers.image.base.name"] == "loraline/debian-python:test"
+
+
 def test_a_model_llama_cpp_cannot_convert_fails_its_version_or_is_skipped_on_auto(
         prefect_harness, demo_assets, llama_python: Path, settings: Settings) -> None:
     """The tiny model's tokenizer (a BPE trained here) is one llama.cpp's converter does not know: asked for f16, the

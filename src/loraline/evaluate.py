@@ -235,13 +235,15 @@ def evaluate_release(merged_dir: Path, base_dir: Path, settings: Settings, base_
     return EvalReport(merged=scores[0], base=scores[1], max_new_tokens=settings.eval_max_new_tokens)
 
 
-def ask_served(client: Any, model: str, question: str, max_new_tokens: int, *, stream: bool) -> str:
+def ask_served(client: Any, model: str, question: str, max_new_tokens: int, *, stream: bool,
+               limit: str = "max_completion_tokens") -> str:
     """One greedy chat completion of ``question`` (as :func:`loraline.text2sql.chat_messages`) from an OpenAI-compatible
-    server through ``client`` (an ``openai.OpenAI``), plain or streamed; the answer's text."""
+    server through ``client`` (an ``openai.OpenAI``), plain or streamed; the answer's text. ``limit``: the request field
+    that bounds the answer (llama-cpp-python's server knows only the older ``max_tokens``)."""
     from loraline.text2sql import chat_messages
 
     kw: dict[str, Any] = {"model": model, "messages": chat_messages(question), "temperature": 0.0,
-                          "max_completion_tokens": max_new_tokens}
+                          limit: max_new_tokens}
     if not stream:
         return client.chat.completions.create(**kw).choices[0].message.content or ""
     parts: list[str] = []
@@ -251,7 +253,8 @@ def ask_served(client: Any, model: str, question: str, max_new_tokens: int, *, s
     return "".join(parts)
 
 
-def evaluate_served(client: Any, model: str, settings: Settings, progress: Callable[[str], None] = lambda _m: None) -> ServedEval:
+def evaluate_served(client: Any, model: str, settings: Settings, progress: Callable[[str], None] = lambda _m: None,
+                    limit: str = "max_completion_tokens") -> ServedEval:
     """Execution accuracy of the served ``model`` (a running vLLM OpenAI server, through ``client``, an ``openai.OpenAI``
     with its base URL and API key) on the same questions as :func:`evaluate_release`, scored the same way. The first
     :data:`STREAM_CHECKS` questions are asked again streaming; answers that differ are returned in
@@ -267,15 +270,15 @@ def evaluate_served(client: Any, model: str, settings: Settings, progress: Calla
     # The questions asked again streaming go one at a time, as their streamed copies do (the same batch: the same
     # greedy answer); the rest SERVED_CONCURRENCY at once, as clients use a server (one at a time, 50 answers of the
     # real demo took 53 s here).
-    answers = [ask_served(client, model, q, n, stream=False) for q, _ in streamed]
+    answers = [ask_served(client, model, q, n, stream=False, limit=limit) for q, _ in streamed]
     with ThreadPoolExecutor(SERVED_CONCURRENCY) as pool:
-        answers += pool.map(lambda qa: ask_served(client, model, qa[0], n, stream=False), questions[len(streamed):])
+        answers += pool.map(lambda qa: ask_served(client, model, qa[0], n, stream=False, limit=limit), questions[len(streamed):])
     seconds = time.perf_counter() - t
     progress(f"served {model}: {len(answers)} answers in {seconds:.1f} s ({SERVED_CONCURRENCY} at once after the first "
              f"{len(streamed)}); {len(streamed)} asked again streaming")
     mismatches = []
     for (q, _), plain in zip(streamed, answers):
-        got = ask_served(client, model, q, n, stream=True)
+        got = ask_served(client, model, q, n, stream=True, limit=limit)
         if got != plain:
             mismatches.append((q, plain, got))
     with tempfile.TemporaryDirectory() as tmp:

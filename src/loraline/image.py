@@ -9,6 +9,11 @@ or the CPU base from ``docker/base-cpu/build.sh``), in one of two modes:
   on the same base reuses it) and the adapter under ``/adapters/NAME``, served with
   ``--enable-lora --lora-modules NAME=/adapters/NAME`` (the base answers as ``NAME-base``).
 
+And one on llama.cpp: ``gguf``, the packaged ``Dockerfile.gguf`` on ``settings.image_gguf_base`` (a Debian with
+python3): one of the release's GGUF exports (:func:`gguf_choice`) under ``/models/NAME.gguf``, served as ``NAME`` by
+llama-cpp-python's OpenAI-compatible server, installed from wheels repacked from the llama.cpp environment
+(:func:`loraline.llama_engine.server_wheels`: llama.cpp is not compiled again, nothing is downloaded).
+
 The build context is written as a tar with every file 0644 and a fixed mtime (transformers writes
 safetensors 0600, which the image's non-root user could not read; the legacy builder has no
 ``COPY --chmod``). Labels carry the lineage (OCI ``org.opencontainers.image.*`` and
@@ -39,9 +44,12 @@ from loraline.settings import VLLM_GPU_MEMORY_UTILIZATION, Settings, redact
 
 # Package data (the wheel ships it): what the build context's Dockerfile is. A Traversable: read it with read_bytes().
 DOCKERFILE = files("loraline") / "data" / "docker" / "Dockerfile"
+DOCKERFILE_GGUF = files("loraline") / "data" / "docker" / "Dockerfile.gguf"
 LABEL = "org.loraline."
 OCI = "org.opencontainers.image."
-MODES = ("merged", "lora")
+MODES = ("merged", "lora", "gguf")
+# The GGUF type the llama.cpp image serves when LORALINE_IMAGE_GGUF_QUANT does not say: the first of these exported.
+GGUF_IMAGE_PREFERENCE = ("q8_0", "f16", "q4_k_m")
 SERVE_UID = 10001
 # Weights that would be unpickled to load: never shipped (validation refuses adapters made of them).
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -53,7 +61,7 @@ Progress = Callable[[str], None]
 class Image:
     """A built and pushed serving image."""
 
-    mode: str  # merged | lora
+    mode: str  # merged | lora | gguf
     ref: str  # REGISTRY/REPO:TAG
     digest: str  # sha256:... of the pushed manifest
     repository: str  # REGISTRY/REPO
@@ -105,28 +113,95 @@ def docker_client(settings: Settings, timeout: int = 3600) -> Any:
 
 
 
+def base_image(settings: Settings, mode: str) -> str:
+    """The image a ``mode`` image is built on: ``settings.image_gguf_base`` for gguf, ``settings.image_base`` else."""
+    return settings.image_gguf_base if mode == "gguf" else settings.image_base
+
+
+def _base_setting(mode: str) -> str:
+    return "LORALINE_IMAGE_GGUF_BASE" if mode == "gguf" else "LORALINE_IMAGE_BASE"
+
+
 def preflight(settings: Settings, mode: str, runtime_lora_servable: bool = True) -> None:
     """Refuse early (before any merge or registration) what cannot end in a pushed image: no registry, no Docker
-    engine, or a base image (``settings.image_base``) the engine neither has nor can pull."""
+    engine, a base image (``settings.image_base``, for gguf ``settings.image_gguf_base``) the engine neither has nor
+    can pull, or for gguf no llama.cpp environment to take the server from."""
     if mode == "none":
         return
     if mode not in MODES:
-        raise ImageError(f"image mode {mode!r} is unknown: use merged, lora or none")
+        raise ImageError(f"image mode {mode!r} is unknown: use merged, lora, gguf or none")
     if mode == "lora" and not runtime_lora_servable:
         raise ImageError("--image lora: vLLM cannot serve this adapter as runtime LoRA (see the validation notes); "
                          "use --image merged")
+    if mode == "gguf":
+        from loraline.llama_engine import find_llama
+
+        find_llama(settings)  # the server's wheels come from it
     check_registry(settings)
     client = docker_client(settings, timeout=BASE_CHECK_TIMEOUT_S)
     try:
-        check_base_image(client, settings.image_base)
+        check_base_image(client, base_image(settings, mode), _base_setting(mode))
     finally:
         client.close()
+
+
+def check_gguf_image(mode: str, gguf_types: Iterable[str], settings: Settings, requested: str | None = None) -> None:
+    """``--image gguf`` needs a GGUF file from this release's export step: refused (before anything is fetched or
+    merged) when that step exports none (``gguf_types``, from ``--gguf`` ``requested`` or LORALINE_GGUF), or not the
+    type LORALINE_IMAGE_GGUF_QUANT asks for."""
+    if mode != "gguf":
+        return
+    types = tuple(gguf_types)
+    if not types:
+        why = ("--gguf none (or LORALINE_GGUF=none)" if (requested or settings.gguf).strip().lower() == "none" else
+               "--gguf auto exports nothing without the llama.cpp environment (LORALINE_LLAMA_PYTHON; `make setup` builds .venv-llama)")
+        raise ImageError(f"--image gguf serves one of the release's GGUF files, but {why}: export one with "
+                         "--gguf q8_0 (or f16, q4_k_m, several with commas), or choose another --image (merged, lora, none)")
+    if settings.image_gguf_quant and settings.image_gguf_quant not in types:
+        raise ImageError(f"LORALINE_IMAGE_GGUF_QUANT={settings.image_gguf_quant} asks the --image gguf image for a type "
+                         f"this release does not export (--gguf {','.join(types)}): add it to --gguf, or unset it")
+
+
+def gguf_choice(lineage: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The GGUF export (its ``gguf`` entry in the lineage) the llama.cpp image serves: LORALINE_IMAGE_GGUF_QUANT, else
+    the first of :data:`GGUF_IMAGE_PREFERENCE` the release exported."""
+    files = {g["quant"]: g for g in lineage.get("gguf") or []}
+    name, version = lineage["model_name"], lineage["model_version"]
+    if not files:
+        raise ImageError(f"models:/{name}/{version} has no GGUF export for --image gguf: release it with --gguf q8_0 "
+                         "(or f16, q4_k_m) first")
+    if settings.image_gguf_quant:
+        if settings.image_gguf_quant not in files:
+            raise ImageError(f"LORALINE_IMAGE_GGUF_QUANT={settings.image_gguf_quant}: models:/{name}/{version} exported "
+                             f"only {', '.join(files)}; choose one of them")
+        return files[settings.image_gguf_quant]
+    return next(files[q] for q in (*GGUF_IMAGE_PREFERENCE, *files) if q in files)
+
+
+def gguf_file(entry: dict[str, Any], lineage: dict[str, Any], settings: Settings, work: Path) -> Path:
+    """The GGUF file of ``entry``: the export's own copy in this home, else downloaded from its MLflow run; either way
+    checked against the recorded sha256."""
+    from loraline.digest import sha256_file
+
+    local = settings.gguf_dir / lineage["merged"]["sha256"] / f"model-{entry['quant']}.gguf"
+    path = local if local.is_file() and local.stat().st_size == entry["bytes"] else None
+    if path is None:
+        from loraline.tracking import connect
+
+        uri = entry["uri"]  # runs:/RUN_ID/gguf/model-QUANT.gguf
+        run_id, artifact = uri.removeprefix("runs:/").split("/", 1)
+        path = Path(connect(settings).client.download_artifacts(run_id, artifact, str(work)))
+    got = sha256_file(path)
+    if got != entry["sha256"]:
+        raise ImageError(f"the GGUF file {path} ({entry['quant']}) has sha256 {got}, not the {entry['sha256']} its release "
+                         "recorded: it changed after the export; export it again (loraline release --gguf ...)")
+    return path
 
 
 BASE_CHECK_TIMEOUT_S = 30  # one engine call: an image lookup, or a manifest query to the base's registry (no pull)
 
 
-def check_base_image(client: Any, base_image: str) -> str:
+def check_base_image(client: Any, base_image: str, setting: str = "LORALINE_IMAGE_BASE") -> str:
     """Refuse a base image the engine neither has nor can pull, before anything is merged; returns how it was found.
 
     The engine has it (``present``), or the engine's registry query for it answers (``pullable``: Docker's
@@ -142,17 +217,18 @@ def check_base_image(client: Any, base_image: str) -> str:
     except ImageNotFound:
         pass
     except (DockerException, requests.RequestException) as e:
-        raise ImageError(f"the Docker engine could not look up the base image LORALINE_IMAGE_BASE={base_image} ({_short(e)}); "
+        raise ImageError(f"the Docker engine could not look up the base image {setting}={base_image} ({_short(e)}); "
                          "check the engine (LORALINE_DOCKER_HOST)") from e
     try:
         client.api.inspect_distribution(base_image)
         return "pullable"
     except (DockerException, requests.RequestException) as e:
         raise ImageError(
-            f"the base image LORALINE_IMAGE_BASE={base_image} is not in the Docker engine and cannot be pulled "
+            f"the base image {setting}={base_image} is not in the Docker engine and cannot be pulled "
             f"({_short(e)}): build a CPU base with `docker/base-cpu/build.sh REF` (from Debian packages, no registry "
-            "needed) and set LORALINE_IMAGE_BASE=REF, or set it to an image the engine has or can pull (pinned by digest, "
-            "e.g. vllm/vllm-openai:v0.24.0@sha256:...); nothing was merged or registered"
+            f"needed; SLIM_REF=REF2 makes the llama.cpp image's too) and set {setting}=REF, or set it to an image the "
+            "engine has or can pull (pinned by digest, e.g. vllm/vllm-openai:v0.24.0@sha256:...); nothing was merged or "
+            "registered"
         ) from e
 
 
@@ -183,10 +259,18 @@ def _files(root: Path, only: Iterable[str] | None = None) -> list[tuple[str, Pat
 
 
 def write_context(out: Path, *, mode: str, name: str, merged_dir: Path, base_dir: Path, adapter_dir: Path,
-                  adapter_files: Iterable[str] | None, lineage: dict[str, Any]) -> Path:
-    """The build context as a tar: Dockerfile, base/, model/, adapter/, lineage.json; files 0644, dirs 0755, mtime 0."""
+                  adapter_files: Iterable[str] | None, lineage: dict[str, Any], gguf: Path | None = None,
+                  wheels: Path | None = None) -> Path:
+    """The build context as a tar: Dockerfile, base/, model/, adapter/, lineage.json (gguf: Dockerfile.gguf as
+    Dockerfile, model/NAME.gguf, wheels/, lineage.json); files 0644, dirs 0755, mtime 0."""
     parts: dict[str, list[tuple[str, Path]]] = {"base": [], "model": [], "adapter": []}
-    if mode == "merged":
+    dockerfile = DOCKERFILE
+    if mode == "gguf":
+        if gguf is None or wheels is None:
+            raise ImageError("a gguf image's context needs the GGUF file and the server's wheels")
+        dockerfile = DOCKERFILE_GGUF
+        parts = {"model": [(f"{name}.gguf", gguf.resolve())], "wheels": _files(wheels)}
+    elif mode == "merged":
         parts["model"] = _files(merged_dir)
     else:
         parts["base"] = _files(base_dir)
@@ -200,7 +284,7 @@ def write_context(out: Path, *, mode: str, name: str, merged_dir: Path, base_dir
         return ti
 
     with tarfile.open(out, "w") as tar:
-        df = DOCKERFILE.read_bytes()
+        df = dockerfile.read_bytes()
         tar.addfile(info("Dockerfile", len(df)), io.BytesIO(df))
         lj = json.dumps(lineage, indent=2, default=str).encode()
         tar.addfile(info("lineage.json", len(lj)), io.BytesIO(lj))
@@ -217,13 +301,16 @@ def write_context(out: Path, *, mode: str, name: str, merged_dir: Path, base_dir
     return out
 
 
-def labels(lineage: dict[str, Any], mode: str, base_image: str) -> dict[str, str]:
-    """OCI labels plus the lineage keys ``loraline trace IMAGE`` needs, all free of credentials."""
+def labels(lineage: dict[str, Any], mode: str, base_image: str, gguf: dict[str, Any] | None = None) -> dict[str, str]:
+    """OCI labels plus the lineage keys ``loraline trace IMAGE`` needs, all free of credentials (``gguf``: the served
+    GGUF export's lineage entry, for a gguf image)."""
     a, b, m = lineage["adapter"], lineage["base"], lineage["merged"]
     name, version = lineage["model_name"], str(lineage["model_version"])
+    server = (f"llama.cpp OpenAI-compatible server (llama-cpp-python) with the {gguf['quant']} GGUF export of"
+              if gguf else "vLLM OpenAI server with")
     out = {
         OCI + "title": f"{name} v{version} ({mode})",
-        OCI + "description": f"vLLM OpenAI server with LoRA release models:/{name}/{version} ({mode}); made by loraline",
+        OCI + "description": f"{server} LoRA release models:/{name}/{version} ({mode}); made by loraline",
         OCI + "source": a.get("resolved") or a["source"],
         OCI + "revision": a.get("revision") or a["sha256"],
         OCI + "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -242,6 +329,8 @@ def labels(lineage: dict[str, Any], mode: str, base_image: str) -> dict[str, str
         LABEL + "merged.sha256": m["sha256"],
         LABEL + "version": __version__,
         **({OCI + "base.digest": base_image.rsplit("@", 1)[1]} if "@sha256:" in base_image else {}),
+        **({LABEL + "gguf.quant": gguf["quant"], LABEL + "gguf.sha256": gguf["sha256"],
+            LABEL + "gguf.llama_cpp_python": str((gguf.get("converter") or {}).get("llama_cpp_python") or "")} if gguf else {}),
     }
     return {k: redact(str(v)) for k, v in out.items()}
 
@@ -351,6 +440,17 @@ def build_args(lineage: dict[str, Any], mode: str, settings: Settings, *, cpu_ba
     }
 
 
+# llama-cpp-python's context window (--n_ctx) when LORALINE_IMAGE_MAX_MODEL_LEN does not say: its own default, which
+# holds the task's prompts and answers many times over (the model's full 8,192 would only reserve more KV memory).
+GGUF_N_CTX = 2048
+
+
+def gguf_build_args(lineage: dict[str, Any], settings: Settings) -> dict[str, str]:
+    """Dockerfile.gguf build args: the served name (the file is /models/NAME.gguf) and the server's context size."""
+    return {"BASE_IMAGE": "", "MODEL_NAME": lineage["model_name"],
+            "N_CTX": str(settings.image_max_model_len or GGUF_N_CTX), "SERVE_UID": str(SERVE_UID)}
+
+
 # --------------------------------------------------------------------------- build, push
 
 
@@ -408,24 +508,42 @@ def _build_and_push(client: Any, lineage: dict[str, Any], mode: str, settings: S
     from docker.errors import APIError
 
     if mode not in MODES:
-        raise ImageError(f"image mode {mode!r} is unknown: use merged or lora")
+        raise ImageError(f"image mode {mode!r} is unknown: use merged, lora or gguf")
     name, version = lineage["model_name"], str(lineage["model_version"])
     repo, tag = repository(settings, name), image_tag(version, mode)
-    base_labels = ensure_base(client, settings.image_base, progress)
-    if "@sha256:" not in settings.image_base:
-        progress(f"the base image {settings.image_base} is not pinned by digest: a re-pushed tag changes what this "
-                 "release is built on; pin it with LORALINE_IMAGE_BASE=REF@sha256:...")
-    cpu_base = base_labels.get(LABEL + "base") == "cpu"
-    args = build_args(lineage, mode, settings, cpu_base=cpu_base, model_dir=merged_dir if mode == "merged" else base_dir,
-                      lora_rank=lora_rank)
-    args["BASE_IMAGE"] = settings.image_base
-    lab = labels(lineage, mode, settings.image_base)
-    cache_from = _earlier_image(client, lineage, mode, settings.image_base)
+    base = base_image(settings, mode)
+    base_labels = ensure_base(client, base, progress)
+    if "@sha256:" not in base:
+        progress(f"the base image {base} is not pinned by digest: a re-pushed tag changes what this "
+                 f"release is built on; pin it with {_base_setting(mode)}=REF@sha256:...")
+    choice = None
+    if mode == "gguf":
+        choice = gguf_choice(lineage, settings)
+        args = gguf_build_args(lineage, settings)
+    else:
+        cpu_base = base_labels.get(LABEL + "base") == "cpu"
+        args = build_args(lineage, mode, settings, cpu_base=cpu_base, model_dir=merged_dir if mode == "merged" else base_dir,
+                          lora_rank=lora_rank)
+    args["BASE_IMAGE"] = base
+    lab = labels(lineage, mode, base, choice)
+    # gguf: the engine's own cache, which holds the server stage too (an earlier final image does not: its venv layer
+    # would be installed again, with new mtimes, and uploaded again)
+    cache_from = None if mode == "gguf" else _earlier_image(client, lineage, mode, base)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=settings.home, prefix="build-") as tmp:
+        gguf = wheels = None
+        if choice is not None:
+            from loraline.llama_engine import server_wheels
+
+            gguf = gguf_file(choice, lineage, settings, Path(tmp))
+            wheels = Path(tmp) / "wheels"
+            made = server_wheels(settings, wheels)
+            progress(f"serving {gguf.name} ({choice['quant']}, {choice['bytes'] / 1e6:,.1f} MB) with llama-cpp-python from "
+                     f"{len(made['wheels'])} wheels of the llama.cpp environment (Python {made['python']})")
         ctx = write_context(Path(tmp) / "context.tar", mode=mode, name=name, merged_dir=merged_dir, base_dir=base_dir,
-                            adapter_dir=adapter_dir, adapter_files=lineage["adapter"].get("files") or None, lineage=lineage)
-        progress(f"building {repo}:{tag} on {settings.image_base} ({ctx.stat().st_size / 1e6:,.1f} MB context)")
+                            adapter_dir=adapter_dir, adapter_files=lineage["adapter"].get("files") or None, lineage=lineage,
+                            gguf=gguf, wheels=wheels)
+        progress(f"building {repo}:{tag} on {base} ({ctx.stat().st_size / 1e6:,.1f} MB context)")
         image_id = None
         with ctx.open("rb") as f:
             try:
@@ -459,7 +577,7 @@ def _build_and_push(client: Any, lineage: dict[str, Any], mode: str, settings: S
     return Image(mode=mode, ref=f"{repo}:{tag}", digest=digest, repository=repo,
                  served_model_name=name, image_id=image_id, size_bytes=int(img.attrs["Size"]),
                  compressed_bytes=sum(layer_sizes), pushed_bytes=pushed, layers=len(layer_sizes), build_seconds=build_s,
-                 push_seconds=push_s, base_image=settings.image_base, labels=lab)
+                 push_seconds=push_s, base_image=base, labels=lab)
 
 
 

@@ -152,6 +152,18 @@ def free_cores(window_s: float = 0.5) -> int:
     return 1 if (after - before) / window_s > 0.5 else cores
 
 
+# What the llama.cpp serving image installs (docker/Dockerfile.gguf): the binding with its OpenAI-compatible server.
+SERVER_REQUIREMENT = "llama_cpp_python[server]"
+
+
+def server_wheels(settings: Settings, out: Path) -> dict[str, Any]:
+    """Wheels of llama-cpp-python's server and everything it needs, repacked from the llama.cpp environment into ``out``
+    (:func:`loraline.llama_runner.wheels`): the llama.cpp build ``make setup`` compiled, for an offline
+    ``pip install --no-index --find-links``. ``{"wheels": [{name, version, file, bytes}], "python": "3.11"}``."""
+    engine = find_llama(settings)
+    return _run(engine.python, {"mode": "wheels", "roots": [SERVER_REQUIREMENT], "out": str(out)}, settings,
+                f"{engine.python} (wheels of {SERVER_REQUIREMENT})")
+
 def _run(python: Path, request: dict[str, Any], settings: Settings, what: str) -> dict[str, Any]:
     """Run :mod:`loraline.llama_runner` on ``request`` with ``python``: its answer, or :class:`EngineError` with the log."""
     answer, _ = run_runner_file(python, RUNNER, request, engine_env(settings, None), what, settings.engine_timeout_s,

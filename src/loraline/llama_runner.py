@@ -122,10 +122,91 @@ def generate(req: dict) -> dict:
                                             "prompt_tokens": seen, "prompt_tokens_reused": reused}}
 
 
+def _closure(roots: list[str]) -> list:
+    """The installed distributions ``roots`` (``name[extra,...]``) need, themselves included, markers evaluated here."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: dict[str, object] = {}
+    todo = [(Requirement(r), None) for r in roots]
+    while todo:
+        req, extra = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": extra or ""}):
+            continue
+        key = canonicalize_name(req.name)
+        try:
+            dist = distribution(req.name)
+        except PackageNotFoundError:
+            raise RuntimeError(f"{req.name} (needed by {', '.join(roots)}) is not installed in {sys.prefix}") from None
+        first = key not in seen
+        seen[key] = dist
+        for dep in dist.requires or []:
+            dreq = Requirement(dep)
+            if dreq.marker is None or "extra" not in str(dreq.marker):
+                if first:
+                    todo.append((dreq, None))
+            else:
+                todo += [(dreq, e) for e in req.extras]  # the extras asked of this distribution
+    return [seen[k] for k in sorted(seen)]
+
+
+def wheels(req: dict) -> dict:
+    """Repack installed distributions as wheels in ``req["out"]``: ``req["roots"]`` and what they need.
+
+    Each wheel holds the files its RECORD lists under site-packages (compiled bytecode and console scripts left out: pip
+    writes both again at install), its dist-info with a new RECORD, and is named with its WHEEL file's tag, so that
+    ``pip install --no-index --find-links OUT`` installs what this environment runs, without compiling or downloading.
+    """
+    import base64
+    import csv
+    import io
+    import zipfile
+
+    out = Path(req["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for dist in _closure(req["roots"]):
+        name, version = dist.metadata["Name"], dist.version
+        wheel_meta = dist.read_text("WHEEL") or ""
+        tags = [ln.split(":", 1)[1].strip() for ln in wheel_meta.splitlines() if ln.startswith("Tag:")]
+        if not tags:
+            raise RuntimeError(f"{name} {version} has no WHEEL tag (installed from something other than a wheel)")
+        tag = tags[0]
+        stem = f"{re.sub(r'[^A-Za-z0-9.]+', '_', name)}-{version}"
+        fname = f"{stem}-{tag}.whl"
+        site = Path(dist.locate_file(""))
+        info = Path(dist._path).name  # type: ignore[attr-defined]  # NAME-VERSION.dist-info
+        entries: list[tuple[str, Path]] = []
+        for f in dist.files or []:
+            rel = str(f)
+            if rel.startswith("..") or "__pycache__" in rel or rel.endswith(".pyc") or rel == f"{info}/RECORD":
+                continue
+            if rel.startswith(info + "/") and rel.split("/", 1)[1] in ("INSTALLER", "REQUESTED", "direct_url.json"):
+                continue
+            entries.append((rel, site / rel))
+        record = io.StringIO()
+        writer = csv.writer(record, lineterminator="\n")
+        with zipfile.ZipFile(out / fname, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+            for rel, path in sorted(entries):
+                data = path.read_bytes()
+                digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                zi = zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0))
+                zi.external_attr = (0o755 if path.stat().st_mode & 0o111 else 0o644) << 16
+                zi.compress_type = zipfile.ZIP_DEFLATED
+                zf.writestr(zi, data)
+                writer.writerow([rel, f"sha256={digest}", len(data)])
+            writer.writerow([f"{info}/RECORD", "", ""])
+            zf.writestr(zipfile.ZipInfo(f"{info}/RECORD", date_time=(1980, 1, 1, 0, 0, 0)), record.getvalue())
+        made.append({"name": name, "version": version, "file": fname, "bytes": (out / fname).stat().st_size})
+    return {"wheels": made, "python": f"{sys.version_info[0]}.{sys.version_info[1]}"}
+
+
 def main() -> int:
     try:
         req = json.loads(sys.stdin.read())
-        answer = {"info": info, "quantize": quantize, "generate": generate}[req.get("mode", "generate")](req)
+        answer = {"info": info, "quantize": quantize, "generate": generate, "wheels": wheels}[req.get("mode", "generate")](req)
     except Exception as e:  # noqa: BLE001 - reported to the caller as JSON
         print(RESULT_MARKER + json.dumps({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}))
         return 1

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loraline.settings import Settings
 
-ImageMode = Literal["merged", "lora", "none"]
+ImageMode = Literal["merged", "lora", "gguf", "none"]
 
 
 class BenchmarkWorkload(BaseModel):

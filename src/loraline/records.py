@@ -155,13 +155,16 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
         "pushed_bytes": image["pushed_bytes"],
         "build_seconds": round(image["build_seconds"], 2),
         "push_seconds": round(image["push_seconds"], 2),
-        "smoke": {k: smoke[k] for k in ("ready_seconds", "pull_seconds", "served_models", "v1_status_without_key", "parity") if k in smoke} or None,
+        "smoke": {k: smoke[k] for k in ("ready_seconds", "pull_seconds", "served_models", "v1_status_without_key", "parity", "chat") if k in smoke} or None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     # The task evaluation of the served container (smoke test): its summary, without the answers (image/<mode>.json has them).
     served = {k: v for k, v in (smoke.get("evaluation") or {}).items() if k not in ("items", "stream_mismatches")} or None
     if served:
         entry["smoke"] = {**(entry["smoke"] or {}), "evaluation": served}
+    # The release's served accuracy is its vLLM image's (the merged model as served); a llama.cpp image serves a GGUF
+    # export (quantized, maybe): its score stays on its own entry and metrics (eval.served_gguf_*).
+    release_served = served if mode != "gguf" else None
     now = int(time.time() * 1000)
     values = {"build_seconds": image["build_seconds"], "push_seconds": image["push_seconds"], "size_bytes": image["size_bytes"],
               "compressed_bytes": image["compressed_bytes"], "pushed_bytes": image["pushed_bytes"]}
@@ -169,22 +172,25 @@ def log_image(name: str, version: str, run_id: str, image: dict[str, Any], setti
         values["ready_seconds"] = smoke["ready_seconds"]
     metrics = [Metric(f"image.{mode}.{k}", float(v), now, 0) for k, v in values.items()]
     if served:
-        metrics += [Metric(f"eval.served_{k}", float(served[k]), now, 0) for k in ("accuracy", "examples", "correct", "valid", "seconds")]
+        prefix = "eval.served_gguf_" if mode == "gguf" else "eval.served_"
+        metrics += [Metric(f"{prefix}{k}", float(served[k]), now, 0) for k in ("accuracy", "examples", "correct", "valid", "seconds")]
     client.log_batch(run_id, metrics=metrics)
     t.log_texts(run_id, {f"{mode}.json": json.dumps(image, indent=2, default=str)}, "image")
 
     def add_image(lineage: dict[str, Any]) -> None:
         lineage["images"] = [i for i in lineage.get("images", []) if i.get("mode") != mode] + [entry]
-        if served and lineage.get("evaluation"):
+        if release_served and lineage.get("evaluation"):
             from loraline.evaluate import with_served
 
-            lineage["evaluation"] = with_served(lineage.get("evaluation"), served)
+            lineage["evaluation"] = with_served(lineage.get("evaluation"), release_served)
 
     lineage = t.update_lineage(run_id, add_image)
     tags = {"image.ref": image["ref"], "image.digest": image["digest"], "image.mode": mode, "image.pinned": entry["pinned"],
             f"image.{mode}.ref": image["ref"], f"image.{mode}.digest": image["digest"]}
-    if served:
-        tags.update({"eval.served_accuracy": str(served["accuracy"]), "eval.served_mode": mode})
+    if release_served:
+        tags.update({"eval.served_accuracy": str(release_served["accuracy"]), "eval.served_mode": mode})
+    elif served:
+        tags["image.gguf.served_accuracy"] = str(served["accuracy"])
     for k, v in tags.items():
         client.set_model_version_tag(name, version, TAG + k, v)
         client.set_tag(run_id, TAG + k, v)

@@ -182,10 +182,11 @@ class Settings(BaseSettings):
         default=True, description="Also run vLLM's own `vllm bench serve` on the merged server, same workload, to cross-check."
     )
 
-    image: Literal["auto", "merged", "lora", "none"] = Field(
+    image: Literal["auto", "merged", "lora", "gguf", "none"] = Field(
         default="auto",
         description="Serving image a release builds and pushes: merged (merged weights baked in), lora (base layer + "
-        "adapter layer, runtime LoRA), none; auto = merged when a Docker engine and a registry are configured.",
+        "adapter layer, runtime LoRA), gguf (a GGUF export served by llama.cpp), none; auto = merged when a Docker "
+        "engine and a registry are configured.",
     )
     docker_host: str | None = Field(
         default=None, validation_alias=AliasChoices("LORALINE_DOCKER_HOST", "DOCKER_HOST"),
@@ -221,6 +222,15 @@ class Settings(BaseSettings):
         default=None, gt=0, le=1, description="--gpu-memory-utilization baked into the image; default vLLM's own, 0.92 (0.2 on a CPU base, where it is a share of RAM).",
     )
     image_vllm_args: str = Field(default="", description="More vLLM server flags baked into the image's entrypoint, e.g. '--max-num-seqs 64'.")
+    image_gguf_base: str = Field(
+        default="python:3.11-slim-bookworm",
+        description="BASE_IMAGE of the llama.cpp serving image (--image gguf): a Debian with python3 of the llama.cpp "
+        "environment's minor version (its wheels go in). Pin it by digest in production; without registry access, "
+        "docker/base-cpu/build.sh makes one from Debian packages (SLIM_REF).",
+    )
+    image_gguf_quant: str | None = Field(
+        default=None, description="The GGUF type the llama.cpp image serves (one the release exported); default: q8_0 "
+        "when exported, else f16, else the first exported.")
     image_smoke: bool = Field(default=True, description="After the push, pull the image by digest, run it and check its answers (the smoke test).")
     smoke_timeout_s: float = Field(default=600, gt=0, description="How long the smoke test waits for the container's /health.")
 
@@ -239,6 +249,15 @@ class Settings(BaseSettings):
         if not v or any(c < 1 for c in v):
             raise ValueError(f"LORALINE_BENCH_CONCURRENCY={v} must list concurrency levels >= 1, e.g. [1,8,32,128]")
         return sorted(set(v))
+
+    @field_validator("image_gguf_quant")
+    @classmethod
+    def _image_gguf_quant(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        if v.strip().lower() not in GGUF_TYPES:
+            raise ValueError(f"LORALINE_IMAGE_GGUF_QUANT={v!r} is not a GGUF type loraline exports: give one of {', '.join(GGUF_TYPES)}")
+        return v.strip().lower()
 
     @field_validator("gguf")
     @classmethod

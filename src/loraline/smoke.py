@@ -15,6 +15,10 @@ streamed answer that differs from the plain one fails the smoke test.
 The container runs with an API key (``-e VLLM_API_KEY``, a fresh random one per smoke test, never
 logged): ``/v1/models`` must answer 401 without it, ``/health`` must answer without it (vLLM's key
 guards ``/v1`` — and ``/v2``, ``/inference`` — only), and every other request carries it.
+
+A llama.cpp image (``--image gguf``) is run the same way (its key in ``-e API_KEY``, ready when ``/openapi.json``
+answers) and asked through the ``openai`` client: chat, plain and streamed, then the task questions
+(:func:`smoke_test_gguf`).
 """
 
 from __future__ import annotations
@@ -87,19 +91,27 @@ def reference(merged_dir: Path, questions: Sequence[str], settings: Settings) ->
     return hf_generations(merged_dir, encode_prompts(tok, [render_prompt(tok, q) for q in questions]), settings)
 
 
-def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-    """Pull ``image`` by digest, run it, check it answers like the merged model; the container is removed after."""
+# How each kind of image is run and asked: the environment variable its server reads its API key from, and the route
+# that answers once it is ready (without the key). llama-cpp-python's server has no /health: it listens once the model
+# is loaded, and /openapi.json is not guarded by its key.
+SERVERS = {"vllm": {"key_env": "VLLM_API_KEY", "ready": "/health"}, "llama.cpp": {"key_env": "API_KEY", "ready": "/openapi.json"}}
+
+
+def server_of(image: Image) -> str:
+    return "llama.cpp" if image.mode == "gguf" else "vllm"
+
+
+@contextmanager
+def running(image: Image, settings: Settings, progress: Callable[[str], None] = lambda _m: None) -> Iterator[dict[str, Any]]:
+    """``image`` pulled by digest and run on a free port of 127.0.0.1 with a fresh API key, until its server is ready;
+    yields ``{url, http (an httpx.Client sending the key), api_key, container, pull_seconds, ready_seconds}``; the
+    container is stopped and removed after. A failure inside says what the container logged."""
     import httpx
     from docker.errors import APIError
 
-    from loraline.parity import require_parity
     from loraline.server import free_port
-    from loraline.text2sql import chat_messages, load_examples
 
-    questions = [e.question for e in load_examples("eval")[: settings.parity_prompts]]
-    progress(f"HF greedy reference of the merged model on {len(questions)} prompts")
-    expected = reference(merged_dir, questions, settings)
-
+    server = SERVERS[server_of(image)]
     client = docker_client(settings)
     container = None
     try:
@@ -117,35 +129,13 @@ def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Cal
         container = client.containers.run(
             image.pinned, command=["--host", "127.0.0.1", "--port", str(port)], detach=True, network_mode="host",
             ipc_mode="host", name=f"loraline-smoke-{uuid.uuid4().hex[:8]}", labels={"org.loraline.smoke": image.ref},
-            environment={"VLLM_API_KEY": api_key},
+            environment={server["key_env"]: api_key},
         )
         with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {api_key}"}) as http, _with_log(container):
-            ready_s = _wait_ready(http, url, container, settings.smoke_timeout_s, t0)
+            ready_s = _wait_ready(http, url, container, settings.smoke_timeout_s, t0, server["ready"])
             progress(f"ready in {ready_s:.1f} s")
-            unauthorized = httpx.get(f"{url}/v1/models", timeout=30).status_code
-            if unauthorized != 401:
-                raise ImageError(f"{image.pinned} answered {unauthorized} to /v1/models without its API key "
-                                 "(VLLM_API_KEY was set): the served endpoint is not guarded")
-            models = [m["id"] for m in http.get(f"{url}/v1/models").json().get("data", [])]
-            if image.served_model_name not in models:
-                raise ImageError(f"{image.pinned} serves {models}, not {image.served_model_name!r}")
-            reports: list[ParityReport] = []
-            for stream in (False, True):
-                t1 = time.perf_counter()
-                got = [chat(http, url, image.served_model_name, chat_messages(q), settings, stream=stream) for q in questions]
-                reports.append(report("hf-merged", f"image-{image.mode}" + ("-stream" if stream else ""), questions, expected,
-                                      got, top_k=settings.parity_top_k, max_new_tokens=settings.parity_max_new_tokens,
-                                      seconds=time.perf_counter() - t1))
-            user = container.attrs.get("Config", {}).get("User", "")
-            for rep in reports:
-                require_parity(rep)
-            served = evaluate_image(image, f"{url}/v1", api_key, settings, progress) if settings.eval else None
-        out = {"pinned": image.pinned, "pull_seconds": round(pull_s, 2), "ready_seconds": round(ready_s, 2),
-               "served_models": models, "user": user, "v1_status_without_key": unauthorized, "parity": {r.b: r.summary() for r in reports},
-               "answers": [r.b_text for r in reports[0].results]}
-        if served is not None:
-            out["evaluation"] = {"mode": image.mode, "pinned": image.pinned, **served.to_dict()}
-        return out
+            yield {"url": url, "http": http, "api_key": api_key, "container": container, "pull_seconds": pull_s,
+                   "ready_seconds": ready_s}
     finally:
         if container is not None:
             try:
@@ -153,6 +143,103 @@ def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Cal
             finally:
                 container.remove(force=True)
         client.close()
+
+
+def _guarded(image: Image, url: str, http: Any) -> tuple[int, list[str]]:
+    """``/v1/models`` must refuse a request without the key (401) and list the served name with it."""
+    import httpx
+
+    unauthorized = httpx.get(f"{url}/v1/models", timeout=30).status_code
+    if unauthorized != 401:
+        raise ImageError(f"{image.pinned} answered {unauthorized} to /v1/models without its API key "
+                         f"({SERVERS[server_of(image)]['key_env']} was set): the served endpoint is not guarded")
+    models = [m["id"] for m in http.get(f"{url}/v1/models").json().get("data", [])]
+    if image.served_model_name not in models:
+        raise ImageError(f"{image.pinned} serves {models}, not {image.served_model_name!r}")
+    return unauthorized, models
+
+
+def smoke_test(image: Image, merged_dir: Path, settings: Settings, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Pull ``image`` by digest, run it, check it answers like the merged model; the container is removed after.
+    A gguf image (llama.cpp) is checked by :func:`smoke_test_gguf`."""
+    from loraline.parity import require_parity
+    from loraline.text2sql import chat_messages, load_examples
+
+    if image.mode == "gguf":
+        return smoke_test_gguf(image, settings, progress)
+    questions = [e.question for e in load_examples("eval")[: settings.parity_prompts]]
+    progress(f"HF greedy reference of the merged model on {len(questions)} prompts")
+    expected = reference(merged_dir, questions, settings)
+
+    with running(image, settings, progress) as run:
+        url, http, container = run["url"], run["http"], run["container"]
+        unauthorized, models = _guarded(image, url, http)
+        reports: list[ParityReport] = []
+        for stream in (False, True):
+            t1 = time.perf_counter()
+            got = [chat(http, url, image.served_model_name, chat_messages(q), settings, stream=stream) for q in questions]
+            reports.append(report("hf-merged", f"image-{image.mode}" + ("-stream" if stream else ""), questions, expected,
+                                  got, top_k=settings.parity_top_k, max_new_tokens=settings.parity_max_new_tokens,
+                                  seconds=time.perf_counter() - t1))
+        user = container.attrs.get("Config", {}).get("User", "")
+        for rep in reports:
+            require_parity(rep)
+        served = evaluate_image(image, f"{url}/v1", run["api_key"], settings, progress) if settings.eval else None
+    out = {"pinned": image.pinned, "pull_seconds": round(run["pull_seconds"], 2), "ready_seconds": round(run["ready_seconds"], 2),
+           "served_models": models, "user": user, "v1_status_without_key": unauthorized, "parity": {r.b: r.summary() for r in reports},
+           "answers": [r.b_text for r in reports[0].results]}
+    if served is not None:
+        out["evaluation"] = {"mode": image.mode, "pinned": image.pinned, **served.to_dict()}
+    return out
+
+
+# Chat questions a llama.cpp image answers plain and streamed before the task questions. Few: its server answers one
+# request at a time (8 questions twice took 71 s on 2 busy cores), and the task evaluation streams 3 more.
+GGUF_CHAT_CHECKS = 2
+
+
+def smoke_test_gguf(image: Image, settings: Settings, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """The smoke test of a llama.cpp image (``--image gguf``): pulled by digest and run; ``/v1/models`` guarded by its
+    key and listing the served name; greedy chat answers to :data:`GGUF_CHAT_CHECKS` questions through the official
+    ``openai`` client, plain and streamed (a streamed answer that differs from the plain one fails it); then the task
+    questions (:func:`evaluate_image`, unless LORALINE_EVAL=false). Its parity with the merged model is the GGUF
+    export's (recorded with the file), not checked again here: llama-cpp-python's server returns no token ids to compare."""
+    import openai
+
+    from loraline.evaluate import ask_served
+    from loraline.text2sql import load_examples
+
+    questions = [e.question for e in load_examples("eval")[: min(GGUF_CHAT_CHECKS, settings.parity_prompts)]]
+    with running(image, settings, progress) as run:
+        url, http, container = run["url"], run["http"], run["container"]
+        unauthorized, models = _guarded(image, url, http)
+        n = settings.parity_max_new_tokens
+        t1 = time.perf_counter()
+        try:
+            with openai.OpenAI(base_url=f"{url}/v1", api_key=run["api_key"], timeout=120, max_retries=0) as client:
+                plain = [ask_served(client, image.served_model_name, q, n, stream=False, limit="max_tokens") for q in questions]
+                streamed = [ask_served(client, image.served_model_name, q, n, stream=True, limit="max_tokens") for q in questions]
+        except openai.OpenAIError as e:
+            raise ImageError(f"chat with {image.pinned} through the openai client failed: {e}") from e
+        chat_s = time.perf_counter() - t1
+        differ = [(q, a, b) for q, a, b in zip(questions, plain, streamed) if a != b]
+        if differ:
+            q, a, b = differ[0]
+            raise ImageError(f"{image.pinned}: {len(differ)} of {len(questions)} streamed chat answers differ from the "
+                             f"plain (greedy) ones, e.g. {q!r}: plain {a[:200]!r}, streamed {b[:200]!r}")
+        if not any(a.strip() for a in plain):
+            raise ImageError(f"{image.pinned} answered {len(questions)} chat questions with empty text")
+        progress(f"chat: {len(questions)} greedy answers, streamed = plain, in {chat_s:.1f} s")
+        user = container.attrs.get("Config", {}).get("User", "")
+        served = evaluate_image(image, f"{url}/v1", run["api_key"], settings, progress) if settings.eval else None
+    out = {"pinned": image.pinned, "pull_seconds": round(run["pull_seconds"], 2), "ready_seconds": round(run["ready_seconds"], 2),
+           "served_models": models, "user": user, "v1_status_without_key": unauthorized,
+           "chat": {"prompts": len(questions), "stream_identical": len(questions), "seconds": round(chat_s, 2),
+                    "max_tokens": n},
+           "answers": plain}
+    if served is not None:
+        out["evaluation"] = {"mode": image.mode, "pinned": image.pinned, **served.to_dict()}
+    return out
 
 
 def evaluate_image(image: Image, base_url: str, api_key: str, settings: Settings,
@@ -166,7 +253,8 @@ def evaluate_image(image: Image, base_url: str, api_key: str, settings: Settings
     progress(f"task evaluation of the served {image.served_model_name!r} through the openai client")
     try:
         with openai.OpenAI(base_url=base_url, api_key=api_key, timeout=120, max_retries=0) as client:
-            served = evaluate_served(client, image.served_model_name, settings, progress)
+            served = evaluate_served(client, image.served_model_name, settings, progress,
+                                     limit="max_tokens" if image.mode == "gguf" else "max_completion_tokens")
     except openai.OpenAIError as e:
         raise ImageError(f"the task evaluation of {image.pinned} through the openai client failed: {e}") from e
     if served.stream_mismatches:
@@ -187,7 +275,7 @@ def _with_log(container: Any) -> Iterator[None]:
     try:
         yield
     except (ImageError, httpx.HTTPError) as e:
-        if "container log" in str(e) or "before /health" in str(e):
+        if "container log" in str(e) or "before /" in str(e):
             raise
         try:  # did it exit (a signal, the OOM killer) or does it still run? (a connection error alone does not say)
             container.reload()
@@ -202,18 +290,18 @@ def _with_log(container: Any) -> Iterator[None]:
                          + ("\ncontainer log (last lines):\n" + "\n".join(lines[-15:]) if lines else "")) from e
 
 
-def _wait_ready(http: Any, url: str, container: Any, timeout_s: float, t0: float) -> float:
-    """Seconds from ``t0`` (the container's start) until its ``/health`` answers 200."""
+def _wait_ready(http: Any, url: str, container: Any, timeout_s: float, t0: float, ready: str = "/health") -> float:
+    """Seconds from ``t0`` (the container's start) until its ``ready`` route (``/health``) answers 200."""
     def exited() -> str | None:
         container.reload()
         return f"exited ({container.attrs['State'].get('ExitCode')})" if container.status in ("exited", "dead") else None
 
-    w = wait_until(lambda: http_ok(f"{url}/health", 5.0, http.get), t0 + timeout_s - time.perf_counter(),
+    w = wait_until(lambda: http_ok(f"{url}{ready}", 5.0, http.get), t0 + timeout_s - time.perf_counter(),
                    interval_s=1.0, gone=exited)
     if w.ready:
         return time.perf_counter() - t0
     logs = container.logs(tail=30).decode(errors="replace")
     if w.gone:
-        raise ImageError(f"the container of {container.image.tags or container.image.id} {w.gone} before /health "
+        raise ImageError(f"the container of {container.image.tags or container.image.id} {w.gone} before {ready} "
                          f"answered:\n{logs}")
-    raise ImageError(f"the container did not answer /health within {timeout_s:.0f} s (LORALINE_SMOKE_TIMEOUT_S):\n{logs}")
+    raise ImageError(f"the container did not answer {ready} within {timeout_s:.0f} s (LORALINE_SMOKE_TIMEOUT_S):\n{logs}")

@@ -85,8 +85,10 @@ def _exported_gguf_versions(client: Any, sha: str) -> list[Any]:
 
 def _image_versions(client: Any, digest: str) -> list[Any]:
     """Model versions whose image (any mode) has this manifest digest."""
+    from loraline.image import MODES
+
     found = []
-    for mode in ("merged", "lora"):
+    for mode in MODES:
         found += client.search_model_versions(f"tags.`{TAG}image.{mode}.digest` = '{digest}'", max_results=1000)
     return sorted(found, key=lambda v: (v.name, int(v.version)))
 
