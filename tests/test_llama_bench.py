@@ -83,3 +83,20 @@ def test_llama_cpp_server_path_counts_tokens_and_reports_memory(smollm2_fetched,
     assert report.metrics()["bench.llama.cpp-server-q4_1.c2.peak_rss_bytes"] == results[1].peak_rss_bytes
     pngs = {p.name for p in write_plots(report, tmp_path)}
     assert "cpu_engines.png" in pngs and (tmp_path / "cpu_engines.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_release_gguf_files_found_by_merged_digest_or_noted(tmp_path: Path) -> None:
+    """The benchmark step serves the release's GGUF files from <gguf_dir>/<merged sha256>/; one that is gone (or not
+    the size recorded) is a note in the report, not a crash."""
+    from loraline.llama_bench import gguf_targets
+
+    d = tmp_path / "gguf" / "abc"
+    d.mkdir(parents=True)
+    (d / "model-f16.gguf").write_bytes(b"GGUF" + bytes(60))
+    (d / "model-q4_k_m.gguf").write_bytes(b"GGUF")
+    entries = [{"quant": "f16", "file": "model-f16.gguf", "bytes": 64, "parity": {"verdict": "identical"}, "uri": "runs:/r/gguf/model-f16.gguf"},
+               {"quant": "q8_0", "file": "model-q8_0.gguf", "bytes": 10, "parity": {"verdict": "close"}, "uri": "runs:/r/gguf/model-q8_0.gguf"},
+               {"quant": "q4_k_m", "file": "model-q4_k_m.gguf", "bytes": 99, "parity": {"verdict": "failed"}, "uri": "u"}]
+    found, notes = gguf_targets(entries, tmp_path / "gguf", "abc")
+    assert found == [GgufTarget("f16", d / "model-f16.gguf", "identical", 64)]
+    assert len(notes) == 2 and "llama.cpp q8_0: the GGUF file is not at" in notes[0] and "runs:/r/gguf/model-q8_0.gguf" in notes[0]
