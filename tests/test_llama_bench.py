@@ -49,6 +49,17 @@ def test_cpu_recommendation_rule() -> None:
     # Without llama.cpp there is nothing to compare.
     assert recommend_cpu([row("vllm-server-merged", 300, 8, 2000)], verdicts) is None
 
+    # The release report says it, as the benchmark step recorded it in the lineage.
+    from loraline.report import release_report
+
+    part = {"source": "/x", "sha256": "0" * 64, "path": "/x"}
+    bench = {"device": "cpu", "vllm_version": "0.32.0", "recommendation": "merged", "reason": "r", "artifacts": "runs:/r/benchmark",
+             "output_tok_s": {"llama.cpp-server-q8_0@c8": 200.0},
+             "cpu_recommendation": {"engine": r.engine, "quant": r.quant, "path": r.path, "concurrency": 8, "reason": r.reason}}
+    md = release_report({"model_name": "m", "model_version": "1", "mlflow_run_id": "r", "tracking_uri": "sqlite:///x.db",
+                         "adapter": part, "base": part, "merged": part, "benchmark": bench})
+    assert "CPU deployment recommendation: **llama.cpp, q8_0** (200.0 out tok/s at concurrency 8" in md
+
 
 @pytest.mark.slow
 def test_llama_cpp_server_path_counts_tokens_and_reports_memory(smollm2_fetched, llama_python: Path, settings: Settings,
