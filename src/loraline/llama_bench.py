@@ -101,8 +101,9 @@ def bench_llama_servers(targets: Sequence[GgufTarget], settings: Settings, workl
                          "gguf": str(t.path), "bytes": t.bytes, "parity": t.verdict, "usage_check": usage,
                          "llama_cpp_python": llama.llama_cpp_python, "llama_cpp_commit": llama.llama_cpp_commit,
                          "log": str(server.log_path)}
-        results += server_results(lv, path, "merged", workload, start_s=server.ready_s, memory=None,
-                                  engine="llama.cpp-server", rss=memory.get("peak_rss_bytes") or None, quant=t.quant,
+        rss = memory.get("peak_rss_bytes") or None  # llama.cpp reports no memory of its own: its RSS is the figure
+        results += server_results(lv, path, "merged", workload, start_s=server.ready_s, memory=rss,
+                                  engine="llama.cpp-server", rss=rss, quant=t.quant,
                                   notes=(NOTE,))
     return results, engines
 

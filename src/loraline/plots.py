@@ -134,6 +134,7 @@ def cpu_engines(report: BenchReport, out: Path) -> Path:
     bars = ax.bar([label[p] for p in paths], mib, color=[color[p] for p in paths])
     ax.bar_label(bars, labels=[f"{m:,.0f} MiB\nready {first[p].engine_start_s or 0:.1f} s" for m, p in zip(mib, paths)],
                  fontsize=7, padding=2)
+    ax.set_ylim(0, max(mib + [1.0]) * 1.25)  # room for the labels
     ax.set_title("peak RSS (server process group)")
     ax.set_ylabel("MiB")
     ax.tick_params(axis="x", labelsize=7, rotation=20)
