@@ -159,10 +159,10 @@ async def stream_one(session: Any, url: str, model: str, prompt: Sequence[int] |
     if first is None:
         return RequestRecord(False, 0, 0.0, e2e, (), "the stream carried no tokens")
     if llama:
-        if finish != "length":
+        if finish != "length" or tokens > output_len:
             return RequestRecord(False, tokens, first - t0, e2e, tuple(itl),
                                  f"the stream ended with finish_reason={finish!r} after {tokens} chunks, not 'length' "
-                                 f"at max_tokens={output_len}")
+                                 f"at max_tokens={output_len} (chunks carry one token or more)")
         tokens = output_len  # see the module's docstring: 'length' at max_tokens = exactly that many tokens
     elif not token_ids:
         if usage_tokens is None:
