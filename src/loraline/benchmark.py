@@ -34,6 +34,26 @@ HBM_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}  # H100: SXM (HBM3); the PCIe 
 AGREEMENT = 0.10
 # Runtime LoRA is recommended when it keeps this share of merged throughput at every server level.
 LORA_KEEPS = 0.90
+# The CPU deployment recommendation (:func:`recommend_cpu`): throughput at this concurrency decides, and servers within
+# CPU_TIE of the best count as tied, the one with the smaller peak RSS winning.
+CPU_LEVEL = 8
+CPU_TIE = 0.05
+CPU_ENGINES = {"vllm-server": "vLLM-CPU", "llama.cpp-server": "llama.cpp"}
+
+
+@dataclass(frozen=True)
+class CpuRecommendation:
+    """Which engine and weights to deploy on CPU, from the server numbers (:func:`recommend_cpu`)."""
+
+    engine: str  # "vLLM-CPU" | "llama.cpp"
+    quant: str  # the weights: "bf16" (vLLM on the merged safetensors) or the GGUF type
+    path: str  # the benchmark path it comes from, e.g. "llama.cpp-server-q8_0"
+    concurrency: int  # the level compared
+    reason: str
+    candidates: dict[str, dict[str, Any]]  # path -> out tok/s at the level, peak RSS, parity, eligible
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,7 @@ class BenchReport:
     floor: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    cpu: CpuRecommendation | None = None  # when llama.cpp ran beside vLLM-CPU (a CPU release with GGUF files)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -78,6 +99,8 @@ class BenchReport:
                     m.update({f"{key}.{name}.p50": p.p50, f"{key}.{name}.p90": p.p90, f"{key}.{name}.p99": p.p99})
             if r.peak_memory_bytes is not None:
                 m[f"{key}.peak_memory_bytes"] = float(r.peak_memory_bytes)
+            if r.peak_rss_bytes is not None:
+                m[f"{key}.peak_rss_bytes"] = float(r.peak_rss_bytes)
             if r.engine_start_s is not None:
                 m[f"{key}.engine_start_s"] = r.engine_start_s
         for level, c in (self.crosscheck.get("levels") or {}).items():
@@ -113,6 +136,8 @@ class BenchReport:
             )
         rec = self.recommendation
         lines += ["", f"**Recommended deploy mode: {rec.mode}.** {rec.reason}"]
+        if self.cpu is not None:
+            lines += ["", self.cpu_markdown()]
         levels = self.crosscheck.get("levels") or {}
         if levels:
             lines += ["", "Cross-check against vLLM's own `vllm bench serve` (merged server, same lengths and levels; "
@@ -133,6 +158,30 @@ class BenchReport:
                              f"{f['percent_of_floor']:.0f}% of the memory-bandwidth floor ({f['floor_ms_per_token']:.2f} ms).")
         lines += [f"\n- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+
+    def cpu_markdown(self) -> str:
+        """The CPU comparison: vLLM-CPU's server and llama.cpp's on each GGUF file, same prompts, and the pick."""
+        rows = sorted((r for r in self.results if r.engine in CPU_ENGINES and r.mode == "merged"),
+                      key=lambda r: (r.concurrency or 0, r.engine != "vllm-server", r.path))
+        out = ["#### CPU serving: vLLM-CPU vs llama.cpp (llama-cpp-python's server), same prompts", "",
+               "| engine | weights | conc. | out tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms | "
+               "peak RSS | ready s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            out.append(f"| {CPU_ENGINES[r.engine]} | {r.quant or ''} | {r.concurrency} | {r.output_tok_s:,.1f} | "
+                       f"{_pp(r.ttft_ms)} | {_pp(r.tpot_ms, 2)} | {_pp(r.itl_ms, 2)} | {_mib(r.peak_rss_bytes)} | "
+                       f"{'' if r.engine_start_s is None else f'{r.engine_start_s:.1f}'} |")
+        c = self.cpu
+        assert c is not None
+        out += ["", f"**CPU deployment: {c.engine}, {c.quant}.** {c.reason}", "",
+                "Peak RSS: the largest summed VmRSS of the server's process group, sampled every 0.25 s. ready s: from "
+                "spawning the server to its first 200 (vLLM /health, llama.cpp /v1/models). llama-cpp-python serves one "
+                "request at a time: at concurrency > 1 its requests queue."]
+        return "\n".join(out)
+
+
+def _mib(n: int | None) -> str:
+    return "–" if not n else f"{n / 2**20:,.0f} MiB"
 
 
 def _pp(p: Percentiles | None, digits: int = 1) -> str:
@@ -213,7 +262,9 @@ def bench_vllm_offline(model_dir: Path, settings: Settings, workload: Workload, 
 
 
 def server_results(levels: dict[int, list[Any]], path: str, mode: str, workload: Workload, *, start_s: float,
-                   memory: int | None) -> list[PathResult]:
+                   memory: int | None, engine: str = "vllm-server", rss: int | None = None, quant: str | None = None,
+                   notes: Sequence[str] = ("streaming /v1/completions; engine_start_s = server process start to /health 200",),
+                   ) -> list[PathResult]:
     """One :class:`PathResult` per concurrency level from its timed :class:`~loraline.loadgen.LevelResult` repeats."""
     out = []
     for c, reps in levels.items():
@@ -221,7 +272,7 @@ def server_results(levels: dict[int, list[Any]], path: str, mode: str, workload:
         tput = [rep.output_tokens / rep.elapsed_s for rep in reps]
         out.append(PathResult(
             path=path,
-            engine="vllm-server",
+            engine=engine,
             mode=mode,
             requests=len(reps[0].records),
             output_tokens=reps[0].output_tokens,
@@ -235,28 +286,41 @@ def server_results(levels: dict[int, list[Any]], path: str, mode: str, workload:
             peak_memory_bytes=memory,
             engine_start_s=start_s,
             concurrency=c,
-            notes=("streaming /v1/completions; engine_start_s = server process start to /health 200",),
+            notes=tuple(notes),
+            peak_rss_bytes=rss,
+            quant=quant,
         ))
     return out
 
 
 def load_server(url: str, model: str, workload: Workload, vocab: int, seed: int, timeout_s: float,
-                progress: Callable[[str], None]) -> dict[int, list[Any]]:
-    """Every concurrency level: one untimed warm-up round, then ``repeats`` timed ones, fresh prompts each."""
+                progress: Callable[[str], None], *, prompts: Callable[[int, int], list[Any]] | None = None,
+                api: str = "vllm", no_eos_ids: Sequence[int] = (), levels_to_run: Sequence[int] | None = None,
+                ) -> dict[int, list[Any]]:
+    """Every concurrency level: one untimed warm-up round, then ``repeats`` timed ones, fresh prompts each.
+
+    ``prompts(n, seed)``: the prompts to send (default: :func:`random_prompts` token ids); a level's seeds depend on its
+    place in ``workload.concurrency`` only, so two servers given the same ``seed`` and ``prompts`` get the same prompts
+    at a level even when one runs only some of the levels (``levels_to_run``). ``api``/``no_eos_ids``: see
+    :func:`loraline.loadgen.run_level`."""
     from loraline.loadgen import run_level
 
+    make = prompts or (lambda n, s: random_prompts(vocab, n, workload.input_len, seed=s))
+    what = "llama.cpp server" if api == "llama.cpp" else "vLLM server"
+    kw = dict(timeout_s=timeout_s, api=api, no_eos_ids=tuple(no_eos_ids))
     levels: dict[int, list[Any]] = {}
     for i, c in enumerate(workload.concurrency):
+        if levels_to_run is not None and c not in levels_to_run:
+            continue
         n = workload.server_requests(c)
         s = seed + 10_000 * (i + 1)
-        run_level(url, model, random_prompts(vocab, c, workload.input_len, seed=s), workload.output_len, c, timeout_s=timeout_s)
+        run_level(url, model, make(c, s), workload.output_len, c, **kw)  # type: ignore[arg-type]
         reps = []
         for r in range(workload.repeats):
-            rep = run_level(url, model, random_prompts(vocab, n, workload.input_len, seed=s + r + 1), workload.output_len, c,
-                            timeout_s=timeout_s)
+            rep = run_level(url, model, make(n, s + r + 1), workload.output_len, c, **kw)  # type: ignore[arg-type]
             bad = rep.failed or [x for x in rep.records if x.output_tokens != workload.output_len]
             if bad:
-                raise EngineError(f"the vLLM server at {url} answered {len(bad)} of {n} requests at concurrency {c} badly "
+                raise EngineError(f"the {what} at {url} answered {len(bad)} of {n} requests at concurrency {c} badly "
                                   f"(first: {bad[0].error or f'{bad[0].output_tokens} tokens, not {workload.output_len}'})")
             reps.append(rep)
         levels[c] = reps
@@ -324,6 +388,56 @@ def recommend(results: Sequence[PathResult]) -> Recommendation:
                                     f"merged weights cost nothing per token.", ratios)
 
 
+def recommend_cpu(results: Sequence[PathResult], verdicts: dict[str, str]) -> CpuRecommendation | None:
+    """The CPU deployment (engine + weights) the server numbers favour, or None when llama.cpp did not run.
+
+    The rule: the candidates are vLLM-CPU's server on the merged model, and llama.cpp's on each GGUF file whose parity
+    verdict against the merged model is not ``failed`` (``verdicts``: quant -> verdict). They are compared at
+    concurrency :data:`CPU_LEVEL` (8: a small team's service), or, when not every candidate ran it, at the largest level
+    below it that all ran (else the smallest they share). The highest output tok/s wins; any within :data:`CPU_TIE`
+    (5%) of it count as tied, and of those the smallest peak RSS wins (the machine's memory is what a CPU host runs
+    out of first).
+    """
+    rows = [r for r in results if r.engine in CPU_ENGINES and r.mode == "merged" and r.concurrency is not None]
+    if not any(r.engine == "llama.cpp-server" for r in rows):
+        return None
+    paths = sorted({r.path for r in rows})
+    eligible = {p for p in paths if not p.startswith("llama.cpp-server-")
+                or verdicts.get(p.removeprefix("llama.cpp-server-")) != "failed"}
+    shared = set.intersection(*({r.concurrency for r in rows if r.path == p} for p in (eligible or paths)))
+    shared = shared or {min(r.concurrency for r in rows)}  # type: ignore[type-var]
+    below = [c for c in shared if c <= CPU_LEVEL]
+    level = max(below) if below else min(shared)
+    at = {r.path: r for r in rows if r.concurrency == level}
+    candidates = {p: {"engine": CPU_ENGINES[at[p].engine], "quant": at[p].quant, "output_tok_s": round(at[p].output_tok_s, 2),
+                      "peak_rss_bytes": at[p].peak_rss_bytes, "ready_s": at[p].engine_start_s,
+                      "parity": verdicts.get(p.removeprefix("llama.cpp-server-")) if p.startswith("llama.cpp") else "passed",
+                      "eligible": p in eligible} for p in paths if p in at}
+    pool = [p for p in candidates if candidates[p]["eligible"]]
+    if not pool:
+        return CpuRecommendation("vLLM-CPU", "none", "", level, "every GGUF file failed parity and vLLM-CPU was not "
+                                 "measured: no CPU deployment can be recommended from these numbers", candidates)
+    best = max(pool, key=lambda p: candidates[p]["output_tok_s"])
+    top = candidates[best]["output_tok_s"]
+    tied = [p for p in pool if candidates[p]["output_tok_s"] >= (1 - CPU_TIE) * top]
+    pick = min(tied, key=lambda p: (candidates[p]["peak_rss_bytes"] or float("inf"), -candidates[p]["output_tok_s"]))
+    ch = candidates[pick]
+    why = f"{ch['output_tok_s']:,.1f} out tok/s at concurrency {level}"
+    if pick != best:
+        why += (f", within {CPU_TIE:.0%} of the fastest ({best}: {top:,.1f}) with less memory "
+                f"({_mib(ch['peak_rss_bytes'])} vs {_mib(candidates[best]['peak_rss_bytes'])})")
+    elif len(tied) > 1:
+        why += f", the fastest; those within {CPU_TIE:.0%} of it ({', '.join(sorted(set(tied) - {pick}))}) use more memory"
+    else:
+        runner = max((p for p in pool if p != pick), key=lambda p: candidates[p]["output_tok_s"], default=None)
+        why += (f", the fastest (next: {runner}, {candidates[runner]['output_tok_s']:,.1f})" if runner else ", the only candidate")
+    excluded = sorted(p for p in candidates if not candidates[p]["eligible"])
+    if excluded:
+        why += f"; not considered (parity failed): {', '.join(excluded)}"
+    why += f"; peak RSS {_mib(ch['peak_rss_bytes'])}, ready in {ch['ready_s']:.1f} s" if ch["ready_s"] is not None else ""
+    return CpuRecommendation(ch["engine"], str(ch["quant"]), pick, level, why + ".", candidates)
+
+
 def bandwidth_floor(device_name: str, merged_dir: Path, base_dir: Path, lora_params: int,
                     results: Sequence[PathResult]) -> dict[str, Any]:
     """Single-stream decode vs weight bytes / HBM bandwidth (GPU only; datasheet bandwidth)."""
@@ -373,8 +487,13 @@ def release_dirs(lineage: dict[str, Any], settings: Settings, base_dir: Path | N
 
 def run_benchmark(adapter_dir: Path, base_dir: Path, merged_dir: Path, settings: Settings, *,
                   workload: Workload | None = None, runtime_lora: bool = True, served_name: str = "model",
-                  lora_params: int = 0, progress: Callable[[str], None] = lambda _msg: None) -> BenchReport:
-    """Run every path on one workload and return the report (nothing is logged here)."""
+                  lora_params: int = 0, progress: Callable[[str], None] = lambda _msg: None,
+                  gguf: Sequence[Any] = (), gguf_notes: Sequence[str] = ()) -> BenchReport:
+    """Run every path on one workload and return the report (nothing is logged here).
+
+    ``gguf``: the release's GGUF files (:class:`loraline.llama_bench.GgufTarget`). On a CPU engine each is served by
+    llama.cpp beside vLLM-CPU's merged server, with the same prompts (:mod:`loraline.llama_bench`), and the report gets
+    a CPU deployment recommendation (:func:`recommend_cpu`)."""
     from transformers import AutoConfig
 
     from loraline.engine import find_engine, vllm_lora_rank
@@ -383,7 +502,7 @@ def run_benchmark(adapter_dir: Path, base_dir: Path, merged_dir: Path, settings:
     t_all = time.perf_counter()
     w = workload or Workload.from_settings(settings)
     vocab = int(AutoConfig.from_pretrained(merged_dir, trust_remote_code=False).vocab_size)
-    notes: list[str] = []
+    notes: list[str] = list(gguf_notes)
     engines: dict[str, dict[str, Any]] = {}
 
     progress(f"HF generate: merged and peft, {w.prompts} prompts x {w.repeats} repeats")
@@ -405,6 +524,14 @@ def run_benchmark(adapter_dir: Path, base_dir: Path, merged_dir: Path, settings:
         engines[path] = info
         device_name = device_name or str((info.get("device_memory_after_start") or {}).get("device_name") or "")
 
+    llama_cpp = bool(gguf) and engine.device == "cpu"
+    if gguf and not llama_cpp:
+        notes.append(f"llama.cpp paths skipped: they are measured beside vLLM-CPU only (this engine is {engine.device})")
+    text_prompts_of = _text_prompts(merged_dir, w) if llama_cpp else None
+    if text_prompts_of is not None:
+        notes.append("server prompts: random whole-word token ids whose text tokenizes back to the same ids (vLLM gets "
+                     "the ids, llama.cpp the text: the same prompts)")
+    server_seed = w.seed + 100_000  # the merged server's prompts; llama.cpp's servers get the same ones
     crosscheck: dict[str, Any] = {}
     for mode in ("merged", "lora"):
         if mode == "lora" and lora is None:
@@ -416,9 +543,11 @@ def run_benchmark(adapter_dir: Path, base_dir: Path, merged_dir: Path, settings:
         kwargs: dict[str, Any] = {}
         if mode == "lora":
             kwargs = {"lora_modules": {name: adapter_dir}, "max_lora_rank": lora[2]}  # type: ignore[index]
+        ids_of = ((lambda n, s, f=text_prompts_of[0]: [p.ids for p in f(n, s)])  # type: ignore[index]
+                  if text_prompts_of is not None and mode == "merged" else None)
         with serve_openai(model, settings, served_model_name=served_name, **kwargs) as server:
             levels = load_server(server.url, name, w, vocab, w.seed + (2 if mode == "lora" else 1) * 100_000,
-                                 settings.engine_timeout_s, progress)
+                                 settings.engine_timeout_s, progress, prompts=ids_of)
             if mode == "merged" and settings.bench_crosscheck:
                 progress("vllm bench serve (cross-check) on the merged server")
                 crosscheck = run_crosscheck(server.url, served_name, merged_dir, w, settings)
@@ -426,8 +555,23 @@ def run_benchmark(adapter_dir: Path, base_dir: Path, merged_dir: Path, settings:
         from loraline.engine import engine_log_facts
 
         facts = engine_log_facts(log)
-        engines[path] = {"engine_start_s": server.ready_s, "vllm_memory_report": facts, "log": str(server.log_path)}
-        results += server_results(levels, path, mode, w, start_s=server.ready_s, memory=vllm_memory_bytes(facts))
+        memory = server.memory_report()
+        engines[path] = {"engine_start_s": server.ready_s, "vllm_memory_report": facts, "memory": memory,
+                         "log": str(server.log_path)}
+        results += server_results(levels, path, mode, w, start_s=server.ready_s, memory=vllm_memory_bytes(facts),
+                                  rss=memory.get("peak_rss_bytes") or None,
+                                  quant=_dtype_of(model) if mode == "merged" else None)
+
+    cpu = None
+    if text_prompts_of is not None:
+        from loraline.llama_bench import bench_llama_servers
+
+        make, no_eos = text_prompts_of
+        llama_results, llama_engines = bench_llama_servers(gguf, settings, w, prompts=make, no_eos_ids=no_eos,
+                                                           seed=server_seed, served_name=served_name, progress=progress)
+        results += llama_results
+        engines.update(llama_engines)
+        cpu = recommend_cpu(results, {t.quant: t.verdict for t in gguf})
 
     if crosscheck.get("levels"):
         for level, c in crosscheck["levels"].items():
@@ -450,7 +594,25 @@ def run_benchmark(adapter_dir: Path, base_dir: Path, merged_dir: Path, settings:
         floor=floor,
         notes=tuple(notes),
         seconds=round(time.perf_counter() - t_all, 1),
+        cpu=cpu,
     )
+
+
+def _text_prompts(merged_dir: Path, w: Workload) -> tuple[Callable[[int, int], list[Any]], list[int]]:
+    """``(prompts(n, seed) -> TextPrompt list, special token ids)`` from the merged model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from loraline.workload import special_ids, text_prompts, word_tokens
+
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    pool = word_tokens(tok)
+    return (lambda n, seed: text_prompts(tok, n, w.input_len, seed=seed, words=pool)), special_ids(tok)
+
+
+def _dtype_of(model_dir: Path) -> str:
+    from loraline.llama_bench import model_dtype
+
+    return model_dtype(model_dir)
 
 
 def run_crosscheck(url: str, served: str, tokenizer_dir: Path, w: Workload, settings: Settings) -> dict[str, Any]:
@@ -466,3 +628,33 @@ def run_crosscheck(url: str, served: str, tokenizer_dir: Path, w: Workload, sett
             raise EngineError(f"vllm bench serve at concurrency {run['name']}: {res['failed']} requests failed")
         levels[run["name"]] = res
     return {"harness": f"vllm bench serve (vllm.benchmarks.serve, vLLM {r['vllm_version']})", "levels": levels}
+
+
+def bench_cpu_servers(merged_dir: Path, gguf: Sequence[Any], settings: Settings, workload: Workload, *,
+                      vllm: bool = True, served_name: str = "model", threads: int | None = None,
+                      progress: Callable[[str], None] = lambda _msg: None,
+                      ) -> tuple[list[PathResult], dict[str, dict[str, Any]], CpuRecommendation | None]:
+    """The CPU serving comparison alone (``benchmarks/llama_vs_vllm.py``, tests): vLLM-CPU's OpenAI server on the merged
+    model (unless ``vllm=False``), then llama.cpp's on each GGUF file (:class:`loraline.llama_bench.GgufTarget`), all
+    with the same prompts; the results, what each engine reported, and :func:`recommend_cpu`'s pick."""
+    from loraline.llama_bench import bench_llama_servers
+    from loraline.server import serve_openai
+
+    make, no_eos = _text_prompts(merged_dir, workload)
+    seed = workload.seed + 100_000
+    results: list[PathResult] = []
+    engines: dict[str, dict[str, Any]] = {}
+    if vllm:
+        progress(f"vllm-server-merged: server start, concurrency {list(workload.concurrency)}")
+        with serve_openai(merged_dir, settings, served_model_name=served_name) as server:
+            levels = load_server(server.url, served_name, workload, 0, seed, settings.engine_timeout_s, progress,
+                                 prompts=lambda n, s: [p.ids for p in make(n, s)])
+        memory = server.memory_report()
+        engines["vllm-server-merged"] = {"engine_start_s": server.ready_s, "memory": memory, "log": str(server.log_path)}
+        results += server_results(levels, "vllm-server-merged", "merged", workload, start_s=server.ready_s, memory=None,
+                                  rss=memory.get("peak_rss_bytes") or None, quant=_dtype_of(merged_dir))
+    llama_results, llama_engines = bench_llama_servers(gguf, settings, workload, prompts=make, no_eos_ids=no_eos, seed=seed,
+                                                       threads=threads, served_name=served_name, progress=progress)
+    results += llama_results
+    engines.update(llama_engines)
+    return results, engines, recommend_cpu(results, {t.quant: t.verdict for t in gguf})

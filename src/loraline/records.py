@@ -49,10 +49,16 @@ def log_benchmark(name: str, version: str, run_id: str, report: Any, files: Sequ
         "crosscheck_within_10pct": {c: v["within"] for c, v in (report.crosscheck.get("levels") or {}).items()},
         "artifacts": f"runs:/{run_id}/benchmark",
     }
+    cpu = getattr(report, "cpu", None)
+    if cpu is not None:
+        summary["cpu_recommendation"] = {"engine": cpu.engine, "quant": cpu.quant, "path": cpu.path,
+                                         "concurrency": cpu.concurrency, "reason": cpu.reason}
     t.update_lineage(run_id, benchmark=summary)
     released = t.version_tags(name, version).get(f"{TAG}status") == "released"
-    for k, v in {"bench.recommendation": report.recommendation.mode, "bench.device": report.device_name,
-                 "bench.run_id": run_id}.items():
+    tags = {"bench.recommendation": report.recommendation.mode, "bench.device": report.device_name, "bench.run_id": run_id}
+    if cpu is not None:
+        tags["bench.cpu_recommendation"] = f"{cpu.engine} {cpu.quant}"
+    for k, v in tags.items():
         client.set_model_version_tag(name, version, TAG + k, v)
     set_status(client, name, version, "released" if released else "benchmarked")
     client.set_tag(run_id, f"{TAG}bench.recommendation", report.recommendation.mode)

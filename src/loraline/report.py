@@ -86,6 +86,12 @@ def release_report(lineage: dict[str, Any], gate: dict[str, Any] | None = None, 
                 f"**{bench.get('recommendation')}** ({bench.get('reason')}). Plots: `{bench.get('artifacts')}`.", "",
                 "| path | output tok/s |", "|---|---|"]
         out += [f"| {k} | {v:,.1f} |" for k, v in (bench.get("output_tok_s") or {}).items()]
+        cpu = bench.get("cpu_recommendation")
+        if cpu:
+            out += ["", f"CPU deployment recommendation: **{cpu['engine']}, {cpu['quant']}** ({cpu['reason']}) — the "
+                    f"fastest server at concurrency {cpu['concurrency']} among vLLM-CPU and llama.cpp on each GGUF file "
+                    "whose parity did not fail, the smaller peak RSS breaking a tie within 5%. Table: "
+                    f"`{bench.get('artifacts')}/benchmark.md`."]
     else:
         out.append("Not run (`loraline bench models:/%s/%s` runs it)." % (name, version))
     if lineage.get("gguf") or lineage.get("gguf_skipped"):

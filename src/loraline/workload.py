@@ -84,7 +84,7 @@ class PathResult:
     """One benchmarked path, e.g. ``hf-merged`` or ``vllm-offline-lora``."""
 
     path: str
-    engine: str  # "transformers" | "vllm" | "vllm-server"
+    engine: str  # "transformers" | "vllm" | "vllm-server" | "llama.cpp-server"
     mode: str  # "merged" | "lora"
     requests: int  # per measurement
     output_tokens: int  # per measurement (all requests)
@@ -99,6 +99,10 @@ class PathResult:
     engine_start_s: float | None = None
     concurrency: int | None = None
     notes: tuple[str, ...] = field(default=())
+    # OpenAI-server paths: the peak of the server process group's summed RSS (:class:`loraline.services.process.PeakRss`),
+    # measured alike for vLLM and llama.cpp; ``engine_start_s`` there is spawn -> ready.
+    peak_rss_bytes: int | None = None
+    quant: str | None = None  # the weights served: "bf16" (vLLM, the merged safetensors' dtype), "q8_0" (a GGUF file)...
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,4 +113,54 @@ def random_prompts(vocab_size: int, n: int, input_len: int, *, seed: int, reserv
     rng = random.Random(seed)
     out = [[rng.randrange(reserved, vocab_size) for _ in range(input_len)] for _ in range(n)]
     assert len({tuple(p) for p in out}) == n  # unique: no prefix-cache hit between requests
+    return out
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    """A prompt both as token ids (vLLM takes these) and as a text that tokenizes to exactly those ids (llama-cpp-python's
+    server takes only text)."""
+
+    ids: tuple[int, ...]
+    text: str
+
+
+def word_tokens(tokenizer: Any) -> list[int]:
+    """The ids whose text is one space and ASCII letters (``" word"``): a run of them splits into the same words again
+    (a byte-level BPE pre-tokenizer cuts before each space), so its text tokenizes back to the same ids wherever the
+    tokenizer gives a word's own id back for it (:func:`text_prompts` checks, and drops the few it does not). Sorted;
+    empty for a tokenizer without such tokens (byte-level BPE spells the space ``Ġ``; ASCII letters are themselves)."""
+    return sorted(i for tok, i in tokenizer.get_vocab().items()
+                  if len(tok) >= 3 and tok[0] == "\u0120" and tok[1:].isascii() and tok[1:].isalpha())
+
+
+def special_ids(tokenizer: Any) -> list[int]:
+    """Every special token's id (``<|endoftext|>``, ``<|im_end|>``, ...): what llama.cpp may treat as the end of a
+    generation, biased away when outputs must run to ``max_tokens``."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return sorted({*(int(i) for i, t in added.items() if getattr(t, "special", False)),
+                   *(getattr(tokenizer, "all_special_ids", ()) or ())})
+
+
+def text_prompts(tokenizer: Any, n: int, input_len: int, *, seed: int, words: Sequence[int] | None = None) -> list[TextPrompt]:
+    """``n`` distinct prompts of exactly ``input_len`` random whole-word token ids (:func:`word_tokens`), each with its
+    text; every text is checked to tokenize back to its ids (a word that does not is dropped from the pool and the
+    prompt drawn again). The same seed and pool give the same prompts, whoever asks."""
+    pool = list(words) if words is not None else word_tokens(tokenizer)
+    if len(pool) < 100:
+        raise ValueError(f"the tokenizer has only {len(pool)} whole-word tokens; text prompts need a byte-level BPE "
+                         "vocabulary with space-prefixed words")
+    rng = random.Random(seed)
+    out: list[TextPrompt] = []
+    while len(out) < n:
+        ids = tuple(rng.choice(pool) for _ in range(input_len))
+        text = tokenizer.decode(list(ids), clean_up_tokenization_spaces=False)
+        if list(tokenizer(text, add_special_tokens=False)["input_ids"]) == list(ids):
+            out.append(TextPrompt(ids=ids, text=text))
+            continue
+        bad = {i for i in set(ids) if list(tokenizer(tokenizer.decode([i]), add_special_tokens=False)["input_ids"]) != [i]}
+        if not bad:
+            raise ValueError(f"the text of a prompt of {input_len} whole-word tokens does not tokenize back to its ids")
+        pool = [i for i in pool if i not in bad]
+    assert len({p.ids for p in out}) == n  # unique: no prefix-cache hit between requests
     return out

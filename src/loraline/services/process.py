@@ -219,3 +219,82 @@ def _wait_group_gone(pgid: int, timeout_s: float, *, zombies: bool = True) -> No
     deadline = time.monotonic() + timeout_s
     while _group_alive(pgid, zombies=zombies) and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------- memory of a process group (server benchmarks)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live (not zombie) processes of group ``pgid``, from ``/proc/*/stat``."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def group_memory(pgid: int) -> tuple[int, int, int]:
+    """``(rss, hwm, processes)`` of group ``pgid`` now: the sums of ``VmRSS`` and of ``VmHWM`` (each process's own
+    peak RSS) over its live processes, in bytes. A process gone between the listing and the read counts 0."""
+    rss = hwm = n = 0
+    for pid in group_pids(pgid):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        n += 1
+        for line in status.splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                kib = int(line.split()[1]) * 1024
+                if line.startswith("VmRSS:"):
+                    rss += kib
+                else:
+                    hwm += kib
+    return rss, hwm, n
+
+
+class PeakRss:
+    """The peak resident memory of a process group while it runs: its summed ``VmRSS`` sampled every ``interval_s`` on
+    a thread (the peak of the sums is what the machine had to hold at once); :meth:`stop` (before the group is killed)
+    also reads the sum of every process's own ``VmHWM``, an upper bound that catches a spike between two samples
+    (processes peaking at different moments are added as if at once). Bytes; 0 until the first sample."""
+
+    def __init__(self, pgid: int, interval_s: float = 0.25) -> None:
+        import threading
+
+        self.pgid, self.interval_s = pgid, interval_s
+        self.peak = self.hwm_sum = self.processes = self.samples = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"rss-{pgid}", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> tuple[int, int]:
+        rss, hwm, n = group_memory(self.pgid)
+        self.peak = max(self.peak, rss)
+        self.processes = max(self.processes, n)
+        self.samples += 1
+        return rss, hwm
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval_s):
+            self._sample()
+
+    def stop(self) -> None:
+        """One last sample (and the ``VmHWM`` sum) now, then the thread ends. Idempotent."""
+        if self._done.is_set():
+            return
+        self._done.set()
+        self._thread.join(timeout=5)
+        _rss, hwm = self._sample()
+        self.hwm_sum = max(self.hwm_sum, hwm)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peak_rss_bytes": self.peak, "hwm_sum_bytes": self.hwm_sum, "processes": self.processes,
+                "samples": self.samples, "interval_s": self.interval_s,
+                "how": "max over samples of the summed VmRSS of the server's process group (/proc/<pid>/status); "
+                       "hwm_sum_bytes: the sum of each process's VmHWM at the end (an upper bound)"}
