@@ -30,7 +30,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, git_sha  # noqa: E402 - benchmarks/ is on sys.path (run as a file)
 MODEL = dict(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, intermediate_size=2048)
 
 
@@ -38,13 +38,6 @@ def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def bench_merge(work: Path, repeats: int) -> dict[str, object]:

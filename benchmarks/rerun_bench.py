@@ -23,15 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import git_sha  # noqa: E402 - benchmarks/ is on sys.path (run as a file)
 LORALINE = Path(sys.executable).with_name("loraline")
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def loraline(args: list[str], env: dict[str, str]) -> tuple[float, str, str]:

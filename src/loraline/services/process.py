@@ -202,17 +202,7 @@ def _group_alive(pgid: int, *, zombies: bool = True) -> bool:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    if zombies:
-        return True
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
-            return True
-    return False
+    return zombies or bool(group_pids(pgid))
 
 
 def _wait_group_gone(pgid: int, timeout_s: float, *, zombies: bool = True) -> None:
