@@ -252,6 +252,13 @@ def export_gguf(merged_dir: Path, merged_sha256: str, types: Sequence[str], sett
                       seconds=time.perf_counter() - t0)
 
 
+def exported_file(entry: dict[str, Any], gguf_dir: Path, merged_sha256: str) -> tuple[Path, bool]:
+    """Where the export of a lineage ``gguf`` entry lives in this home (``<gguf_dir>/<merged sha256>/<file>``), and
+    whether it is there with the recorded size (the benchmark and the llama.cpp image read it from there)."""
+    path = Path(gguf_dir) / merged_sha256 / str(entry.get("file") or f"model-{entry['quant']}.gguf")
+    return path, path.is_file() and not (entry.get("bytes") and path.stat().st_size != int(entry["bytes"]))
+
+
 def parity_dict(f: GgufFile) -> dict[str, Any]:
     """The file's whole parity report (every prompt), for ``gguf/parity-<type>.json``."""
     return asdict(f.parity)

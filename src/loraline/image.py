@@ -183,8 +183,10 @@ def gguf_file(entry: dict[str, Any], lineage: dict[str, Any], settings: Settings
     checked against the recorded sha256."""
     from loraline.digest import sha256_file
 
-    local = settings.gguf_dir / lineage["merged"]["sha256"] / f"model-{entry['quant']}.gguf"
-    path = local if local.is_file() and local.stat().st_size == entry["bytes"] else None
+    from loraline.gguf_export import exported_file
+
+    local, there = exported_file(entry, settings.gguf_dir, lineage["merged"]["sha256"])
+    path = local if there else None
     if path is None:
         from loraline.tracking import connect
 

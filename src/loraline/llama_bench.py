@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from loraline.errors import EngineError
+from loraline.gguf_export import exported_file
 from loraline.settings import Settings
 from loraline.workload import PathResult, TextPrompt, Workload
 
@@ -46,8 +47,8 @@ def gguf_targets(entries: Sequence[dict[str, Any]], gguf_dir: Path, merged_sha25
     (``<gguf_dir>/<merged sha256>/<file>``, checked by size), and a note for each one that is not."""
     found, notes = [], []
     for e in entries:
-        path = Path(gguf_dir) / merged_sha256 / str(e.get("file") or f"model-{e['quant']}.gguf")
-        if not path.is_file() or (e.get("bytes") and path.stat().st_size != int(e["bytes"])):
+        path, there = exported_file(e, gguf_dir, merged_sha256)
+        if not there:
             notes.append(f"llama.cpp {e['quant']}: the GGUF file is not at {path} (run the release's gguf step again to "
                          f"make it, or fetch {e.get('uri')}); not benchmarked")
             continue

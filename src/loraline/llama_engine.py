@@ -164,6 +164,7 @@ def server_wheels(settings: Settings, out: Path) -> dict[str, Any]:
     return _run(engine.python, {"mode": "wheels", "roots": [SERVER_REQUIREMENT], "out": str(out)}, settings,
                 f"{engine.python} (wheels of {SERVER_REQUIREMENT})")
 
+
 def _run(python: Path, request: dict[str, Any], settings: Settings, what: str) -> dict[str, Any]:
     """Run :mod:`loraline.llama_runner` on ``request`` with ``python``: its answer, or :class:`EngineError` with the log."""
     answer, _ = run_runner_file(python, RUNNER, request, engine_env(settings, None), what, settings.engine_timeout_s,
