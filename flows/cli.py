@@ -44,11 +44,11 @@ def release(adapter: str, base: str, name: str, image: str | None, gguf: str | N
     if submit:
         emit(_submit(adapter, base, name, image, settings, gguf), as_json)
         return
-    if not no_cache and gguf in (None, "none", "auto"):  # GGUF types asked for by name: the flow decides
+    if not no_cache:
         from loraline.resume import cached_release
 
         # Before Prefect is imported or its API started: most of a re-run's time (README "Measured").
-        if (cached := cached_release(adapter, base, name, settings, image)) is not None:
+        if (cached := cached_release(adapter, base, name, settings, image, gguf)) is not None:
             click.echo(f"loraline release: {cached['model_uri']} already holds this adapter and base with nothing left to "
                        "do: answered from MLflow, no flow run (cached; --no-cache runs the flow)", err=True)
             emit(cached, as_json)

@@ -47,9 +47,13 @@ def gguf_task(name: str, version: str, run_id: str, merged_dir: Path, merged_sha
 def gguf_release(lineage: dict[str, Any], types: Sequence[str], required: bool, settings: Settings,
                  base_dir: Path | None = None) -> dict[str, Any]:
     """Export the release ``lineage`` describes as GGUF ``types`` (merged again first if its directory was removed);
-    each file is evaluated on the task too when the release was (its ``evaluation`` holds the merged model's accuracy)."""
+    each file is evaluated on the task too when the release was (its ``evaluation`` holds the merged model's accuracy,
+    on the same number of questions). A release gated before keeps the types it has; these are added."""
     _adapter_dir, _base_dir, merged_dir = release_dirs(lineage, settings, base_dir)
-    merged_accuracy = (lineage.get("evaluation") or {}).get("accuracy")
+    evaluation = lineage.get("evaluation") or {}
+    merged_accuracy = evaluation.get("accuracy")
+    if evaluation.get("examples"):  # the questions the release was evaluated on, whatever this run's settings say
+        settings = settings.model_copy(update={"eval_examples": int(evaluation["examples"])})
     recorded = gguf_task(lineage["model_name"], str(lineage["model_version"]), lineage["mlflow_run_id"], merged_dir,
                         lineage["merged"]["sha256"], tuple(types), required, settings,
                         merged_accuracy=None if merged_accuracy is None else float(merged_accuracy))

@@ -208,15 +208,15 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
     else:  # released before: what its evaluation, benchmark, image, gate or report left undone is done now
         result = existing
     with holding(name, result["model_version"], settings):  # given back when the steps end, done or failed
-        plan = resume_plan(existing, settings, mode)
+        plan = resume_plan(existing, settings, mode, gguf_out, gguf_required)
         if plan.done:  # released and gated before: a re-run never moves an alias back
             name_flow_run(f"release-{name}-v{result['model_version']}-existing")
             return with_image(result, mode)
         name_flow_run(f"release-{name}-v{result['model_version']}")
         if plan.evaluate:
             result = evaluate_task(result, b.path, settings)
-        if gguf_out and not result.get("gguf"):
-            result = gguf_release(result, gguf_out, gguf_required, settings, base_dir=b.path)
+        if plan.gguf:  # a release gated before gets the types asked for now
+            result = gguf_release(result, plan.gguf, gguf_required, settings, base_dir=b.path)
         if plan.benchmark:
             result = bench_release(result, settings, base_dir=b.path)
         if plan.image:

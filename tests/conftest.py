@@ -251,10 +251,10 @@ def real_demo_log() -> str:
 # `real_release_run` and `early_release_run` wait for them.
 
 _RELEASES: dict[str, object] = {}
-REAL_RELEASE_FIXTURES = ("real_release_run", "early_release_run")
+REAL_RELEASE_FIXTURES = ("real_release_run", "early_release_run", "gguf_rerun_run")
 
 
-def _real_releases(early: bool) -> None:
+def _real_releases(wanted: set[str]) -> None:
     from loraline import text2sql
     from loraline.sources import fetch_base
 
@@ -278,8 +278,10 @@ def _real_releases(early: bool) -> None:
         _RELEASES.update(svc=svc, env=env, gguf=gguf)
         # checkpoint-100 also exports q8_0 (issue 17): the file tests/test_real_model.py's llama.cpp image serves.
         runs = [("real", [demo["checkpoint"], "--image", "merged", "--gguf", "q8_0"], env)]
-        if early:  # checkpoint-10 after it: the gate compares it with the champion checkpoint-100 became
+        if "early_release_run" in wanted:  # checkpoint-10 after it: the gate compares it with the champion checkpoint-100 became
             runs.append(("early", [demo["early"][0], "--image", "none"], {**env, "LORALINE_VLLM_PARITY": "false"}))
+        if "gguf_rerun_run" in wanted:  # checkpoint-100 again, gated, asking for f16 too: only f16 is exported now
+            runs.append(("rerun", [demo["checkpoint"], "--image", "merged", "--gguf", "f16,q8_0"], env))
         for key, (adapter, *args), run_env in runs:
             if _RELEASES.get("stopping"):
                 return
@@ -320,6 +322,13 @@ def real_release_run(image_services, real_demo) -> SimpleNamespace:
 def early_release_run(real_release_run) -> SimpleNamespace:
     """Then `loraline release` of checkpoint-10 of the same run (no image, no vLLM parity), in the background too."""
     return _wait_release("early")
+
+
+@pytest.fixture(scope="session")
+def gguf_rerun_run(early_release_run) -> SimpleNamespace:
+    """Then `loraline release` of checkpoint-100 again, released and gated with q8_0 by ``real_release_run``, with
+    ``--gguf f16,q8_0`` (issue 17: a gated release gets the GGUF files a re-run asks for), in the background too."""
+    return _wait_release("rerun")
 
 
 DOCKER_FIXTURES = {"image_services", "engine_and_registry"}
@@ -368,18 +377,26 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         t.start()
     wanted = {f for item in session.items for f in getattr(item, "fixturenames", ()) if f in REAL_RELEASE_FIXTURES}
     if wanted:
-        t = threading.Thread(target=_real_releases, args=("early_release_run" in wanted,), daemon=True)
+        t = threading.Thread(target=_real_releases, args=(wanted,), daemon=True)
         _RELEASES.update(thread=t, root=Path(tempfile.mkdtemp(prefix="loraline-test-real-releases-")))
         t.start()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Stop what the background preparation started (also when no image test got to run)."""
+    """Wait for the module teardowns left running (helpers.teardown_later), failing the session if one failed; stop what
+    the background preparation started (also when no image test got to run)."""
+    from helpers import LATER, LATER_ERRORS
+
+    for t in LATER:
+        t.join(timeout=600)
+    if errors := LATER_ERRORS + [f"{t.name}: still running after 600 s" for t in LATER if t.is_alive()]:
+        print("\nteardowns that failed after their tests:\n  " + "\n  ".join(errors), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if "thread" in _RELEASES:
         from loraline.services.process import kill_group
 
         _RELEASES["stopping"] = True
-        for key in ("real.proc", "early.proc"):
+        for key in ("real.proc", "early.proc", "rerun.proc"):
             if isinstance(proc := _RELEASES.get(key), subprocess.Popen) and proc.poll() is None:
                 kill_group(proc, grace_s=10)
         shutil.rmtree(Path(_RELEASES["root"]), ignore_errors=True)  # type: ignore[arg-type]

@@ -10,11 +10,30 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
+from typing import Callable
 
 from loraline.settings import Settings
 
 LORALINE = str(Path(sys.executable).with_name("loraline"))
+LATER: list[threading.Thread] = []
+LATER_ERRORS: list[str] = []
+
+
+def teardown_later(what: str, stop: Callable[[], object]) -> None:
+    """Run a module fixture's teardown that is mostly waiting (stopping services gracefully: the object store's 17 s,
+    `services down` of the production stack's 30 s) in a thread, beside the tests after it. tests/conftest.py's
+    pytest_sessionfinish waits for every one and fails the session with ``what`` if one raised."""
+    def run() -> None:
+        try:
+            stop()
+        except BaseException as e:  # noqa: BLE001 - reported at the session's end
+            LATER_ERRORS.append(f"{what}: {type(e).__name__}: {e}")
+
+    t = threading.Thread(target=run, name=f"teardown {what}", daemon=True)
+    t.start()
+    LATER.append(t)
 
 
 def mlflow_state(settings: Settings) -> dict[str, object]:

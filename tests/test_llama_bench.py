@@ -7,6 +7,7 @@ recommendation names an engine and weights that were measured, by the documented
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -62,36 +63,43 @@ def test_cpu_recommendation_rule() -> None:
 
 
 @pytest.mark.slow
-def test_llama_cpp_server_path_counts_tokens_and_reports_memory(smollm2_fetched, llama_python: Path, settings: Settings,
+def test_llama_cpp_server_path_counts_tokens_and_reports_memory(real_release_run, llama_python: Path, settings: Settings,
                                                                 tmp_path: Path) -> None:
-    """llama-cpp-python's server on the real SmolLM2 GGUF (the packaged Q4_1 file), c=1 and 2: exactly output_len
-    tokens per request (its own usage agrees), the prompt read as exactly input_len tokens, peak RSS and ready time
-    present, the pick names what was measured; the table and the plot are made."""
+    """llama-cpp-python's server on the real demo's release (the q8_0 export of the merged SmolLM2 fine-tune that the
+    session's `loraline release --gguf q8_0` made), c=1 and 2: exactly output_len tokens per request (its own usage
+    agrees), the prompt read as exactly input_len tokens, peak RSS and ready time present, the pick names what was
+    measured; the table and the plot are made."""
+    from loraline.gguf_export import exported_file
     from loraline.plots import write_plots
 
-    gguf = Path(smollm2_fetched.gguf.file)
+    assert real_release_run.proc.returncode == 0, real_release_run.proc.stderr[-3000:]
+    out = json.loads(real_release_run.proc.stdout)
+    q8 = next(g for g in out["gguf"] if g["quant"] == "q8_0")
+    gguf, there = exported_file(q8, Settings(home=real_release_run.svc.home).gguf_dir, out["merged"]["sha256"])
+    assert there, gguf
     w = Workload(input_len=16, output_len=8, repeats=1, concurrency=(1, 2), server_min_requests=3)
-    target = GgufTarget("q4_1", gguf, "close", gguf.stat().st_size)
-    results, engines, cpu = bench_cpu_servers(smollm2_fetched.path, [target], settings, w, vllm=False, served_name="smol")
+    target = GgufTarget("q8_0", gguf, q8["parity"]["verdict"], q8["bytes"])
+    results, engines, cpu = bench_cpu_servers(Path(out["merged"]["path"]), [target], settings, w, vllm=False,
+                                              served_name="smol")
 
-    assert [(r.path, r.concurrency) for r in results] == [("llama.cpp-server-q4_1", 1), ("llama.cpp-server-q4_1", 2)]
+    assert [(r.path, r.concurrency) for r in results] == [("llama.cpp-server-q8_0", 1), ("llama.cpp-server-q8_0", 2)]
     for r in results:
         assert r.requests == max(3, 2 * r.concurrency) and r.output_tokens == r.requests * 8
         assert r.requests_s * 8 == pytest.approx(r.output_tok_s, rel=0.02)
         assert 0 < r.ttft_ms.p50 <= r.e2e_ms.p50 and r.itl_ms.p50 > 0 and r.tpot_ms.p50 > 0
         # the server maps the file: at least most of its weights are resident, and a Python process besides
-        assert r.peak_rss_bytes > 0.5 * gguf.stat().st_size and r.engine_start_s > 0 and r.quant == "q4_1"
-    e = engines["llama.cpp-server-q4_1"]
+        assert r.peak_rss_bytes > 0.5 * gguf.stat().st_size and r.engine_start_s > 0 and r.quant == "q8_0"
+    e = engines["llama.cpp-server-q8_0"]
     assert e["usage_check"] == {"prompt_tokens": 16, "completion_tokens": 8, "finish_reason": "length"}
     assert e["memory"]["samples"] > 0 and e["memory"]["hwm_sum_bytes"] >= e["memory"]["peak_rss_bytes"] > 0
     assert e["threads"] >= 1 and e["llama_cpp_python"]
 
-    assert cpu is not None and (cpu.engine, cpu.quant, cpu.path, cpu.concurrency) == ("llama.cpp", "q4_1", "llama.cpp-server-q4_1", 2)
+    assert cpu is not None and (cpu.engine, cpu.quant, cpu.path, cpu.concurrency) == ("llama.cpp", "q8_0", "llama.cpp-server-q8_0", 2)
     report = BenchReport(workload=w, device="cpu", device_name="cpu", vllm_version="-", results=tuple(results),
                          engines=engines, crosscheck={}, recommendation=recommend(results), cpu=cpu)
     md = report.markdown()
-    assert "| llama.cpp | q4_1 | 2 |" in md and "**CPU deployment: llama.cpp, q4_1.**" in md
-    assert report.metrics()["bench.llama.cpp-server-q4_1.c2.peak_rss_bytes"] == results[1].peak_rss_bytes
+    assert "| llama.cpp | q8_0 | 2 |" in md and "**CPU deployment: llama.cpp, q8_0.**" in md
+    assert report.metrics()["bench.llama.cpp-server-q8_0.c2.peak_rss_bytes"] == results[1].peak_rss_bytes
     pngs = {p.name for p in write_plots(report, tmp_path)}
     assert "cpu_engines.png" in pngs and (tmp_path / "cpu_engines.png").read_bytes()[:4] == b"\x89PNG"
 

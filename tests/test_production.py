@@ -21,6 +21,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from helpers import teardown_later
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.production, pytest.mark.docker]  # `up` starts an engine too
 
 LORALINE = str(Path(sys.executable).with_name("loraline"))
@@ -45,7 +47,8 @@ def prod(demo_assets) -> SimpleNamespace:
     root.chmod(0o711)
     home = root / "home"
     env = {**os.environ, "LORALINE_HOME": str(home), "LORALINE_BENCH": "false", "LORALINE_VLLM_PARITY": "false",
-           "LORALINE_EVAL_EXAMPLES": "4", "LORALINE_IMAGE": "none"}
+           "LORALINE_EVAL_EXAMPLES": "4", "LORALINE_IMAGE": "none",
+           "LORALINE_CRASH_AFTER_S": "60"}  # the shortest window (two missed heartbeats): the crash test waits it out
     for var in ("DOCKER_HOST", "LORALINE_DOCKER_HOST", "LORALINE_TRACKING_URI", "LORALINE_REGISTRY_URI",
                 "LORALINE_IMAGE_REGISTRY", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME"):
         env.pop(var, None)
@@ -59,9 +62,12 @@ def prod(demo_assets) -> SimpleNamespace:
         ns.status = json.loads(up.stdout)
         yield ns
     finally:
-        down = _services(ns, "down", "--json")
-        subprocess.run(["rm", "-rf", str(root)])
-        assert down.returncode == 0, down.stderr[-2000:]
+        def down() -> None:  # 30 s, mostly the services' graceful waits: beside the tests after this module
+            proc = _services(ns, "down", "--json")
+            subprocess.run(["rm", "-rf", str(root)])
+            assert proc.returncode == 0, proc.stderr[-2000:]
+
+        teardown_later("services down (production)", down)
 
 
 def submit(prod: SimpleNamespace, adapter: Path, name: str) -> subprocess.Popen[str]:

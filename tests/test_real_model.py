@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from loraline import text2sql
-from loraline.digest import digest_dir
+from loraline.digest import digest_dir, sha256_file
 from helpers import smoke_containers
 
 LORALINE = str(Path(sys.executable).with_name("loraline"))
@@ -213,9 +213,84 @@ def test_the_early_checkpoint_is_released_and_refused_by_the_gate(real_release, 
     assert client.get_model_version("smol-real", "2").tags["loraline.gate"] == "failed"
 
 
-def test_real_release_gguf_image_is_pushed_smoke_tested_and_traced(real_release) -> None:
-    """Issue 17, `--image gguf`: `loraline image models:/smol-real/1 --mode gguf` puts the release's q8_0 export (made by
-    the release: f16 and q8_0 when the llama.cpp environment is there) in a llama.cpp serving image on the slim Debian
+def test_a_gated_release_gets_the_gguf_files_a_rerun_asks_for(real_release, gguf_rerun_run, real_demo) -> None:
+    """Issue 17 on a release gated before: `loraline release --gguf f16,q8_0 --json` of checkpoint-100 again (the session's
+    release exported q8_0 only, was gated and made champion; checkpoint-10 came after it). The re-run exports only f16,
+    keeps the q8_0 file as recorded, and runs the gate and report again with both: each file in MLflow (run artifacts,
+    version tags, metrics), lineage.json, the JSON and report.md, with its parity against the merged model and its task
+    accuracy on the release's own questions beside the merged model's; f16 passes parity and answers as the merged model
+    does; no version is added and the aliases stay; `trace` from either file's digest reaches the adapter; asked again,
+    the release has nothing left to do (cached)."""
+    from mlflow import MlflowClient
+
+    svc, env, first = real_release.svc, real_release.env, real_release.out
+    proc = gguf_rerun_run.proc
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout)
+    assert out["model_version"] == first["model_version"] == "1" and out["existing"] is True
+    files = out["gguf"]
+    assert [f["quant"] for f in files] == ["q8_0", "f16"]
+    q8, f16 = files
+    assert q8 == next(g for g in first["gguf"] if g["quant"] == "q8_0")  # kept: not exported, checked or evaluated again
+    n = out["evaluation"]["examples"]
+    assert n == first["evaluation"]["examples"] == len(text2sql.load_examples("eval"))  # the release's own questions
+    client = MlflowClient(svc.mlflow_url, svc.mlflow_url)
+    assert [v.version for v in client.search_model_versions("name='smol-real'", order_by=["version_number"])] == ["1", "2"]
+    assert {k: str(v) for k, v in client.get_registered_model("smol-real").aliases.items()} == {"champion": "1", "candidate": "1"}
+    mv = client.get_model_version("smol-real", "1")
+    run_id = out["mlflow_run_id"]
+    run = client.get_run(run_id)
+    report = Path(client.download_artifacts(run_id, "report.md")).read_text()
+    lineage = json.loads(Path(client.download_artifacts(run_id, "lineage.json")).read_text())
+    assert lineage["gguf"] == files and mv.tags["loraline.gguf.types"] == "q8_0,f16"
+    for f in files:
+        assert f["uri"] == f"runs:/{run_id}/gguf/model-{f['quant']}.gguf"
+        logged = Path(client.download_artifacts(run_id, f"gguf/model-{f['quant']}.gguf"))
+        assert sha256_file(logged) == f["sha256"] and logged.stat().st_size == f["bytes"]
+        with open(logged, "rb") as fh:
+            assert fh.read(4) == b"GGUF"
+        assert mv.tags[f"loraline.gguf.{f['quant']}.sha256"] == f["sha256"]
+        assert f["converter"]["llama_cpp_python"] == "0.3.36" and f["converter"]["llama_cpp_commit"] == "0c1e57098"
+        p = f["parity"]
+        assert p["prompts"] == 8 and p["identical"] + p["close"] + p["failed"] == 8 and p["verdict"] in ("identical", "close", "failed")
+        assert f"loraline.gguf.{f['quant']}.parity" in mv.tags
+        json.loads(Path(client.download_artifacts(run_id, f"gguf/parity-{f['quant']}.json")).read_text())
+        a = f["accuracy"]  # the release's questions, scored as the merged model's evaluation was
+        assert a["examples"] == n and a["merged_accuracy"] == out["evaluation"]["accuracy"]
+        assert a["accuracy"] == round(a["correct"] / n, 4) and a["drop"] == round(a["merged_accuracy"] - a["accuracy"], 4)
+        assert a["accuracy"] > 0 and a["valid_sql"] >= a["correct"]
+        assert run.data.metrics[f"gguf.{f['quant']}.accuracy"] == a["accuracy"]
+        assert mv.tags[f"loraline.gguf.{f['quant']}.accuracy"] == str(a["accuracy"])
+        answers = json.loads(Path(client.download_artifacts(run_id, f"gguf/evaluation-{f['quant']}.json")).read_text())
+        assert len(answers["items"]) == n and sum(i["correct"] for i in answers["items"]) == a["correct"]
+        assert f"| {a['accuracy']:.1%} ({a['merged_accuracy']:.1%}) of {n} |" in report
+    # llama.cpp on f16 answers as the merged model does but for two of the 50 questions at most (seen: 70% vs 68%).
+    merged_correct = round(out["evaluation"]["accuracy"] * n)
+    assert abs(f16["accuracy"]["correct"] - merged_correct) <= 2, (f16["accuracy"], out["evaluation"])
+    assert f16["parity"]["failed"] == 0 and f16["parity"]["verdict"] in ("identical", "close")  # as vLLM must
+    # bf16 weights fit f16 exactly: 2 bytes a parameter (the merged model's own size, plus the header); q8_0 ~1.06.
+    assert abs(f16["bytes"] - out["merged"]["bytes"]) < 0.02 * out["merged"]["bytes"]
+    assert 0.5 * f16["bytes"] < q8["bytes"] < 0.56 * f16["bytes"]
+    gate = {c["name"]: c for c in out["gate"]["checks"]}
+    assert gate["gguf"]["detail"].count(" vs merged ") == 2 and "f16 " in gate["gguf"]["detail"], gate["gguf"]
+    assert gate["gguf"]["passed"] == all(f["accuracy"]["drop"] <= 0.05 for f in files), gate["gguf"]
+    assert out["gate"]["passed"] == all(c["passed"] for c in out["gate"]["checks"])
+
+    for ref in (f16["sha256"], q8["sha256"]):
+        t = loraline("trace", ref, "--json", env=env)
+        assert t.returncode == 0, t.stderr[-2000:]
+        chain = json.loads(t.stdout)
+        assert chain["adapter"]["sha256"] == out["adapter"]["sha256"] and chain["model_version"] == "1"
+    again = loraline("release", "--adapter", str(real_demo.checkpoint), "--base", real_release.gguf, "--name", "smol-real",
+                     "--image", "merged", "--gguf", "f16,q8_0", "--json", env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    cached = json.loads(again.stdout)
+    assert cached["cached"] is True and cached["gguf"] == files, again.stderr[-2000:]
+
+
+def test_real_release_gguf_image_is_pushed_smoke_tested_and_traced(real_release, gguf_rerun_run) -> None:
+    """Issue 17, `--image gguf`: `loraline image models:/smol-real/1 --mode gguf` (after the re-run that added f16: both
+    step the same version) puts the release's q8_0 export in a llama.cpp serving image on the slim Debian
     base: non-root, a HEALTHCHECK, the file (its recorded sha256) and lineage.json inside, OCI + loraline labels; pushed;
     pulled back by digest, run and asked through the openai client (chat plain and streamed, task questions); its
     digest on the model version; `trace DIGEST` reaches the adapter. The release's served accuracy stays the vLLM image's."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import teardown_later
 from loraline.demo import DemoAssets
 from loraline.digest import digest_dir
 from loraline.errors import InvalidAdapter, SourceError
@@ -40,7 +41,7 @@ def store(demo_assets: DemoAssets, tmp_path_factory: pytest.TempPathFactory):
         versioned = _upload(c, VERSIONED, "ckpt", demo_assets.checkpoint)
         yield st, puts, versioned
     finally:
-        stop_object_store(s)
+        teardown_later("the s3 sources' object store", lambda: stop_object_store(s))  # 17 s of graceful waits
 
 
 @pytest.fixture()

@@ -86,6 +86,24 @@ def test_resume_plan_follows_what_is_asked(settings: Settings) -> None:
     assert not resume_plan(None, off, "none").evaluate and resume_plan(None, off, "none").register
 
 
+def test_resume_plan_exports_the_gguf_types_a_gated_release_lacks(settings: Settings) -> None:
+    """Issue 17 on releases gated before: the GGUF types asked for now that the release has not exported are exported,
+    and the gate and report run again with them (as for an image of a new mode); the ones it has are not redone."""
+    s = settings.model_copy(update={"eval": True, "bench": True})
+    gated = {"evaluation": {"a": 1}, "benchmark": {"b": 1}, "images": [{"mode": "merged"}], "gate": {"passed": True},
+             "gguf": [{"quant": "q8_0", "sha256": "ab"}]}
+    assert resume_plan(gated, s, "merged", ("q8_0",)).done and resume_plan(gated, s, "merged").done
+    plan = resume_plan(gated, s, "merged", ("f16", "q8_0"), gguf_required=True)
+    assert plan.gguf == ("f16",) and plan.gate and not (plan.evaluate or plan.benchmark or plan.image or plan.done)
+    before = {k: v for k, v in gated.items() if k != "gguf"}  # released before the GGUF step existed: auto's types now
+    assert resume_plan(before, s, "merged", ("f16", "q8_0")).gguf == ("f16", "q8_0")
+    # The converter refused this model before: auto does not try again (a re-run stays cached); a type by name does.
+    refused = {**before, "gguf": [], "gguf_skipped": "llama.cpp does not know this model's tokenizer"}
+    assert resume_plan(refused, s, "merged", ("f16", "q8_0")).done
+    assert resume_plan(refused, s, "merged", ("f16",), gguf_required=True).gguf == ("f16",)
+    assert resume_plan(None, s, "merged", ("q8_0",)).gguf == ("q8_0",)
+
+
 def test_a_release_being_stepped_by_a_live_process_is_waited_for_then_taken(settings: Settings) -> None:
     """Two releases of one adapter at once (the CI run of e5a4906: both evaluated one version, and MLflow's SQLite store
     refused the second `loraline.eval.gain` tag). The steps after registration belong to one process at a time: the

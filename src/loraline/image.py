@@ -168,8 +168,8 @@ def gguf_choice(lineage: dict[str, Any], settings: Settings) -> dict[str, Any]:
     files = {g["quant"]: g for g in lineage.get("gguf") or []}
     name, version = lineage["model_name"], lineage["model_version"]
     if not files:
-        raise ImageError(f"models:/{name}/{version} has no GGUF export for --image gguf: release it with --gguf q8_0 "
-                         "(or f16, q4_k_m) first")
+        raise ImageError(f"models:/{name}/{version} has no GGUF export for --image gguf: run its release again "
+                         "with --gguf q8_0 (or f16, q4_k_m) first: the re-run exports them for the released version")
     if settings.image_gguf_quant:
         if settings.image_gguf_quant not in files:
             raise ImageError(f"LORALINE_IMAGE_GGUF_QUANT={settings.image_gguf_quant}: models:/{name}/{version} exported "

@@ -231,7 +231,8 @@ def log_gguf(name: str, version: str, run_id: str, export: Any, settings: Settin
     metrics ``gguf.<type>.*``, a ``gguf`` list in ``lineage.json`` (``quant``, ``uri``, ``sha256``, ``bytes``,
     ``parity``, ``accuracy``, ``converter``, ...). When the files were evaluated on the task: each one's answers as
     ``gguf/evaluation-<type>.json``, metrics ``gguf.<type>.accuracy`` / ``.accuracy_drop`` and tags
-    ``loraline.gguf.<type>.accuracy``. Returns that list."""
+    ``loraline.gguf.<type>.accuracy``. Types the release exported before and ``export`` has not stay in the list.
+    Returns that list."""
     from mlflow.entities import Metric
 
     from loraline.gguf_export import parity_dict
@@ -243,12 +244,15 @@ def log_gguf(name: str, version: str, run_id: str, export: Any, settings: Settin
         client.set_model_version_tag(name, version, f"{TAG}gguf.skipped", redact(export.skipped)[:4000])
         client.set_tag(run_id, f"{TAG}gguf.skipped", redact(export.skipped)[:4000])
         return []
+    new = [{**s, "uri": f"runs:/{run_id}/gguf/{s['file']}"} for s in export.summary()]
+    made = {e["quant"] for e in new}
+    # A re-run adding types to a release keeps the files it exported before (resume_plan asks only for missing ones).
+    entries = [e for e in t.lineage(run_id).get("gguf") or [] if e.get("quant") not in made] + new
     t.log_texts(run_id, {**{f"parity-{f.quant}.json": json.dumps(parity_dict(f), indent=2) for f in export.files},
                          **{f"evaluation-{f.quant}.json": json.dumps(asdict(f.accuracy), indent=2)
                             for f in export.files if f.accuracy is not None},
-                         "gguf.json": json.dumps(export.summary(), indent=2)},
+                         "gguf.json": json.dumps(entries, indent=2)},
                 "gguf", extra=tuple(f.path for f in export.files))
-    entries = [{**s, "uri": f"runs:/{run_id}/gguf/{s['file']}"} for s in export.summary()]
     t.update_lineage(run_id, gguf=entries)
     now = int(time.time() * 1000)
     metrics = []
@@ -263,7 +267,7 @@ def log_gguf(name: str, version: str, run_id: str, export: Any, settings: Settin
                 ("accuracy", a["accuracy"]), ("accuracy_drop", a["drop"])) if v is not None]
     client.log_batch(run_id, metrics=metrics)
     c = export.converter
-    tags = {"gguf.types": ",".join(f.quant for f in export.files),
+    tags = {"gguf.types": ",".join(e["quant"] for e in entries),
             "gguf.converter": f"llama-cpp-python=={c['llama_cpp_python']} llama.cpp@{c['llama_cpp_commit']} gguf=={c['gguf']}"}
     for f in export.files:
         p = f.parity

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from loraline.settings import Settings
 
@@ -18,6 +18,7 @@ from loraline.settings import Settings
 @dataclass(frozen=True)
 class ResumePlan:
     """The steps a release runs. ``register``: nothing is in MLflow yet (merge, parity and registration run first);
+    ``gguf``: the GGUF types still to export (a release gated before gets the ones asked for now);
     ``gate``: the gate and the report run (False only when the release is :attr:`done`)."""
 
     register: bool
@@ -25,6 +26,7 @@ class ResumePlan:
     benchmark: bool
     image: bool
     gate: bool
+    gguf: tuple[str, ...] = ()
 
     @property
     def done(self) -> bool:
@@ -32,17 +34,26 @@ class ResumePlan:
         return not self.gate
 
 
-def resume_plan(existing: dict[str, Any] | None, settings: Settings, mode: str) -> ResumePlan:
+def resume_plan(existing: dict[str, Any] | None, settings: Settings, mode: str, gguf: Sequence[str] = (),
+                gguf_required: bool = False) -> ResumePlan:
     """The steps left for a release whose earlier lineage is ``existing`` (None: never registered), with
-    ``settings.eval``/``settings.bench`` asking for evaluation and benchmark, and image ``mode`` (``none``: no image)."""
+    ``settings.eval``/``settings.bench`` asking for evaluation and benchmark, image ``mode`` (``none``: no image) and
+    GGUF types ``gguf`` (:func:`~loraline.gguf_export.gguf_types`; ``gguf_required``: asked for by name, not ``auto``).
+
+    A type the release has not exported yet is exported now, and the gate and report run again with it, as for an
+    image of a new mode: a release gated before the GGUF step existed gets its files from a re-run. On ``auto``, a
+    model llama.cpp's converter refused before (``gguf_skipped``) is not tried again."""
     if existing is None:
-        return ResumePlan(register=True, evaluate=settings.eval, benchmark=settings.bench, image=mode != "none", gate=True)
+        return ResumePlan(register=True, evaluate=settings.eval, benchmark=settings.bench, image=mode != "none", gate=True,
+                          gguf=tuple(gguf))
     evaluate = settings.eval and not existing.get("evaluation")
     benchmark = settings.bench and not existing.get("benchmark")
     image = mode != "none" and not any(i.get("mode") == mode for i in existing.get("images", []))
+    have = {g.get("quant") for g in existing.get("gguf") or []}
+    missing = () if existing.get("gguf_skipped") and not gguf_required else tuple(q for q in gguf if q not in have)
     report_failed = existing.get("failed_step") == "report"
-    return ResumePlan(register=False, evaluate=evaluate, benchmark=benchmark, image=image,
-                      gate=evaluate or benchmark or image or report_failed or "gate" not in existing)
+    return ResumePlan(register=False, evaluate=evaluate, benchmark=benchmark, image=image, gguf=missing,
+                      gate=evaluate or benchmark or image or bool(missing) or report_failed or "gate" not in existing)
 
 
 def with_image(lineage: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -54,12 +65,13 @@ def with_image(lineage: dict[str, Any], mode: str) -> dict[str, Any]:
     return out
 
 
-def cached_release(adapter: str, base: str, name: str, settings: Settings, image: str | None = None) -> dict[str, Any] | None:
+def cached_release(adapter: str, base: str, name: str, settings: Settings, image: str | None = None,
+                   gguf: str | None = None) -> dict[str, Any] | None:
     """The answer of a release that has nothing left to do, read from MLflow without a flow run; None when the release
     flow has to run (or to decide).
 
     A re-run of a release whose adapter digest and base digest are already released as ``name``, and whose resume plan
-    (:func:`resume_plan`, for these settings and image mode) is :attr:`ResumePlan.done`, changes nothing: the flow would
+    (:func:`resume_plan`, for these settings, image mode and GGUF types ``gguf``) is :attr:`ResumePlan.done`, changes nothing: the flow would
     fetch, validate (a cache hit), find the version and print its lineage. This answers the same lineage, marked
     ``"cached": true`` (the flow's re-run answer has ``"existing": true`` too), for local sources (an adapter directory;
     a base directory, or a ``.gguf`` file already converted in this home), when every version of these digests is
@@ -71,6 +83,7 @@ def cached_release(adapter: str, base: str, name: str, settings: Settings, image
     """
     from loraline.digest import digest_dir, sha256_file
     from loraline.errors import LoralineError, TrackingError
+    from loraline.gguf_export import gguf_types
     from loraline.image import image_mode
     from loraline.registry import OWNER, check_model_name, existing_lineage, held_by_other
     from loraline.sources import adapter_digest, parse_source
@@ -82,6 +95,7 @@ def cached_release(adapter: str, base: str, name: str, settings: Settings, image
     try:
         check_model_name(name)
         mode = image_mode(settings)
+        types = gguf_types(settings, gguf)
         a_src, b_src = parse_source(adapter), parse_source(base)
         if a_src.kind != "local" or b_src.kind != "local" or not Path(a_src.location).is_dir():
             return None  # remote sources are fetched by the flow (retried); archives are extracted there
@@ -104,7 +118,7 @@ def cached_release(adapter: str, base: str, name: str, settings: Settings, image
         if held_by_other(tags.get(OWNER)):
             return None  # another process runs its steps: the flow waits for it
         lineage = existing_lineage(t, mv.run_id, tags)
-        if not resume_plan(lineage, settings, mode).done:
+        if not resume_plan(lineage, settings, mode, types, (gguf if gguf is not None else settings.gguf) != "auto").done:
             return None
     except TrackingError as e:
         if e.error_code == UNAVAILABLE:  # the flow would wait out MLflow's retries again, then fail with this error

@@ -242,6 +242,10 @@ class Settings(BaseSettings):
     watch_experiment: str | None = Field(default=None, description="MLflow experiment the watch deployment scans for adapters logged as run artifacts.")
     watch_interval_s: float = Field(default=300, ge=10, description="How often the watch deployment runs, seconds (when a directory or experiment is set).")
     serve_limit: int = Field(default=2, ge=1, description="Flow runs the deployment runner of `services up` executes at once.")
+    crash_after_s: int = Field(
+        default=90, ge=60, description="`services up --production`: a flow run that sent no heartbeat for this many seconds "
+        "(its worker or host died) is marked Crashed, so that it can be submitted again. Runs heartbeat every 30 s "
+        "(Prefect's minimum), so at least 60: two heartbeats missed.")
 
     @field_validator("bench_concurrency")
     @classmethod

@@ -124,7 +124,7 @@ def up(settings: Settings, production: bool | None = None) -> ServicesStatus:
                  secret_env={"PGPASSWORD": pg.password(), **store.env()})
     url = start_prefect(settings, database_url=pg.url_with_password("prefect", driver="postgresql+asyncpg"))
     ensure_work_pool(url)
-    ensure_crash_automation(url)
+    ensure_crash_automation(url, settings.crash_after_s)
     deploy(settings, url)
     access, secret = store.keys()  # runs read s3:// sources with these (boto3's standard variables)
     start_workers(settings, url, env={"LORALINE_S3_ENDPOINT_URL": store.endpoint, "AWS_ACCESS_KEY_ID": access,

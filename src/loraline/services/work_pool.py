@@ -25,9 +25,9 @@ WORKER_LIMIT = 2  # runs per worker at once: without a limit one worker takes ev
 PREFECT_YAML = files("loraline") / "data" / "prefect" / "prefect.yaml"
 WATCH_SETTINGS = ("LORALINE_WATCH_BASE", "LORALINE_WATCH_EXPERIMENT")
 # A run whose worker or host dies stays Running on the server; with heartbeats from every run and this automation
-# (Prefect's own recipe, "detect zombie flows") the server marks it Crashed once no heartbeat came for CRASH_AFTER_S.
+# (Prefect's own recipe, "detect zombie flows") the server marks it Crashed once no heartbeat came for
+# ``settings.crash_after_s`` seconds (90 by default).
 HEARTBEAT_S = 30  # Prefect's minimum
-CRASH_AFTER_S = 90
 CRASH_AUTOMATION = "loraline: crash flow runs without a heartbeat"
 
 
@@ -55,23 +55,26 @@ def ensure_work_pool(url: str) -> None:
     _prefect(["work-pool", "create", WORK_POOL, "--type", "process"], url, f"creating the work pool {WORK_POOL!r}")
 
 
-def ensure_crash_automation(url: str) -> None:
-    """Create :data:`CRASH_AUTOMATION` unless the server has it."""
+def ensure_crash_automation(url: str, after_s: int) -> None:
+    """Create :data:`CRASH_AUTOMATION` (a run with no heartbeat for ``after_s`` seconds is marked Crashed) unless the
+    server has it with that window; one with another window is replaced."""
     with _api(url) as c:
         have = c.post("/automations/filter", json={"automations": {"name": {"any_": [CRASH_AUTOMATION]}}})
         have.raise_for_status()
-        if have.json():
-            return
+        for old in have.json():
+            if old.get("trigger", {}).get("within") == after_s:
+                return
+            c.delete(f"/automations/{old['id']}").raise_for_status()
         c.post("/automations/", json={
             "name": CRASH_AUTOMATION, "enabled": True,
-            "description": f"A flow run that sent no heartbeat for {CRASH_AFTER_S} s (its worker or host died) is marked Crashed.",
+            "description": f"A flow run that sent no heartbeat for {after_s} s (its worker or host died) is marked Crashed.",
             "trigger": {"type": "event", "posture": "Proactive", "after": ["prefect.flow-run.heartbeat"],
                         "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
                                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"],
                         "match": {"prefect.resource.id": ["prefect.flow-run.*"]}, "for_each": ["prefect.resource.id"],
-                        "threshold": 1, "within": CRASH_AFTER_S},
+                        "threshold": 1, "within": after_s},
             "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
-                         "message": f"no heartbeat for {CRASH_AFTER_S} s: its worker or host died"}],
+                         "message": f"no heartbeat for {after_s} s: its worker or host died"}],
         }).raise_for_status()
 
 
