@@ -101,6 +101,13 @@ def server_of(image: Image) -> str:
     return "llama.cpp" if image.mode == "gguf" else "vllm"
 
 
+# The openai client's own retries (2, its default; with its backoff) for the smoke test's requests: greedy answers are
+# safe to ask again, and a connection the server's keep-alive timeout closed just as the next request went out fails
+# that request with "Connection error." (seen once in CI, the container up and answering 200 before and after).
+# A server that is down still fails the smoke test, after the retries.
+CLIENT_RETRIES = 2
+
+
 @contextmanager
 def running(image: Image, settings: Settings, progress: Callable[[str], None] = lambda _m: None) -> Iterator[dict[str, Any]]:
     """``image`` pulled by digest and run on a free port of 127.0.0.1 with a fresh API key, until its server is ready;
@@ -216,7 +223,7 @@ def smoke_test_gguf(image: Image, settings: Settings, progress: Callable[[str], 
         n = settings.parity_max_new_tokens
         t1 = time.perf_counter()
         try:
-            with openai.OpenAI(base_url=f"{url}/v1", api_key=run["api_key"], timeout=120, max_retries=0) as client:
+            with openai.OpenAI(base_url=f"{url}/v1", api_key=run["api_key"], timeout=120, max_retries=CLIENT_RETRIES) as client:
                 plain = [ask_served(client, image.served_model_name, q, n, stream=False, limit="max_tokens") for q in questions]
                 streamed = [ask_served(client, image.served_model_name, q, n, stream=True, limit="max_tokens") for q in questions]
         except openai.OpenAIError as e:
@@ -252,7 +259,7 @@ def evaluate_image(image: Image, base_url: str, api_key: str, settings: Settings
 
     progress(f"task evaluation of the served {image.served_model_name!r} through the openai client")
     try:
-        with openai.OpenAI(base_url=base_url, api_key=api_key, timeout=120, max_retries=0) as client:
+        with openai.OpenAI(base_url=base_url, api_key=api_key, timeout=120, max_retries=CLIENT_RETRIES) as client:
             served = evaluate_served(client, image.served_model_name, settings, progress,
                                      limit="max_tokens" if image.mode == "gguf" else "max_completion_tokens")
     except openai.OpenAIError as e:
