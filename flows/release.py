@@ -20,7 +20,7 @@ from prefect.transactions import Transaction, get_transaction, transaction
 from loraline.benchmark import release_dirs
 from loraline.evaluate import evaluate_release
 from loraline.gate import gate_release, undo_gate
-from loraline.gguf_export import gguf_types
+from loraline.gguf_export import gguf_required, gguf_types
 from loraline.llama_engine import find_llama
 from loraline.image import check_gguf_image, image_mode
 from loraline.merge import MergedModel, merge_adapter, merge_key, merged_path
@@ -188,7 +188,7 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
     mode = image_mode(settings)
     check_model_name(name)
     gguf_out = gguf_types(settings, gguf)  # a bad --gguf is refused here, before anything is fetched or merged
-    gguf_required = (gguf if gguf is not None else settings.gguf) != "auto"
+    required = gguf_required(settings, gguf)
     if gguf_out:
         find_llama(settings)  # llama.cpp and its converter are there: refuse before any merge when they are not
     check_gguf_image(mode, gguf_out, settings, gguf)  # --image gguf serves an export: refused when none is made
@@ -208,7 +208,7 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
     else:  # released before: what its evaluation, benchmark, image, gate or report left undone is done now
         result = existing
     with holding(name, result["model_version"], settings):  # given back when the steps end, done or failed
-        plan = resume_plan(existing, settings, mode, gguf_out, gguf_required)
+        plan = resume_plan(existing, settings, mode, gguf_out, required)
         if plan.done:  # released and gated before: a re-run never moves an alias back
             name_flow_run(f"release-{name}-v{result['model_version']}-existing")
             return with_image(result, mode)
@@ -216,7 +216,7 @@ def release(adapter: str, base: str, name: str, image: ImageMode | None = None,
         if plan.evaluate:
             result = evaluate_task(result, b.path, settings)
         if plan.gguf:  # a release gated before gets the types asked for now
-            result = gguf_release(result, plan.gguf, gguf_required, settings, base_dir=b.path)
+            result = gguf_release(result, plan.gguf, required, settings, base_dir=b.path)
         if plan.benchmark:
             result = bench_release(result, settings, base_dir=b.path)
         if plan.image:

@@ -286,3 +286,23 @@ def test_eight_concurrent_releases_without_a_locking_error(prod: SimpleNamespace
         assert len(mlflow_client(prod).search_model_versions(f"name='{name}'")) == 4
     found = LOCKED.findall(logs_text(prod) + "".join(r.err for r in results))
     assert not found, found
+
+
+def test_the_crash_automation_follows_the_configured_window(prefect_api_url: str) -> None:
+    """`services up` keeps one crash automation on the Prefect server, with the window LORALINE_CRASH_AFTER_S asks for:
+    an automation with another window is replaced, one with the same window is kept as it is."""
+    import httpx
+
+    from loraline.services.work_pool import CRASH_AUTOMATION, ensure_crash_automation
+
+    def automations() -> list[dict]:
+        r = httpx.post(f"{prefect_api_url}/automations/filter", json={"automations": {"name": {"any_": [CRASH_AUTOMATION]}}})
+        r.raise_for_status()
+        return r.json()
+
+    ensure_crash_automation(prefect_api_url.removesuffix("/api"), 90)
+    ensure_crash_automation(prefect_api_url.removesuffix("/api"), 60)
+    (a,) = automations()
+    assert a["trigger"]["within"] == 60 and "60 s" in a["actions"][0]["message"], a
+    ensure_crash_automation(prefect_api_url.removesuffix("/api"), 60)
+    assert [b["id"] for b in automations()] == [a["id"]]

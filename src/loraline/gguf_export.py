@@ -25,6 +25,7 @@ merged model and the same llama.cpp reuses them (the converter is deterministic:
 Public API::
 
     gguf_types(settings, value=None) -> tuple[str, ...]
+    gguf_required(settings, value=None) -> bool
     export_gguf(merged_dir, merged_sha256, types, settings, progress=None, merged_accuracy=None) -> GgufExport
     gguf_accuracy(engine, gguf_file, tokenizer, questions, db, settings) -> EvalScore
 """
@@ -116,6 +117,15 @@ def gguf_types(settings: Settings, value: str | None = None) -> tuple[str, ...]:
     if v == "auto":
         return GGUF_AUTO if llama_available(settings) else ()
     return tuple(v.split(","))
+
+
+def gguf_required(settings: Settings, value: str | None = None) -> bool:
+    """Whether the GGUF types were asked for by name (``--gguf`` / LORALINE_GGUF other than ``auto``): then a model
+    llama.cpp cannot convert fails the step instead of being skipped, and a skip recorded before is tried again."""
+    try:
+        return parse_gguf(value if value is not None else settings.gguf) != "auto"
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
 
 
 def _reusable(directory: Path, engine: LlamaEngine, quant: str) -> dict[str, Any] | None:

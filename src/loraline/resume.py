@@ -83,7 +83,7 @@ def cached_release(adapter: str, base: str, name: str, settings: Settings, image
     """
     from loraline.digest import digest_dir, sha256_file
     from loraline.errors import LoralineError, TrackingError
-    from loraline.gguf_export import gguf_types
+    from loraline.gguf_export import gguf_required, gguf_types
     from loraline.image import image_mode
     from loraline.registry import OWNER, check_model_name, existing_lineage, held_by_other
     from loraline.sources import adapter_digest, parse_source
@@ -118,7 +118,7 @@ def cached_release(adapter: str, base: str, name: str, settings: Settings, image
         if held_by_other(tags.get(OWNER)):
             return None  # another process runs its steps: the flow waits for it
         lineage = existing_lineage(t, mv.run_id, tags)
-        if not resume_plan(lineage, settings, mode, types, (gguf if gguf is not None else settings.gguf) != "auto").done:
+        if not resume_plan(lineage, settings, mode, types, gguf_required(settings, gguf)).done:
             return None
     except TrackingError as e:
         if e.error_code == UNAVAILABLE:  # the flow would wait out MLflow's retries again, then fail with this error
