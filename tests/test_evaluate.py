@@ -54,7 +54,7 @@ def test_served_evaluation_asks_like_a_users_openai_client(demo_merged, vllm_pyt
 
     _adapter, _base, merged = demo_merged
     key = secrets.token_urlsafe(16)
-    with serve_openai(merged.path, settings, served_model_name="smol-sql", extra_args=["--api-key", key]) as server:
+    with serve_openai(merged.path, settings, served_model_name="smol-sql", extra_args=[f"--api-key={key}"]) as server:
         with openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-the-key", max_retries=0) as stranger:
             with pytest.raises(openai.AuthenticationError):
                 evaluate_served(stranger, "smol-sql", settings)
