@@ -180,23 +180,32 @@ def test_services_up_production_reports_the_stack_and_keeps_its_secrets(prod: Si
     print(f"services up --production: {prod.up_s:.1f} s")
 
 
-def test_four_releases_at_once_run_on_both_workers_and_store_artifacts_in_the_bucket(prod: SimpleNamespace) -> None:
+def test_eight_releases_at_once_run_on_both_workers_without_a_locking_error_and_store_artifacts_in_the_bucket(
+        prod: SimpleNamespace) -> None:
+    """Eight submitted at once, two model names: four adapters under one, three under the other with one of them twice
+    (one version per digest). Both workers take runs, no database reports a lock, and every release's records are
+    objects in the bucket that a client without S3 keys reads through the MLflow server."""
     a = prod.adapters
+    jobs = [("prod-eight-a", x) for x in a] + [("prod-eight-b", x) for x in (a[0], a[1], a[2], a[1])]
     t0 = time.monotonic()
-    procs = [submit(prod, adapter, "prod-four") for adapter in (a[0], a[1], a[2], a[1])]
+    procs = [submit(prod, adapter, name) for name, adapter in jobs]
     results = [finish(p) for p in procs]
-    print(f"four releases at once: {time.monotonic() - t0:.1f} s")
+    print(f"eight releases at once: {time.monotonic() - t0:.1f} s")
     for r in results:
         assert r.rc == 0, r.err[-3000:]
     runs = [r.json["flow_run"] for r in results]
     assert all(fr["state"] == "Completed" for fr in runs)
     assert {fr["worker"] for fr in runs} == {"worker-1", "worker-2"}, runs
     assert "on worker worker-" in results[0].err  # the submitter followed the run
-    # One version per digest: the adapter submitted twice has one version.
-    by_sha = {r.json["adapter"]["sha256"]: r.json["model_version"] for r in results}
+    found = LOCKED.findall(logs_text(prod) + "".join(r.err for r in results))
+    assert not found, found
+    assert len(mlflow_client(prod).search_model_versions("name='prod-eight-a'")) == 4
+    # One version per digest: the adapter submitted twice under prod-eight-b has one version.
+    b = results[4:]
+    by_sha = {r.json["adapter"]["sha256"]: r.json["model_version"] for r in b}
     assert len(by_sha) == 3
-    assert results[1].json["model_version"] == results[3].json["model_version"]
-    versions = mlflow_client(prod).search_model_versions("name='prod-four'")
+    assert b[1].json["model_version"] == b[3].json["model_version"]
+    versions = mlflow_client(prod).search_model_versions("name='prod-eight-b'")
     assert sorted(v.tags["loraline.adapter.sha256"] for v in versions) == sorted(by_sha)
     # Each release's records are objects in the bucket (the server proxies them: clients never held the keys).
     keys = set(bucket_keys(prod))
@@ -214,7 +223,7 @@ def test_four_releases_at_once_run_on_both_workers_and_store_artifacts_in_the_bu
                           capture_output=True, text=True, timeout=300)
     assert read.returncode == 0, read.stderr[-2000:]
     assert read.stdout.split() == stored and "lineage.json" in stored
-    trace = subprocess.run([LORALINE, "trace", f"models:/prod-four/{results[0].json['model_version']}", "--json"],
+    trace = subprocess.run([LORALINE, "trace", f"models:/prod-eight-a/{results[0].json['model_version']}", "--json"],
                            env=keyless, capture_output=True, text=True, timeout=300)
     assert trace.returncode == 0, trace.stderr[-2000:]
     assert json.loads(trace.stdout)["adapter"]["sha256"] == results[0].json["adapter"]["sha256"]
@@ -272,20 +281,6 @@ def test_mlflow_restarted_mid_release_is_retried_through(prod: SimpleNamespace) 
     versions = mlflow_client(prod).search_model_versions("name='prod-mlflow'")
     assert [v.version for v in versions] == [r.json["model_version"]]
     assert r.json["evaluation"]["examples"] == 4
-
-
-def test_eight_concurrent_releases_without_a_locking_error(prod: SimpleNamespace) -> None:
-    t0 = time.monotonic()
-    procs = [submit(prod, adapter, name) for name in ("prod-eight-a", "prod-eight-b") for adapter in prod.adapters]
-    results = [finish(p) for p in procs]
-    print(f"eight releases at once: {time.monotonic() - t0:.1f} s")
-    for r in results:
-        assert r.rc == 0, r.err[-3000:]
-    assert {r.json["flow_run"]["worker"] for r in results} == {"worker-1", "worker-2"}
-    for name in ("prod-eight-a", "prod-eight-b"):
-        assert len(mlflow_client(prod).search_model_versions(f"name='{name}'")) == 4
-    found = LOCKED.findall(logs_text(prod) + "".join(r.err for r in results))
-    assert not found, found
 
 
 def test_the_crash_automation_follows_the_configured_window(prefect_api_url: str) -> None:
