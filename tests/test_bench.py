@@ -83,3 +83,52 @@ def test_run_bench_times_every_repeat_and_single_stream_with_runtime_lora(
     assert ss["short_outputs"] == 0 and len(ss["ttft_ms"]) == len(ss["e2e_ms"]) == len(ss["tpot_ms"]) == 2
     for ttft, e2e, tpot in zip(ss["ttft_ms"], ss["e2e_ms"], ss["tpot_ms"]):
         assert ttft > 0 and e2e > 0 and tpot == pytest.approx((e2e - ttft) / (n_out - 1), abs=1e-3)
+
+
+def _benchmark_module(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lora_kernel_tuning_takes_its_shapes_from_the_model_and_adapter_configs(tmp_path: Path) -> None:
+    """benchmarks/lora_kernel_tune.py (GPU only) tunes the shapes vLLM runs: read from config.json (GQA, an explicit
+    head_dim) and adapter_config.json (rank, which projections), never assumed."""
+    import json
+
+    lora_shapes = _benchmark_module("lora_kernel_tune").lora_shapes
+    model, adapter = tmp_path / "model", tmp_path / "adapter"
+    model.mkdir(), adapter.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16,
+                                                   "num_key_value_heads": 2, "head_dim": 128, "num_hidden_layers": 4}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 32, "target_modules": ["q_proj", "v_proj", "down_proj"]}))
+    rank, layers = lora_shapes(model, adapter)
+    assert rank == 32
+    # q is heads x head_dim (2048, not the hidden size), k and v the 2 KV heads; o and gate_up are not adapted.
+    assert layers == [{"name": "qkv_proj", "k": 1024, "slices": [2048, 256, 256]},
+                      {"name": "down_proj", "k": 2816, "slices": [1024]}]
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": "all-linear"}))
+    assert [x["name"] for x in lora_shapes(model, adapter)[1]] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def test_lora_gap_probe_reads_gpu_time_from_a_torch_profiler_trace(tmp_path: Path) -> None:
+    """benchmarks/lora_gap_probe.py's trace summary: GPU kernels, memcpy and memset summed (CPU ops not), the LoRA
+    kernels apart, the span they cover, per step."""
+    import gzip
+    import json
+
+    trace_summary = _benchmark_module("lora_gap_probe").trace_summary
+    events = [{"ph": "X", "cat": "kernel", "name": "nvjet_gemm", "ts": 1000, "dur": 300},
+              {"ph": "X", "cat": "kernel", "name": "_lora_shrink_kernel", "ts": 1300, "dur": 100},
+              {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 1900, "dur": 100},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5000}]
+    with gzip.open(tmp_path / "rank0.1.pt.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = trace_summary(tmp_path, iterations=2)
+    assert s["span_ms"] == 1.0 and s["gpu_busy_ms"] == 0.5 and s["gpu_busy_share"] == 0.5
+    assert s["lora_kernels_ms"] == 0.1 and s["per_step_ms"] == {"wall": 0.5, "gpu_busy": 0.25, "lora_kernels": 0.05}
+    assert trace_summary(tmp_path / "nothing", iterations=2)["error"].startswith("no trace under")
