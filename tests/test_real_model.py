@@ -215,7 +215,8 @@ def test_the_early_checkpoint_is_released_and_refused_by_the_gate(real_release, 
     assert client.get_model_version("smol-real", "2").tags["loraline.gate"] == "failed"
 
 
-def test_a_gated_release_gets_the_gguf_files_a_rerun_asks_for(real_release, gguf_rerun_run, real_demo) -> None:
+def test_a_gated_release_gets_the_gguf_files_a_rerun_asks_for(real_release, gguf_rerun_run, real_demo,
+                                                             tmp_path: Path) -> None:
     """Issue 17 on a release gated before: `loraline release --gguf f16,q8_0 --json` of checkpoint-100 again (the session's
     release exported q8_0 only, was gated and made champion; checkpoint-10 came after it). The re-run exports only f16,
     keeps the q8_0 file as recorded, and runs the gate and report again with both: each file in MLflow (run artifacts,
@@ -247,7 +248,7 @@ def test_a_gated_release_gets_the_gguf_files_a_rerun_asks_for(real_release, gguf
     assert lineage["gguf"] == files and mv.tags["loraline.gguf.types"] == "q8_0,f16"
     for f in files:
         assert f["uri"] == f"runs:/{run_id}/gguf/model-{f['quant']}.gguf"
-        logged = Path(client.download_artifacts(run_id, f"gguf/model-{f['quant']}.gguf"))
+        logged = Path(client.download_artifacts(run_id, f"gguf/model-{f['quant']}.gguf", str(tmp_path)))  # not /tmp
         assert sha256_file(logged) == f["sha256"] and logged.stat().st_size == f["bytes"]
         with open(logged, "rb") as fh:
             assert fh.read(4) == b"GGUF"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -200,8 +201,9 @@ def demo_summary(release_json: Path, early_json: Path, services_json: Path) -> N
             os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar above the summary
 
             client = MlflowClient(release["tracking_uri"], release["tracking_uri"])
-            path = client.download_artifacts(release["mlflow_run_id"], f"image/{release['image']['mode']}.json")
-            served_items = json.loads(Path(path).read_text())["smoke"]["evaluation"]["items"]
+            with tempfile.TemporaryDirectory(prefix="loraline-demo-") as tmp:  # nothing left behind in /tmp
+                path = client.download_artifacts(release["mlflow_run_id"], f"image/{release['image']['mode']}.json", tmp)
+                served_items = json.loads(Path(path).read_text())["smoke"]["evaluation"]["items"]
         except Exception as e:  # noqa: BLE001 - the summary still prints without them
             click.echo(f"(served answers not shown: {e})", err=True)
     loraline = str(Path(sys.argv[0]).resolve()) if sys.argv and sys.argv[0] else "loraline"
