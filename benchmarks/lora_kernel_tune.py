@@ -200,8 +200,8 @@ def main() -> None:
         "gpu": gpu, "rank": rank, "layers": layers, "num_hidden_layers": layers_n, "max_loras": args.max_loras,
         "m": args.m, "seconds": round(time.perf_counter() - t_start, 1), "per_step_lower_bound": per_step,
         "rows": summary}, indent=1))
-    log(f"wrote {args.out} in {time.perf_counter() - t_start:.0f} s; per step (shrink + expand, every layer, "
-        "): " + ", ".join(f"m={m}: {v['default_us'] / 1000:.2f} → {v['best_us'] / 1000:.2f} ms"
+    log(f"wrote {args.out} in {time.perf_counter() - t_start:.0f} s; per forward pass (shrink + expand, "
+        "every layer): " + ", ".join(f"m={m}: {v['default_us'] / 1000:.2f} → {v['best_us'] / 1000:.2f} ms"
                                                            for m, v in per_step.items()))
 
 
