@@ -47,9 +47,7 @@ def lora_shapes(model: Path, adapter: Path) -> tuple[int, list[dict[str, Any]]]:
     if isinstance(targets, str):  # "all-linear" (or a regex): every projection below
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     layers = []
-    qkv = [s for name, s in (("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim),
-                             ("v_proj", kv_heads * head_dim)) if name in targets]
-    if qkv:  # vLLM's QKVParallelLinear takes all three slices when any is adapted
+    if any(p in targets for p in ("q_proj", "k_proj", "v_proj")):  # vLLM's QKVParallelLinear: all three slices
         layers.append({"name": "qkv_proj", "k": hidden, "slices": [heads * head_dim, kv_heads * head_dim,
                                                                    kv_heads * head_dim]})
     if "o_proj" in targets:
