@@ -245,11 +245,11 @@ def phase_vllm(work: Path, state: dict[str, Any], args: argparse.Namespace, mode
             "warmup_prompts": random_prompts(vocab, n, n_in, seed=seed),  # same size as timed: same batch shapes warmed
             "prompt_sets": [random_prompts(vocab, n, n_in, seed=seed + r + 1) for r in range(args.vllm_repeats)],
         })
-    single = {
+    single = {  # --single-stream 0: none (the runner refuses an empty one, after the workloads ran)
         "output_len": n_out,
         "prompts": random_prompts(vocab, 2 * args.single_stream, n_in, seed=9000),
         "warmup_prompts": random_prompts(vocab, 2, n_in, seed=9500),
-    }
+    } if args.single_stream > 0 else None
     if mode == "merged":
         model, lora = Path(b["merged_dir"]), None
     else:
@@ -285,25 +285,26 @@ def phase_vllm(work: Path, state: dict[str, Any], args: argparse.Namespace, mode
             "engine_args": args.engine_args,
         }
     ss = r["single_stream"]
-    ttft, tpot, e2e = (statistics.median(ss[k]) for k in ("ttft_ms", "tpot_ms", "e2e_ms"))
-    state["results"][f"vllm-{mode}/1-stream"] = {
-        "path": f"vllm-{mode}",
-        "engine": "vllm",
-        "mode": "lora" if "lora" in mode else "merged",
-        "requests": 1,
-        "pairs": len(ss["ttft_ms"]),
-        "output_len": ss["output_len"],
-        "input_len": n_in,
-        "ttft_ms_p50": ttft,
-        "tpot_ms_p50": tpot,
-        "e2e_ms_p50": e2e,
-        "decode_tok_s": 1000.0 / tpot,  # one stream's token rate once decoding
-        "output_tok_s": ss["output_len"] / e2e * 1000.0,  # including the first token
-        "ttft_ms": ss["ttft_ms"],
-        "tpot_ms": ss["tpot_ms"],
-        "e2e_ms": ss["e2e_ms"],
-        "detokenize": args.detokenize,
-    }
+    if ss:
+        ttft, tpot, e2e = (statistics.median(ss[k]) for k in ("ttft_ms", "tpot_ms", "e2e_ms"))
+        state["results"][f"vllm-{mode}/1-stream"] = {
+            "path": f"vllm-{mode}",
+            "engine": "vllm",
+            "mode": "lora" if "lora" in mode else "merged",
+            "requests": 1,
+            "pairs": len(ss["ttft_ms"]),
+            "output_len": ss["output_len"],
+            "input_len": n_in,
+            "ttft_ms_p50": ttft,
+            "tpot_ms_p50": tpot,
+            "e2e_ms_p50": e2e,
+            "decode_tok_s": 1000.0 / tpot,  # one stream's token rate once decoding
+            "output_tok_s": ss["output_len"] / e2e * 1000.0,  # including the first token
+            "ttft_ms": ss["ttft_ms"],
+            "tpot_ms": ss["tpot_ms"],
+            "e2e_ms": ss["e2e_ms"],
+            "detokenize": args.detokenize,
+        }
     state.setdefault("engines", {})[f"vllm-{mode}"] = {
         "engine_start_s": r["timings"]["engine_start_s"],
         "process_s": r["timings"].get("process_s"),
@@ -314,7 +315,8 @@ def phase_vllm(work: Path, state: dict[str, Any], args: argparse.Namespace, mode
     }
     log(f"vllm-{mode}: " + ", ".join(
         f"{w['name']}: {statistics.median(x['output_tok_s'] for x in w['repeats']):.0f} tok/s" for w in r["workloads"])
-        + f"; 1 stream: TTFT {ttft:.1f} ms, TPOT {tpot:.2f} ms; engine start {r['timings']['engine_start_s']:.0f} s")
+        + (f"; 1 stream: TTFT {ttft:.1f} ms, TPOT {tpot:.2f} ms" if ss else "")
+        + f"; engine start {r['timings']['engine_start_s']:.0f} s")
 
 
 def phase_server(work: Path, state: dict[str, Any], args: argparse.Namespace, mode: str, out: Path) -> None:
